@@ -1,0 +1,52 @@
+# FlowBP: `make demo` and `make test` work on a fresh machine (they set up first).
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+QUICK ?=
+PYTEST_ARGS ?=
+
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+export RAY_USAGE_STATS_ENABLED := 0
+export RAY_AUTH_MODE := disabled
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup system-deps test test-fast demo serve manifests bench clean
+
+# The venv is rebuilt only when the pins or the project metadata change.
+$(STAMP): requirements.txt pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -r requirements.txt
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps -e .
+	@touch $(STAMP)
+
+# Redis (controller store) and promtool (alert rules) come from Debian; installed only when missing.
+system-deps:
+	@command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server >/dev/null)
+	@command -v promtool >/dev/null || (apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus >/dev/null)
+
+setup: $(STAMP) system-deps
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not integration and not slow" $(PYTEST_ARGS)
+
+demo: setup
+	$(BIN)/python -m flowbp_core.demo $(if $(QUICK),--quick,)
+
+serve: setup
+	$(BIN)/python -m services.controller.serve_local
+
+manifests: setup
+	$(BIN)/python -m k8s.render
+
+bench: setup
+	$(BIN)/python benchmarks/gradient_paths.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache runs
