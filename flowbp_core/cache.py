@@ -1,0 +1,281 @@
+"""TrajectoryCache: what a no-grad rollout hands to the learner (through the Ray object store or HTTP).
+
+It holds the noise z_0, the kept intermediate states z_i (1 <= i <= N-1), the kept velocities v_i (0 <= i <= N-1),
+the float64 sigmas, the float32 final latent z_N, prompt conditioning and provenance (seed, policy_version).
+States and velocities stay in the model dtype (bf16 on GPUs: 2N latents per sample, negligible); `final` is
+float32 because the straight-through pin must reproduce it bitwise.
+
+The wire format is safetensors: tensors under flat names, scalars and prompts in the string metadata, with a
+`format_version` so that a reader can refuse what it does not understand. No pickle crosses a process boundary.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from flowbp_core.schedules import validate_sigmas
+
+FORMAT_VERSION = "1"
+_SUPPORTED_VERSIONS = frozenset({"1"})
+
+
+@dataclass(frozen=True)
+class CacheNeeds:
+    """Which cached states / velocities a method will read. None means all of them."""
+
+    states: frozenset[int] | None = None
+    velocities: frozenset[int] | None = None
+
+    @staticmethod
+    def of(states: Iterable[int] | None, velocities: Iterable[int] | None) -> "CacheNeeds":
+        return CacheNeeds(
+            None if states is None else frozenset(int(i) for i in states),
+            None if velocities is None else frozenset(int(i) for i in velocities),
+        )
+
+    def union(self, other: "CacheNeeds") -> "CacheNeeds":
+        def u(a, b):
+            return None if a is None or b is None else a | b
+
+        return CacheNeeds(u(self.states, other.states), u(self.velocities, other.velocities))
+
+
+@dataclass
+class TrajectoryCache:
+    noise: torch.Tensor
+    states: dict[int, torch.Tensor]
+    velocities: dict[int, torch.Tensor]
+    sigmas: torch.Tensor
+    final: torch.Tensor
+    seed: int = 0
+    policy_version: int = 0
+    cond: dict[str, torch.Tensor] = field(default_factory=dict)
+    prompts: list[str] = field(default_factory=list)
+    meta: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.sigmas = torch.as_tensor(self.sigmas).to(torch.float64)
+        validate_sigmas(self.sigmas.cpu())
+        n = self.n_steps
+        shape = tuple(self.noise.shape)
+        if tuple(self.final.shape) != shape:
+            raise ValueError(f"final has shape {tuple(self.final.shape)}, noise has {shape}: they must match")
+        if self.final.dtype != torch.float32:
+            raise ValueError(f"final must be float32 (the pin reproduces it bitwise), got {self.final.dtype}")
+        self.states = {int(i): t for i, t in self.states.items()}
+        self.velocities = {int(i): t for i, t in self.velocities.items()}
+        for i, t in self.states.items():
+            if not 1 <= i <= n - 1:
+                raise ValueError(f"states key {i} out of range: cached states are z_1..z_{n - 1} (N={n})")
+            if tuple(t.shape) != shape:
+                raise ValueError(f"states[{i}] has shape {tuple(t.shape)}, expected {shape}")
+        for i, t in self.velocities.items():
+            if not 0 <= i <= n - 1:
+                raise ValueError(f"velocities key {i} out of range: cached velocities are v_0..v_{n - 1} (N={n})")
+            if tuple(t.shape) != shape:
+                raise ValueError(f"velocities[{i}] has shape {tuple(t.shape)}, expected {shape}")
+        if not self.prompts:
+            self.prompts = [""] * self.batch_size
+        if len(self.prompts) != self.batch_size:
+            raise ValueError(f"prompts has {len(self.prompts)} entries, batch size is {self.batch_size}")
+        self.meta = {str(k): str(v) for k, v in self.meta.items()}
+
+    # ---- shape -----------------------------------------------------------------------------------------
+    @property
+    def n_steps(self) -> int:
+        return int(self.sigmas.numel()) - 1
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.noise.shape[0])
+
+    @property
+    def h(self) -> torch.Tensor:
+        return self.sigmas[1:] - self.sigmas[:-1]
+
+    # ---- access ----------------------------------------------------------------------------------------
+    def state(self, i: int) -> torch.Tensor:
+        """z_i: 0 -> noise, N -> final (float32), else the kept intermediate state (model dtype)."""
+        n = self.n_steps
+        if i == 0:
+            return self.noise
+        if i == n:
+            return self.final
+        if not 0 < i < n:
+            raise IndexError(f"state index {i} out of range 0..{n}")
+        try:
+            return self.states[i]
+        except KeyError:
+            raise KeyError(
+                f"state z_{i} was not kept in this cache (kept: {sorted(self.states)}); "
+                "the rollout was compacted for a different plan"
+            ) from None
+
+    def velocity(self, i: int) -> torch.Tensor:
+        n = self.n_steps
+        if not 0 <= i < n:
+            raise IndexError(f"velocity index {i} out of range 0..{n - 1}")
+        try:
+            return self.velocities[i]
+        except KeyError:
+            raise KeyError(
+                f"velocity v_{i} was not kept in this cache (kept: {sorted(self.velocities)}); "
+                "the rollout was compacted for a different plan"
+            ) from None
+
+    def has_state(self, i: int) -> bool:
+        return i == 0 or i == self.n_steps or i in self.states
+
+    # ---- size, device, compaction ------------------------------------------------------------------------
+    def _tensors(self) -> Iterable[torch.Tensor]:
+        yield self.noise
+        yield self.sigmas
+        yield self.final
+        yield from self.states.values()
+        yield from self.velocities.values()
+        yield from self.cond.values()
+
+    def nbytes(self) -> int:
+        return int(sum(t.numel() * t.element_size() for t in self._tensors()))
+
+    def _replace(self, **kw) -> "TrajectoryCache":
+        d = dict(
+            noise=self.noise,
+            states=dict(self.states),
+            velocities=dict(self.velocities),
+            sigmas=self.sigmas,
+            final=self.final,
+            seed=self.seed,
+            policy_version=self.policy_version,
+            cond=dict(self.cond),
+            prompts=list(self.prompts),
+            meta=dict(self.meta),
+        )
+        d.update(kw)
+        return TrajectoryCache(**d)
+
+    def to(self, device: torch.device | str) -> "TrajectoryCache":
+        """A copy on `device`; dtypes are kept (sigmas stay float64, final float32)."""
+        return self._replace(
+            noise=self.noise.to(device),
+            states={i: t.to(device) for i, t in self.states.items()},
+            velocities={i: t.to(device) for i, t in self.velocities.items()},
+            sigmas=self.sigmas.to(device),
+            final=self.final.to(device),
+            cond={k: t.to(device) for k, t in self.cond.items()},
+        )
+
+    def compact(self, needs: CacheNeeds) -> "TrajectoryCache":
+        """Keep only the states / velocities in `needs` (None = all). Asking for one this cache lacks is an error,
+        because the method that reads it later would fail far from the cause."""
+        states = self._select(self.states, needs.states, "states", lambda i: i == 0 or i == self.n_steps)
+        vels = self._select(self.velocities, needs.velocities, "velocities", lambda i: False)
+        return self._replace(states=states, velocities=vels)
+
+    def _select(self, have: dict[int, torch.Tensor], want, name: str, implicit) -> dict[int, torch.Tensor]:
+        if want is None:
+            return dict(have)
+        wanted = {i for i in want if not implicit(i)}
+        missing = sorted(wanted - set(have))
+        if missing:
+            raise KeyError(f"compact: {name} {missing} are needed but not in this cache (kept: {sorted(have)})")
+        return {i: have[i] for i in sorted(wanted)}
+
+    def split(self, n: int) -> list["TrajectoryCache"]:
+        """Split along the batch into chunks of at most `n` samples (torch.split semantics).
+
+        Cond tensors whose first dim equals the batch size are split with it; others (shared, e.g. one
+        negative-prompt embedding) are kept whole in every chunk. meta["batch_offset"] records each chunk's start.
+        """
+        if n < 1:
+            raise ValueError(f"split size n={n} must be >= 1")
+        b = self.batch_size
+        out = []
+        for start in range(0, b, n):
+            sl = slice(start, min(start + n, b))
+            meta = dict(self.meta)
+            meta["batch_offset"] = str(int(self.meta.get("batch_offset", "0")) + start)
+            out.append(
+                self._replace(
+                    noise=self.noise[sl],
+                    states={i: t[sl] for i, t in self.states.items()},
+                    velocities={i: t[sl] for i, t in self.velocities.items()},
+                    final=self.final[sl],
+                    cond={k: (t[sl] if t.dim() > 0 and t.shape[0] == b else t) for k, t in self.cond.items()},
+                    prompts=self.prompts[sl],
+                    meta=meta,
+                )
+            )
+        return out
+
+    # ---- wire format ---------------------------------------------------------------------------------------
+    def to_bytes(self) -> bytes:
+        tensors: dict[str, torch.Tensor] = {
+            "noise": self.noise,
+            "sigmas": self.sigmas,
+            "final": self.final,
+        }
+        for i, t in self.states.items():
+            tensors[f"states.{i}"] = t
+        for i, t in self.velocities.items():
+            tensors[f"velocities.{i}"] = t
+        for k, t in self.cond.items():
+            tensors[f"cond.{k}"] = t
+        # safetensors refuses shared or strided storage (split() views); one contiguous copy each.
+        tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+        metadata = {
+            "format_version": FORMAT_VERSION,
+            "seed": str(int(self.seed)),
+            "policy_version": str(int(self.policy_version)),
+            "prompts": json.dumps(list(self.prompts)),
+            "meta": json.dumps(dict(self.meta)),
+        }
+        return st_save(tensors, metadata=metadata)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "TrajectoryCache":
+        metadata = _read_metadata(data)
+        version = metadata.get("format_version")
+        if version not in _SUPPORTED_VERSIONS:
+            raise ValueError(
+                f"TrajectoryCache format_version={version!r} is not supported (supported: {sorted(_SUPPORTED_VERSIONS)})"
+            )
+        tensors = st_load(data)
+        states, vels, cond = {}, {}, {}
+        for k, t in tensors.items():
+            if k.startswith("states."):
+                states[int(k[len("states."):])] = t
+            elif k.startswith("velocities."):
+                vels[int(k[len("velocities."):])] = t
+            elif k.startswith("cond."):
+                cond[k[len("cond."):]] = t
+        return cls(
+            noise=tensors["noise"],
+            states=states,
+            velocities=vels,
+            sigmas=tensors["sigmas"],
+            final=tensors["final"],
+            seed=int(metadata["seed"]),
+            policy_version=int(metadata["policy_version"]),
+            cond=cond,
+            prompts=json.loads(metadata["prompts"]),
+            meta=json.loads(metadata["meta"]),
+        )
+
+
+def _read_metadata(data: bytes) -> dict[str, str]:
+    """The `__metadata__` of a safetensors blob: 8-byte little-endian header length, then a JSON header."""
+    if len(data) < 8:
+        raise ValueError("not a safetensors blob: shorter than its 8-byte header length")
+    (hlen,) = struct.unpack("<Q", data[:8])
+    if hlen > len(data) - 8:
+        raise ValueError("not a safetensors blob: header length exceeds the data")
+    header = json.loads(data[8 : 8 + hlen].decode("utf-8"))
+    return dict(header.get("__metadata__", {}))

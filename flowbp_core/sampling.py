@@ -1,0 +1,87 @@
+"""The cached no-grad rollout: N Euler steps, every state and velocity kept for the learner's surrogate.
+
+Why the numerics are exactly this:
+- The Euler sum is accumulated in float32 (z <- z + h_i * v_i), with the *stored* velocity (cast to the state
+  dtype and back), so that a surrogate which re-adds the cached velocities in the same order reproduces `final`
+  bitwise in float32. `euler_add` is the one place both the rollout and the methods do this addition.
+- The model is fed exactly the state that is stored (cast to the state dtype), so a re-forward at a cached state
+  sees the same input the rollout did.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import torch
+
+from flowbp_core.cache import CacheNeeds, TrajectoryCache
+from flowbp_core.schedules import validate_sigmas
+
+
+class VelocityFn(Protocol):
+    def __call__(self, x: torch.Tensor, sigma: float) -> torch.Tensor: ...
+
+
+def euler_add(z32: torch.Tensor, h: float, v: torch.Tensor) -> torch.Tensor:
+    """z + h * v in float32; `h` is a Python float (from the float64 sigmas), so the product rounds once in fp32."""
+    return z32 + float(h) * v.to(torch.float32)
+
+
+@torch.no_grad()
+def rollout(
+    velocity: VelocityFn,
+    noise: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    seed: int = 0,
+    policy_version: int = 0,
+    cond: dict[str, torch.Tensor] | None = None,
+    prompts: list[str] | None = None,
+    state_dtype: torch.dtype | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    needs: CacheNeeds | None = None,
+    meta: dict[str, str] | None = None,
+) -> TrajectoryCache:
+    """Integrate dz/dsigma = v from sigma_0 = 1 (z_0 = noise) to sigma_N = 0 and cache the trajectory.
+
+    `velocity(x, sigma)` is any callable returning a tensor shaped like x. `needs` (from `Method.needs`) limits
+    which states / velocities are kept; None keeps all. `progress(i, n)` is called after step i.
+    """
+    sig = torch.as_tensor(sigmas).to(torch.float64).cpu()
+    validate_sigmas(sig)
+    n = int(sig.numel()) - 1
+    dtype = state_dtype or noise.dtype
+    keep_s = None if needs is None else needs.states
+    keep_v = None if needs is None else needs.velocities
+    sig_list = [float(s) for s in sig]
+
+    x = noise.to(dtype)
+    z32 = x.to(torch.float32)
+    states: dict[int, torch.Tensor] = {}
+    velocities: dict[int, torch.Tensor] = {}
+    for i in range(n):
+        if i > 0:
+            x = z32.to(dtype)
+            if keep_s is None or i in keep_s:
+                states[i] = x
+        v = velocity(x, sig_list[i])
+        if tuple(v.shape) != tuple(x.shape):
+            raise ValueError(f"velocity returned shape {tuple(v.shape)} for input {tuple(x.shape)} at step {i}")
+        v = v.detach().to(dtype)
+        if keep_v is None or i in keep_v:
+            velocities[i] = v
+        z32 = euler_add(z32, sig_list[i + 1] - sig_list[i], v)
+        if progress is not None:
+            progress(i, n)
+    return TrajectoryCache(
+        noise=noise.to(dtype),
+        states=states,
+        velocities=velocities,
+        sigmas=sig,
+        final=z32,
+        seed=int(seed),
+        policy_version=int(policy_version),
+        cond=dict(cond or {}),
+        prompts=list(prompts) if prompts is not None else [""] * int(noise.shape[0]),
+        meta=dict(meta or {}),
+    )
