@@ -1,0 +1,52 @@
+"""Session-wide fixtures: offline hubs, one local Ray head per pytest session, real Redis servers.
+
+Everything listens on 127.0.0.1. The Ray head is started lazily (only sessions that ask for it pay its ~8 s)
+and stopped by pid at the end of the session, so concurrent test runs never kill each other's clusters.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before anything imports transformers/diffusers/ray: no hub access in tests, Ray on loopback only.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+for _k, _v in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
+               "RAY_USAGE_STATS_ENABLED": "0"}.items():
+    os.environ.setdefault(_k, _v)
+
+import pytest  # noqa: E402
+
+from services.localproc import RayHead, RedisServer  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def ray_head():
+    """A local `ray start --head` (job server included) shared by the whole session."""
+    head = RayHead(num_cpus=4, object_store_mb=512).start()
+    try:
+        yield head
+    finally:
+        head.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_client(ray_head):
+    """This pytest process connected as a driver to the session's Ray head."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=ray_head.gcs_address, log_to_driver=False)
+    yield ray
+    # Left connected until the session ends; the head's stop() ends the cluster.
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A real redis-server with an append-only file in tmp_path; .stop()/.start() keep the data."""
+    server = RedisServer(data_dir=tmp_path / "redis").start()
+    try:
+        yield server
+    finally:
+        server.cleanup()
