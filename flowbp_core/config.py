@@ -1,0 +1,335 @@
+"""The one run schema: YAML run files, dotted CLI overrides, the REST job spec and the copy in every checkpoint.
+
+A bad value is rejected where it enters, with the dotted path of the field in the message
+(`method.k: 30 is not allowed: expected ...`). Method parameters use the names of algorithms.md in lower case
+and are checked by building the method itself, so the schema never drifts from the engine.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator)
+
+from .errors import ConfigError
+
+SCHEMA_VERSION = 1
+
+# Request-side limits: the controller enforces the same numbers, so a job that validates here is accepted there.
+MAX_PROMPTS = 10_000
+MAX_PROMPT_CHARS = 1_000
+
+Scalar = str | int | float | bool
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoRASpec(_Strict):
+    rank: int = Field(16, ge=1, le=1024, description="LoRA rank r")
+    alpha: float | None = Field(None, gt=0, description="LoRA alpha; defaults to the rank (scale 1)")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] | None = Field(
+        None, description="module names to adapt; None uses the backbone's attention projections")
+
+
+class BackboneSpec(_Strict):
+    name: str = Field("embedded", description="registered backbone: embedded, sd3, flux1, flux2")
+    pretrained: str | None = Field(None, description="hub id or local folder; None uses the backbone's default "
+                                                     "(the committed checkpoint for `embedded`)")
+    tiny: bool = Field(False, description="build a tiny random model from config (tests, smoke runs)")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'")
+    height: int | None = Field(None, ge=8, le=4096, description="image height; None: backbone default")
+    width: int | None = Field(None, ge=8, le=4096, description="image width; None: backbone default")
+    finetune: Literal["lora", "full"] = "lora"
+    lora: LoRASpec = Field(default_factory=LoRASpec)
+    gradient_checkpointing: bool = False
+    local_files_only: bool = True
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()):
+            return v
+        raise ValueError(f"device {v!r} is not one of 'auto', 'cpu', 'cuda', 'cuda:N'")
+
+
+class MethodSpec(BaseModel):
+    """A registered method plus its parameters (extra keys: `k`, `late_bias`, `gamma`, `alpha`, ...)."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+    name: str = Field("flowbp_sparse", description="registered method name (flowbp_core.methods.names())")
+    preset: Literal["sd35", "flux1", "flux2"] | None = Field(
+        None, description="paper defaults per backbone; None picks the backbone's preset")
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+    @model_validator(mode="after")
+    def _scalar_params(self) -> "MethodSpec":
+        for key, value in self.params.items():
+            ok = isinstance(value, (str, int, float, bool)) or (
+                isinstance(value, (list, tuple)) and all(isinstance(x, (int, float)) for x in value))
+            if not ok:
+                raise ValueError(f"method parameter {key!r} must be a number, string, bool or list of numbers, "
+                                 f"got {type(value).__name__}")
+        return self
+
+
+class RewardTerm(_Strict):
+    name: str = Field(..., description="registered reward (flowbp_core.rewards.names())")
+    weight: float = Field(1.0, description="weight in the panel")
+    kwargs: dict[str, Scalar] = Field(default_factory=dict, description="constructor arguments, e.g. a path")
+
+
+class ServedRewardSpec(_Strict):
+    replicas: int = Field(1, ge=1, le=64)
+    num_gpus: float = Field(0.0, ge=0.0, le=8.0)
+    num_cpus: float = Field(0.5, gt=0.0, le=16.0)
+    max_batch_size: int = Field(16, ge=1, le=1024)
+    batch_wait_timeout_s: float = Field(0.01, ge=0.0, le=10.0)
+    decode_on_reward_side: bool = Field(False, description="send latents; the reward service decodes them")
+    request_timeout_s: float = Field(120.0, gt=0)
+    max_retries: int = Field(3, ge=0, le=20)
+
+
+class RewardSpec(_Strict):
+    terms: list[RewardTerm] = Field(default_factory=lambda: [RewardTerm(name="world_attributes")], min_length=1)
+    placement: Literal["colocated", "served"] = "colocated"
+    loss: Literal["hinge", "neg_mean"] = "hinge"
+    clip: float = Field(0.55, description="hinge threshold c in ReLU(c - r)")
+    served: ServedRewardSpec = Field(default_factory=ServedRewardSpec)
+
+
+class SamplingSpec(_Strict):
+    n_steps: int = Field(25, ge=1, le=1000, description="rollout Euler steps N")
+    guidance_scale: float | None = Field(None, ge=0.0, le=50.0, description="None: backbone default")
+    eval_n_steps: int | None = Field(None, ge=1, le=1000)
+
+
+class PromptSource(_Strict):
+    """Exactly one of: inline prompts, a file (one a line), or a named set shipped with the project."""
+
+    prompts: list[str] | None = Field(None, max_length=MAX_PROMPTS)
+    file: str | None = None
+    set: Literal["world_train", "world_heldout", "hpdv2", "geneval"] | None = None
+
+    @field_validator("prompts")
+    @classmethod
+    def _prompt_lengths(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("prompts must not be empty (give at least one, or use `file` / `set`)")
+        for i, p in enumerate(v):
+            if not p.strip():
+                raise ValueError(f"prompt {i} is empty")
+            if len(p) > MAX_PROMPT_CHARS:
+                raise ValueError(f"prompt {i} has {len(p)} characters; at most {MAX_PROMPT_CHARS} are allowed")
+        return v
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "PromptSource":
+        given = [n for n in ("prompts", "file", "set") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of prompts, file, set (got {given or 'none'})")
+        return self
+
+
+class TrainSpec(_Strict):
+    steps: int = Field(100, ge=1, le=1_000_000)
+    batch_size: int = Field(8, ge=1, le=4096, description="prompts per optimizer step (all ranks)")
+    lr: float = Field(1e-4, gt=0.0, le=1.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0.0)
+    weight_decay: float = Field(1e-4, ge=0.0, le=1.0)
+    grad_clip: float | None = Field(1.0, gt=0.0)
+    ema_decay: float | None = Field(None, ge=0.0, lt=1.0, description="EMA of trainable weights; None: off")
+    seed: int = Field(0, ge=0)
+    max_bad_steps: int = Field(3, ge=1, le=1000, description="non-finite steps in a row that fail the run")
+    prompts: PromptSource = Field(default_factory=lambda: PromptSource(set="world_train"))
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError(f"betas {v} must each be in [0, 1)")
+        return v
+
+
+class RuntimeSpec(_Strict):
+    rollout_workers: int = Field(1, ge=1, le=256)
+    learners: int = Field(1, ge=1, le=256)
+    mode: Literal["sync", "async"] = Field("sync", description="sync: rollout t+1 uses learner step t's weights")
+    max_staleness: int = Field(0, ge=0, le=100, description="policy versions a cache may lag in async mode")
+    queue_depth: int = Field(2, ge=1, le=64, description="in-flight rollout ObjectRefs (back-pressure)")
+    rollout_num_cpus: float = Field(1.0, gt=0.0, le=64.0)
+    learner_num_cpus: float = Field(1.0, gt=0.0, le=64.0)
+    use_gpu: bool = False
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    weight_sync: Literal["auto", "lora_delta", "full_state"] = "auto"
+    compile_rollout: bool = False
+    max_actor_restarts: int = Field(3, ge=0, le=100)
+
+    @model_validator(mode="after")
+    def _staleness(self) -> "RuntimeSpec":
+        if self.mode == "sync" and self.max_staleness != 0:
+            raise ValueError("max_staleness must be 0 in sync mode (set mode: async to let rollout run ahead)")
+        return self
+
+
+class CheckpointSpec(_Strict):
+    dir: str = Field("runs", description="root folder; checkpoints go to <dir>/<run_id>/step_<n>/")
+    every: int = Field(50, ge=1)
+    keep: int = Field(3, ge=1, le=1000, description="complete checkpoints kept (older ones removed)")
+    resume: bool = Field(True, description="resume from the newest complete checkpoint of this run_id")
+
+
+class EvalSpec(_Strict):
+    every: int = Field(0, ge=0, description="evaluate every N steps; 0: only at the end")
+    prompts: PromptSource = Field(default_factory=lambda: PromptSource(set="world_heldout"))
+    limit: int = Field(64, ge=1, le=100_000, description="prompts evaluated")
+    seed: int = Field(42, ge=0)
+
+
+class RunConfig(_Strict):
+    schema_version: Literal[1] = SCHEMA_VERSION
+    run_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+                               description="checkpoint folder name; None: generated at start")
+    backbone: BackboneSpec = Field(default_factory=BackboneSpec)
+    method: MethodSpec = Field(default_factory=MethodSpec)
+    reward: RewardSpec = Field(default_factory=RewardSpec)
+    sampling: SamplingSpec = Field(default_factory=SamplingSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "RunConfig":
+        k = self.method.params.get("k")
+        if isinstance(k, int) and not isinstance(k, bool) and k > self.sampling.n_steps:
+            raise ValueError(f"method.k={k} exceeds sampling.n_steps={self.sampling.n_steps}: "
+                             f"the active set is drawn from the N rollout steps")
+        return self
+
+    # -- helpers -----------------------------------------------------------------------------------
+    def method_preset(self) -> str | None:
+        if self.method.preset is not None:
+            return self.method.preset
+        return {"sd3": "sd35", "flux1": "flux1", "flux2": "flux2"}.get(self.backbone.name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+# --- overrides and loading -------------------------------------------------------------------------
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b=value` -> (["a", "b"], value parsed as a YAML scalar/list, so `4`, `0.5`, `true`, `[1,2]` work)."""
+    item = item.strip()
+    if item.startswith("--"):
+        item = item[2:]
+    if "=" not in item:
+        raise ConfigError("override", item, "the form a.b=value (e.g. method.k=4)")
+    key, raw = item.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise ConfigError("override", item, "a dotted field path before '='")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, str):  # YAML 1.1 reads `1e-5` as a string; numbers should be numbers
+        try:
+            value = float(value) if any(c in value.lower() for c in ".en") else int(value)
+        except ValueError:
+            pass
+    return path, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """Return a copy of `data` with dotted overrides applied (intermediate sections are created)."""
+    out = copy.deepcopy(data)
+    for item in overrides or []:
+        path, value = parse_override(item)
+        node = out
+        for part in path[:-1]:
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(".".join(path), value, f"a path into a section, but {part!r} is a value")
+            node = nxt
+        node[path[-1]] = value
+    return out
+
+
+def format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        lines.append(f"{loc}: {e['msg']} (got {e.get('input')!r})" if "input" in e and not isinstance(
+            e.get("input"), dict) else f"{loc}: {e['msg']}")
+    return "invalid run config:\n  " + "\n  ".join(lines)
+
+
+def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None,
+                     check_registries: bool = True) -> RunConfig:
+    """Validate a dict (+ overrides) into a RunConfig; raise ConfigError with every failing field path."""
+    merged = apply_overrides(data or {}, overrides)
+    try:
+        cfg = RunConfig.model_validate(merged)
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise ConfigError(".".join(str(p) for p in first["loc"]) or "config", first.get("input"),
+                          first["msg"], hint=format_validation_error(e) if len(e.errors()) > 1 else None) from e
+    if check_registries:
+        check_against_registries(cfg)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None, check_registries: bool = True) -> RunConfig:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError("config", str(p), "a path to an existing YAML run file")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError("config", str(p), f"valid YAML ({e})") from e
+    if not isinstance(data, dict):
+        raise ConfigError("config", str(p), "a YAML mapping at the top level")
+    return config_from_dict(data, overrides, check_registries)
+
+
+def check_against_registries(cfg: RunConfig) -> None:
+    """Names and method parameters are checked by the registries themselves (the single source of truth)."""
+    from . import backbones, methods, rewards
+
+    if cfg.backbone.name not in backbones.names():
+        raise ConfigError("backbone.name", cfg.backbone.name, f"one of {sorted(backbones.names())}")
+    if cfg.method.name not in methods.names():
+        raise ConfigError("method.name", cfg.method.name, f"one of {sorted(methods.names())}")
+    known_rewards = rewards.names()
+    for i, term in enumerate(cfg.reward.terms):
+        if term.name not in known_rewards:
+            raise ConfigError(f"reward.terms.{i}.name", term.name, f"one of {sorted(known_rewards)}")
+    try:
+        methods.build(cfg.method.name, backbone=cfg.method_preset(), **cfg.method.params)
+    except ConfigError as e:
+        field = e.field if e.field.startswith("method.") else f"method.{e.field}"
+        raise ConfigError(field, e.value, e.allowed) from e
