@@ -1,0 +1,101 @@
+"""The embedded base model: a small diffusers SD3Transformer2DModel in pixel space (32x32x3), MiniLM-conditioned.
+
+Conventions (the same as SD3's and algorithms.md's): x = 2 * image - 1; x_sigma = (1 - sigma) x + sigma * noise;
+the model predicts v = noise - x at timestep 1000 * sigma; sampling runs sigma from 1 to 0 with
+z_{i+1} = z_i + (sigma_{i+1} - sigma_i) v_i. Guidance is true CFG against the empty prompt, which the
+training dropped 10 % of the time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from flowbp_core.world.assets import ASSETS_DIR, load_checkpoint
+
+BASE_CHECKPOINT = ASSETS_DIR / "base" / "transformer.safetensors"
+BASE_REGENERATE = "python -m flowbp_core.world.train_base --out flowbp_core/world/assets/base"
+DEFAULT_GUIDANCE = 4.0
+DEFAULT_STEPS = 20
+
+
+@dataclass(frozen=True)
+class BaseModelConfig:
+    sample_size: int = 32
+    patch_size: int = 4
+    in_channels: int = 3
+    out_channels: int = 3
+    num_layers: int = 6
+    attention_head_dim: int = 64
+    num_attention_heads: int = 4
+    joint_attention_dim: int = 384  # MiniLM hidden size
+    pooled_projection_dim: int = 384
+    pos_embed_max_size: int = 8  # 32 / patch 4
+
+    @property
+    def caption_projection_dim(self) -> int:
+        # SD3's joint blocks run text and image streams at the same width.
+        return self.attention_head_dim * self.num_attention_heads
+
+    def diffusers_kwargs(self) -> dict:
+        d = asdict(self)
+        d["caption_projection_dim"] = self.caption_projection_dim
+        return d
+
+
+def build_transformer(cfg: BaseModelConfig):
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel(**cfg.diffusers_kwargs())
+
+
+def load_base_transformer(path: Path | None = None, dtype: torch.dtype = torch.float32):
+    """The committed (EMA) base transformer, verified against its recorded hashes, in eval mode."""
+    tensors, meta = load_checkpoint(Path(path or BASE_CHECKPOINT), regenerate=BASE_REGENERATE)
+    model_cfg = meta["config"].get("model", meta["config"])
+    cfg = BaseModelConfig(**{k: v for k, v in model_cfg.items() if k in BaseModelConfig.__dataclass_fields__})
+    model = build_transformer(cfg)
+    model.load_state_dict({k: v.to(torch.float32) for k, v in tensors.items()}, strict=True)
+    return model.to(dtype).eval(), meta
+
+
+def velocity(model, x: torch.Tensor, sigma: float | torch.Tensor, cond: dict, autocast: bool = True) -> torch.Tensor:
+    """Unguided model velocity at noise level sigma (scalar or per-sample)."""
+    b = x.shape[0]
+    t = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1).expand(b) * 1000.0
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast and x.device.type == "cpu"):
+        out = model(
+            hidden_states=x,
+            encoder_hidden_states=cond["prompt_embeds"],
+            pooled_projections=cond["pooled_prompt_embeds"],
+            timestep=t,
+            return_dict=False,
+        )[0]
+    return out.float()
+
+
+def guided_velocity(model, x, sigma, cond, uncond, guidance: float) -> torch.Tensor:
+    if guidance == 1.0 or uncond is None:
+        return velocity(model, x, sigma, cond)
+    both = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
+    v_u, v_c = velocity(model, torch.cat([x, x]), sigma, both).chunk(2)
+    return v_u + guidance * (v_c - v_u)
+
+
+@torch.no_grad()
+def sample_images(
+    model, encoder, prompts: list[str], *, seed: int = 0, steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE
+) -> torch.Tensor:
+    """Images in [0, 1], [B, 3, 32, 32]: Euler on linear sigmas with true CFG (for evaluation and tests)."""
+    cond = encoder.encode(prompts)
+    uncond = encoder.encode([""] * len(prompts))
+    g = torch.Generator().manual_seed(seed)
+    size = model.config.sample_size
+    z = torch.randn(len(prompts), 3, size, size, generator=g)
+    sigmas = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+    for i in range(steps):
+        v = guided_velocity(model, z, float(sigmas[i]), cond, uncond, guidance)
+        z = z + float(sigmas[i + 1] - sigmas[i]) * v
+    return ((z + 1.0) / 2.0).clamp(0.0, 1.0)

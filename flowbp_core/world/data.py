@@ -1,0 +1,42 @@
+"""Prompt pools drawn from the grammar: (spec, caption) pairs for one split, deterministic by seed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from flowbp_core.world.captions import caption
+from flowbp_core.world.spec import BACKGROUNDS, TASKS, PromptSpec, specs_for_split
+
+_BG_NAMES = tuple(BACKGROUNDS)
+
+
+@dataclass(frozen=True)
+class PromptItem:
+    spec: PromptSpec
+    text: str
+
+
+def prompt_pool(split: str, n: int, seed: int, tasks: tuple[str, ...] = TASKS, background_prob: float = 0.25) -> list[PromptItem]:
+    """`n` prompts of `split`, tasks in equal shares, combinations and wordings drawn by `seed`."""
+    rng = np.random.default_rng(seed)
+    per_task = {t: specs_for_split(t, split) for t in tasks}
+    items: list[PromptItem] = []
+    for i in range(n):
+        task = tasks[i % len(tasks)]
+        spec = per_task[task][int(rng.integers(len(per_task[task])))]
+        if rng.random() < background_prob:
+            spec = replace(spec, background=_BG_NAMES[int(rng.integers(len(_BG_NAMES)))])
+        items.append(PromptItem(spec=spec, text=caption(spec, rng)))
+    return items
+
+
+def heldout_prompts(n_per_task: int = 8, seed: int = 1234) -> list[PromptItem]:
+    """The fixed evaluation set: held-out combinations (new seeds/wordings for the two unsplit tasks)."""
+    return prompt_pool("heldout", n_per_task * len(TASKS), seed=seed, background_prob=0.0)
+
+
+def train_prompts(n: int = 64, seed: int = 7) -> list[PromptItem]:
+    """Alignment prompts: training-split combinations only (the held-out split measures generalisation)."""
+    return prompt_pool("train", n, seed=seed, background_prob=0.0)

@@ -1,0 +1,161 @@
+"""Train the embedded base model with the rectified-flow loss, by wall-clock budget.
+
+    python -m flowbp_core.world.train_base --out flowbp_core/world/assets/base [--minutes 30] [--resume]
+
+Data: captions of the training split (held-out combinations never appear), encoded once by MiniLM; every
+step renders fresh scenes for the batch's captions, so the model never sees the same image twice. Loss:
+|| v_theta(x_t, t) - (noise - x) ||^2 with logit-normal t. 10 % of captions are dropped to "" so that the
+model supports classifier-free guidance. The EMA weights are what gets saved (float16, ~half the bytes),
+every `--ckpt-minutes` and at the end, together with a resumable state and a JSONL training log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from flowbp_core.world.assets import save_checkpoint
+from flowbp_core.world.base_model import BaseModelConfig, build_transformer
+from flowbp_core.world.data import prompt_pool
+from flowbp_core.world.scenes import render_batch, sample_scene
+from flowbp_core.world.text import MiniLMEncoder
+
+
+def _args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True, help="output folder (transformer.safetensors, log, state)")
+    p.add_argument("--minutes", type=float, default=30.0, help="wall-clock training budget")
+    p.add_argument("--max-steps", type=int, default=1_000_000)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=4e-4)
+    p.add_argument("--warmup", type=int, default=150)
+    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--seed", type=int, default=0, help="data and init seed")
+    p.add_argument("--pool", type=int, default=6000, help="number of training captions")
+    p.add_argument("--layers", type=int, default=BaseModelConfig.num_layers)
+    p.add_argument("--heads", type=int, default=BaseModelConfig.num_attention_heads)
+    p.add_argument("--head-dim", type=int, default=BaseModelConfig.attention_head_dim)
+    p.add_argument("--patch", type=int, default=BaseModelConfig.patch_size)
+    p.add_argument("--ckpt-minutes", type=float, default=4.0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/train_state.pt")
+    p.add_argument("--no-autocast", action="store_true")
+    return p.parse_args(argv)
+
+
+def _ema_update(ema: dict[str, torch.Tensor], model: torch.nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            ema[k].mul_(decay).add_(v.detach().float(), alpha=1.0 - decay)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = _args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    a.out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(a.seed)
+    rng = np.random.default_rng(a.seed)
+    cfg = BaseModelConfig(num_layers=a.layers, num_attention_heads=a.heads, attention_head_dim=a.head_dim,
+                          patch_size=a.patch, pos_embed_max_size=32 // a.patch)
+    model = build_transformer(cfg).train()
+    n_params = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    ema = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+    step, elapsed_before = 0, 0.0
+    state_path = a.out / "train_state.pt"
+    log_path = a.out / "train_log.jsonl"
+    if a.resume and state_path.is_file():
+        st = torch.load(state_path, weights_only=False)
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        ema = st["ema"]
+        step, elapsed_before = st["step"], st["elapsed"]
+        rng = st["rng"]
+        print(f"resumed at step {step} ({elapsed_before / 60:.1f} min done)", flush=True)
+    elif log_path.exists():
+        log_path.unlink()
+
+    t0 = time.time()
+    pool = prompt_pool("train", a.pool, seed=a.seed)
+    enc = MiniLMEncoder()
+    texts = [it.text for it in pool]
+    cond = enc.encode(texts)
+    empty = enc.encode([""])
+    ctx, pooled = cond["prompt_embeds"], cond["pooled_prompt_embeds"]
+    print(f"model {n_params / 1e6:.2f} M params; {len(pool)} captions encoded in {time.time() - t0:.1f} s", flush=True)
+
+    run_cfg = {"model": cfg.diffusers_kwargs(), "train": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}}
+    command = "python -m flowbp_core.world.train_base " + " ".join(sys.argv[1:] if argv is None else argv)
+    budget = a.minutes * 60.0
+    start = time.time() - elapsed_before
+    last_ckpt = time.time()
+    ema_losses: list[float] = []
+    log_f = open(log_path, "a")
+
+    def checkpoint(final: bool) -> None:
+        elapsed = time.time() - start
+        half = {k: v.to(torch.float16) for k, v in ema.items()}
+        digest = save_checkpoint(half, a.out / "transformer.safetensors", config=run_cfg, data_seed=a.seed, command=command,
+                                 extra={"steps": step, "train_minutes": round(elapsed / 60, 2), "params": n_params,
+                                        "final_loss_ema": round(float(np.mean(ema_losses[-100:])) if ema_losses else float("nan"), 5)})
+        tmp = state_path.with_suffix(".tmp")
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "ema": ema, "step": step, "elapsed": elapsed, "rng": rng}, tmp)
+        os.replace(tmp, state_path)
+        print(f"checkpoint at step {step} ({elapsed / 60:.1f} min){' FINAL' if final else ''} sha256={digest[:12]}", flush=True)
+
+    while step < a.max_steps and (time.time() - start) < budget:
+        ts = time.time()
+        idx = rng.integers(len(pool), size=a.batch)
+        scenes = [sample_scene(pool[i].spec, rng) for i in idx]
+        x = torch.from_numpy(render_batch(scenes)) * 2.0 - 1.0
+        c, p = ctx[idx].clone(), pooled[idx].clone()
+        drop = torch.from_numpy(rng.random(a.batch) < 0.1)
+        c[drop], p[drop] = empty["prompt_embeds"][0], empty["pooled_prompt_embeds"][0]
+        sigma = torch.sigmoid(torch.from_numpy(rng.standard_normal(a.batch)).float())  # logit-normal(0, 1)
+        noise = torch.from_numpy(rng.standard_normal(x.shape)).float()
+        s4 = sigma.view(-1, 1, 1, 1)
+        xt = (1.0 - s4) * x + s4 * noise
+        lr = a.lr * min(1.0, (step + 1) / a.warmup)
+        for gparam in opt.param_groups:
+            gparam["lr"] = lr
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not a.no_autocast):
+            pred = model(hidden_states=xt, encoder_hidden_states=c, pooled_projections=p, timestep=sigma * 1000.0, return_dict=False)[0]
+        loss = torch.nn.functional.mse_loss(pred.float(), noise - x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if not torch.isfinite(loss):
+            print(f"step {step}: non-finite loss, skipped", flush=True)
+            continue
+        opt.step()
+        decay = min(a.ema, (1 + step) / (10 + step))
+        _ema_update(ema, model, decay)
+        step += 1
+        ema_losses.append(float(loss))
+        dt = time.time() - ts
+        if step % 25 == 0 or step == 1:
+            rec = {"step": step, "loss": round(float(np.mean(ema_losses[-25:])), 5), "grad_norm": round(float(gn), 4),
+                   "lr": lr, "step_s": round(dt, 3), "elapsed_min": round((time.time() - start) / 60, 2)}
+            log_f.write(json.dumps(rec) + "\n")
+            log_f.flush()
+            print(json.dumps(rec), flush=True)
+        if time.time() - last_ckpt > a.ckpt_minutes * 60:
+            checkpoint(False)
+            last_ckpt = time.time()
+    checkpoint(True)
+    log_f.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
