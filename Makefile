@@ -37,7 +37,7 @@ test-fast: setup
 	$(BIN)/python -m pytest -m "not integration and not slow" $(PYTEST_ARGS)
 
 demo: setup
-	$(BIN)/python -m flowbp_core.demo $(if $(QUICK),--quick,)
+	$(BIN)/python -m services.entrypoints.demo $(if $(QUICK),--quick,)
 
 serve: setup
 	$(BIN)/python -m services.controller.serve_local

@@ -1,0 +1,282 @@
+"""From a RunConfig to the parts of a run, and the single-process loop that drives them.
+
+`build_components` is shared by everything that runs a job: this loop (no Ray), the Ray rollout workers and
+learners (services/runtime) and the demo, so a config means the same thing everywhere. `make_cache` is the
+rollout half of a step and `train_step` (flowbp_core.training) the learner half; the loop here simply calls them
+one after the other, which is also the reference the distributed runtime is tested against.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from . import backbones, methods
+from .cache import TrajectoryCache
+from .checkpoint import CheckpointState, latest_complete, load_checkpoint, save_checkpoint
+from .config import PromptSource, RewardSpec, RunConfig
+from .errors import ConfigError
+from .guidance import GuidanceConfig
+from .sampling import rollout
+from .training import EMA, BadStepGuard, PromptSampler, StepResult, derive_seed, generator_for, train_step
+
+log = logging.getLogger("flowbp.run")
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# --------------------------------------------------------------------------------------------- prompts
+def load_prompts(source: PromptSource, limit: int | None = None) -> list[str]:
+    """Inline prompts, a file (one a line, blank lines skipped), or a named set shipped with the project."""
+    if source.prompts is not None:
+        out = list(source.prompts)
+    elif source.file is not None:
+        p = Path(source.file)
+        if not p.is_file():
+            raise ConfigError("prompts.file", source.file, "a path to an existing text file (one prompt a line)")
+        out = [ln.strip() for ln in p.read_text().splitlines() if ln.strip()]
+    elif source.set in ("world_train", "world_heldout"):
+        from .world.data import heldout_prompts, train_prompts
+
+        items = train_prompts() if source.set == "world_train" else heldout_prompts()
+        out = [it.text for it in items]
+    elif source.set == "hpdv2":
+        out = [ln.strip() for ln in (DATA_DIR / "hpdv2_eval_prompts.txt").read_text().splitlines() if ln.strip()]
+    elif source.set == "geneval":
+        out = [json.loads(ln)["prompt"] for ln in (DATA_DIR / "geneval_metadata.jsonl").read_text().splitlines()
+               if ln.strip()]
+    else:  # pragma: no cover - PromptSource guarantees one source
+        raise ConfigError("prompts", source, "one of prompts, file, set")
+    if not out:
+        raise ConfigError("prompts", source.model_dump(exclude_none=True), "a source with at least one prompt")
+    return out[:limit] if limit else out
+
+
+# ------------------------------------------------------------------------------------------ components
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("backbone.device", name, "'cpu' or 'auto' on a machine without CUDA")
+    return torch.device(name)
+
+
+def build_backbone(cfg: RunConfig, device: torch.device | None = None, trainable: bool = True):
+    spec = cfg.backbone
+    device = device or resolve_device(spec.device)
+    kw: dict[str, Any] = {"dtype": _DTYPES[spec.dtype], "device": device}
+    if not spec.tiny and spec.pretrained is not None:
+        kw["local_files_only"] = spec.local_files_only
+    bb = backbones.build(spec.name, spec.pretrained, tiny=spec.tiny, **kw)
+    if trainable:
+        if spec.finetune == "lora":
+            from .backbones.base import LoRAConfig
+
+            bb.apply_lora(LoRAConfig(rank=spec.lora.rank, alpha=spec.lora.alpha, dropout=spec.lora.dropout,
+                                     target_modules=tuple(spec.lora.target_modules) if spec.lora.target_modules
+                                     else None))
+        elif hasattr(bb, "enable_full_finetune"):
+            bb.enable_full_finetune()
+        if spec.gradient_checkpointing:
+            bb.enable_gradient_checkpointing()
+    return bb
+
+
+def build_reward(spec: RewardSpec, device: torch.device | str = "cpu"):
+    """The configured reward terms as one Reward (a Panel when there are several or weights differ from 1)."""
+    from . import rewards
+
+    built = [(rewards.build(t.name, **t.kwargs), t.weight) for t in spec.terms]
+    reward = built[0][0] if len(built) == 1 and built[0][1] == 1.0 else rewards.Panel(built)
+    if hasattr(reward, "to"):
+        reward = reward.to(device)
+    return reward
+
+
+def guidance_for(cfg: RunConfig, backbone) -> GuidanceConfig:
+    base = backbone.preset.guidance
+    if cfg.sampling.guidance_scale is None:
+        return base
+    return GuidanceConfig(mode=base.mode, scale=cfg.sampling.guidance_scale, detach_negative=base.detach_negative)
+
+
+def n_steps_for(cfg: RunConfig, backbone) -> int:
+    return cfg.sampling.n_steps
+
+
+@dataclass
+class RunComponents:
+    cfg: RunConfig
+    backbone: Any
+    method: Any
+    guidance: GuidanceConfig
+    n_steps: int
+    device: torch.device
+    prompts: PromptSampler
+    reward: Any | None = None
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+
+    def score_fn(self) -> Callable[[torch.Tensor, list[str]], torch.Tensor]:
+        """Colocated scoring: decode in the learner's graph, then the reward."""
+        backbone, reward = self.backbone, self.reward
+        if reward is None:
+            raise RuntimeError("this RunComponents was built without a reward (with_reward=False)")
+
+        def score(latents: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+            return reward(backbone.decode(latents), prompts)
+
+        return score
+
+
+def build_components(cfg: RunConfig, *, device: torch.device | None = None, with_reward: bool = True,
+                     trainable: bool = True) -> RunComponents:
+    from .losses import build_loss
+
+    device = device or resolve_device(cfg.backbone.device)
+    torch.manual_seed(cfg.train.seed)
+    backbone = build_backbone(cfg, device, trainable=trainable)
+    method = methods.build(cfg.method.name, backbone=cfg.method_preset(), **cfg.method.params)
+    prompts = PromptSampler(load_prompts(cfg.train.prompts), cfg.train.batch_size, cfg.train.seed)
+    reward = build_reward(cfg.reward, device) if with_reward else None
+    loss_kw = {"clip": cfg.reward.clip} if cfg.reward.loss == "hinge" else {}
+    return RunComponents(cfg=cfg, backbone=backbone, method=method, guidance=guidance_for(cfg, backbone),
+                         n_steps=n_steps_for(cfg, backbone), device=device, prompts=prompts, reward=reward,
+                         loss_fn=build_loss(cfg.reward.loss, **loss_kw))
+
+
+@torch.no_grad()
+def make_cache(comp: RunComponents, step: int, policy_version: int, prompts: list[str] | None = None,
+               seed: int | None = None) -> TrajectoryCache:
+    """The rollout half of step `step`: prompts, noise and the method's plan all derive from (seed, step), so a
+    rollout worker and the learner (and every learner rank) agree without talking."""
+    base_seed = comp.cfg.train.seed if seed is None else seed
+    prompts = prompts if prompts is not None else comp.prompts.batch(step)
+    bb = comp.backbone
+    cond = bb.encode_prompts(prompts)
+    noise_gen = generator_for(base_seed, step, "noise")
+    noise = torch.randn(bb.latent_shape(len(prompts)), generator=noise_gen).to(comp.device)
+    schedule = bb.schedule(comp.n_steps)
+    plan = comp.method.plan(comp.n_steps, generator_for(base_seed, step, "plan"))
+    needs = comp.method.needs(plan, comp.n_steps)
+    # States and velocities are cached in the model dtype (bf16 on GPU: 2N latents stay negligible).
+    return rollout(bb.bind(cond, comp.guidance), noise, schedule.sigmas, seed=derive_seed(base_seed, step, "noise"),
+                   policy_version=policy_version, cond=cond, prompts=prompts, needs=needs,
+                   state_dtype=_DTYPES[comp.cfg.backbone.dtype])
+
+
+def learner_step(comp: RunComponents, cache: TrajectoryCache, step: int, optimizer: torch.optim.Optimizer,
+                 ema: EMA | None, score: Callable | None = None, apply: bool = True) -> StepResult:
+    cache = cache.to(comp.device)
+    velocity = comp.backbone.bind(cache.cond, comp.guidance)
+    return train_step(step=step, cache=cache, method=comp.method, velocity=velocity,
+                      score=score or comp.score_fn(), loss_fn=comp.loss_fn,
+                      params=comp.backbone.trainable_parameters(), optimizer=optimizer,
+                      generator=generator_for(comp.cfg.train.seed, step, "plan"),
+                      grad_clip=comp.cfg.train.grad_clip, ema=ema, policy_version=cache.policy_version, apply=apply)
+
+
+def make_optimizer(cfg: RunConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    if not params:
+        raise ConfigError("backbone.finetune", cfg.backbone.finetune, "a setting that leaves trainable parameters")
+    return torch.optim.AdamW(params, lr=cfg.train.lr, betas=tuple(cfg.train.betas), eps=cfg.train.eps,
+                             weight_decay=cfg.train.weight_decay)
+
+
+# ------------------------------------------------------------------------------------------------ loop
+@dataclass
+class LoopResult:
+    run_dir: Path
+    steps_done: int
+    results: list[StepResult] = field(default_factory=list)
+    resumed_from: int | None = None
+
+
+def run_dir_for(cfg: RunConfig) -> Path:
+    run_id = cfg.run_id or f"run-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    return Path(cfg.checkpoint.dir) / run_id
+
+
+def train_loop(cfg: RunConfig, *, run_dir: Path | None = None, comp: RunComponents | None = None,
+               on_step: Callable[[StepResult], None] | None = None,
+               should_stop: Callable[[], bool] | None = None) -> LoopResult:
+    """Single-process training: rollout -> learner step, with checkpoints, resume and metrics.jsonl."""
+    run_dir = Path(run_dir) if run_dir is not None else run_dir_for(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    comp = comp or build_components(cfg)
+    params = comp.backbone.trainable_parameters()
+    optimizer = make_optimizer(cfg, params)
+    ema = EMA(params, cfg.train.ema_decay) if cfg.train.ema_decay is not None else None
+    start, policy_version, resumed = 0, 0, None
+    latest = latest_complete(run_dir) if cfg.checkpoint.resume else None
+    if latest is not None:
+        st = load_checkpoint(latest)
+        comp.backbone.load_trainable_state_dict(st.trainable)
+        if st.optimizer is not None:
+            optimizer.load_state_dict(st.optimizer)
+        if ema is not None and st.ema is not None:
+            ema.load_state_dict(st.ema)
+        start, policy_version, resumed = st.step, st.policy_version, st.step
+        log.info("resumed from %s (step %d)", latest, st.step)
+    metrics_path = run_dir / "metrics.jsonl"
+    _truncate_metrics(metrics_path, start)
+    guard = BadStepGuard(cfg.train.max_bad_steps)
+    out = LoopResult(run_dir=run_dir, steps_done=start, resumed_from=resumed)
+    for step in range(start, cfg.train.steps):
+        if should_stop is not None and should_stop():
+            break
+        t0 = time.perf_counter()
+        cache = make_cache(comp, step, policy_version)
+        t_roll = time.perf_counter() - t0
+        res = learner_step(comp, cache, step, optimizer, ema)
+        res.timings["rollout"] = t_roll
+        if not res.skipped:
+            policy_version += 1
+        out.results.append(res)
+        with open(metrics_path, "a") as fh:
+            fh.write(res.to_json() + "\n")
+        if on_step is not None:
+            on_step(res)
+        guard.observe(res)  # raises NonFiniteStreak after max_bad_steps in a row
+        out.steps_done = step + 1
+        if not res.skipped and (out.steps_done % cfg.checkpoint.every == 0 or out.steps_done == cfg.train.steps):
+            save(comp, run_dir, out.steps_done, policy_version, optimizer, ema, res)
+    return out
+
+
+def save(comp: RunComponents, run_dir: Path, step: int, policy_version: int, optimizer, ema: EMA | None,
+         res: StepResult | None = None) -> Path:
+    exporter = getattr(comp.backbone, "export", None)
+
+    def write_export(tmp: Path) -> None:
+        if exporter is not None and comp.cfg.backbone.finetune == "lora":
+            exporter(str(tmp / "lora"))
+
+    state = CheckpointState(step=step, policy_version=policy_version,
+                            trainable=comp.backbone.trainable_state_dict(),
+                            optimizer=optimizer.state_dict(), ema=ema.state_dict() if ema else None,
+                            config=comp.cfg.to_dict(), torch_rng=torch.get_rng_state(),
+                            metrics={"loss": res.loss, "reward_mean": res.reward_mean} if res else {})
+    return save_checkpoint(run_dir, state, keep=comp.cfg.checkpoint.keep, extra_writer=write_export)
+
+
+def _truncate_metrics(path: Path, keep_below_step: int) -> None:
+    """On resume, drop metric lines of steps that will be redone, so every step is counted once."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) < keep_below_step:
+                kept.append(line)
+        except json.JSONDecodeError:
+            continue
+    path.write_text("".join(k + "\n" for k in kept))
