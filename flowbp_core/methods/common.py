@@ -1,0 +1,83 @@
+"""Shared endpoint logic for every method that runs the surrogate engine on a Plan."""
+
+from __future__ import annotations
+
+import torch
+
+from flowbp_core.cache import CacheNeeds, TrajectoryCache
+from flowbp_core.methods.base import Diagnostics, Endpoint, Plan, VelocityFn
+from flowbp_core.methods.engine import SurrogateResult, per_sample_mean_abs, run_surrogate
+
+
+def default_generator(cache: TrajectoryCache) -> torch.Generator:
+    """Without an explicit generator the plan is a function of the cache's seed (reproducible, rank-agnostic)."""
+    return torch.Generator().manual_seed(int(cache.seed))
+
+
+class EngineMethod:
+    """A method = a plan sampler; the endpoint is the engine's. Subclasses implement `plan`."""
+
+    name: str = "engine"
+
+    def plan(self, n_steps: int, generator: torch.Generator) -> Plan:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def needs(self, plan: Plan, n_steps: int) -> CacheNeeds:
+        if plan.n_steps != n_steps:
+            raise ValueError(f"plan is for N={plan.n_steps} steps, asked for N={n_steps}")
+        return plan.needs()
+
+    def _resolve_plan(self, cache: TrajectoryCache, generator: torch.Generator | None, plan: Plan | None) -> Plan:
+        if plan is None:
+            plan = self.plan(cache.n_steps, generator if generator is not None else default_generator(cache))
+        if plan.n_steps != cache.n_steps:
+            raise ValueError(f"plan is for N={plan.n_steps} steps, cache has N={cache.n_steps}")
+        return plan
+
+    def endpoint(
+        self,
+        cache: TrajectoryCache,
+        velocity: VelocityFn,
+        generator: torch.Generator | None = None,
+        plan: Plan | None = None,
+    ) -> Endpoint:
+        plan = self._resolve_plan(cache, generator, plan)
+        res = run_surrogate(plan, cache, velocity)
+        return self._endpoint_from(plan, cache, res)
+
+    def _endpoint_from(self, plan: Plan, cache: TrajectoryCache, res: SurrogateResult) -> Endpoint:
+        segs = res.segments
+        pinned = [s for s, r in zip(plan.segments, segs) if s.pin]
+        residual_j = segs[0].residual if len(segs) > 1 else None
+        last = plan.segments[-1]
+        residual_0 = segs[-1].residual if last.pin else per_sample_mean_abs(cache.final, res.value)
+        b = cache.batch_size
+        if plan.sample_weight == "traj_sim":
+            # w = 1 / sum_seg max(d_seg, tau) over the pinned connectors (LeapAlign / Lagrange)
+            acc = torch.zeros(b)
+            for s, r in zip(plan.segments, segs):
+                if s.pin:
+                    acc = acc + r.residual.clamp(min=plan.tau)
+            weights = 1.0 / acc if pinned else torch.ones(b)
+        else:
+            weights = torch.ones(b)
+        extra = {
+            "forwards_with_grad": float(sum(r.forwards for r in segs)),
+            "rescale_g": float(segs[0].g),
+        }
+        if len(segs) > 1:
+            extra["rescale_g_last"] = float(segs[-1].g)
+        diag = Diagnostics(
+            active=plan.active,
+            anchors=plan.anchors,
+            residual_j=residual_j,
+            residual_0=residual_0,
+            jacobian_factors=plan.jacobian_factors,
+            extra=extra,
+        )
+        return Endpoint(
+            value=res.value,
+            weights=weights.to(res.value.device),
+            sample_index=torch.arange(b, device=res.value.device),
+            diagnostics=diag,
+        )
