@@ -76,12 +76,10 @@ app.kubernetes.io/component: {{ .component }}
   value: "0"
 - name: TOKENIZERS_PARALLELISM
   value: "false"
-{{- if .Values.storage.enabled }}
 - name: FLOWBP_RUNS_DIR
   value: {{ printf "%s/runs" .Values.storage.mountPath | quote }}
 - name: HF_HOME
   value: {{ printf "%s/hf-cache" .Values.storage.mountPath | quote }}
-{{- end }}
 {{- end -}}
 
 {{- define "flowbp.podSecurityContext" -}}
@@ -153,21 +151,17 @@ spec:
       volumeMounts:
         - name: dshm
           mountPath: /dev/shm
-        {{- if $root.Values.storage.enabled }}
         - name: runs
           mountPath: {{ $root.Values.storage.mountPath }}
-        {{- end }}
   volumes:
     # Ray's object store lives in shared memory; the container default (64 MiB) would push it to disk.
     - name: dshm
       emptyDir:
         medium: Memory
         sizeLimit: {{ default $spec.memory $spec.objectStoreMemory | quote }}
-    {{- if $root.Values.storage.enabled }}
     - name: runs
       persistentVolumeClaim:
         claimName: {{ include "flowbp.runsClaimName" $root }}
-    {{- end }}
   {{- with $spec.nodeSelector }}
   nodeSelector:
     {{- toYaml . | nindent 4 }}
