@@ -1,0 +1,91 @@
+"""StepBoard: the one rendezvous between the driver and the learner group (a small async Ray actor).
+
+Why a board and not TorchTrainer's own channels: Ray Train runs the learner loop inside `fit()`, which blocks,
+and its reported metrics can come back empty (Train v2). The driver instead *offers* each step's cache refs
+here, every learner rank *takes* the offer for the step it is at, and rank 0 *reports* a typed StepOutcome.
+When Ray Train restarts a failed learner group, rank 0 says hello again with a new generation and the step it
+resumed from; the driver rewinds to that step. Only ObjectRefs pass through here, never cache bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import ray
+
+from services.runtime.payloads import LearnerHello, LearnerWork, StepOutcome
+
+STOP = "stop"
+
+
+@ray.remote(num_cpus=0)
+class StepBoard:
+    def __init__(self) -> None:
+        self.work: dict[int, LearnerWork] = {}
+        self.outcomes: list[StepOutcome] = []
+        self.hello: LearnerHello | None = None
+        self.generation = 0
+        self.stopped = False
+        self.cond = asyncio.Condition()
+
+    # ---- learner side --------------------------------------------------------------------------------
+    def next_generation(self) -> int:
+        self.generation += 1
+        return self.generation
+
+    async def say_hello(self, hello: LearnerHello) -> None:
+        async with self.cond:
+            self.hello = hello
+            # Offers for steps the new generation has not reached are still valid only if sampled with the
+            # weights it resumed with; the driver re-offers, so drop them.
+            self.work.clear()
+            self.cond.notify_all()
+
+    async def take(self, step: int, generation: int, timeout_s: float = 5.0):
+        """The offer for `step` (LearnerWork), STOP, or None on timeout (the caller polls again)."""
+        async with self.cond:
+            try:
+                await asyncio.wait_for(
+                    self.cond.wait_for(lambda: self.stopped or step in self.work or generation != self.generation),
+                    timeout_s)
+            except asyncio.TimeoutError:
+                return None
+            if self.stopped or generation != self.generation:
+                return STOP
+            return self.work[step]
+
+    async def report(self, outcome: StepOutcome) -> None:
+        async with self.cond:
+            self.outcomes.append(outcome)
+            self.work.pop(outcome.step, None)  # frees the cache refs
+            self.cond.notify_all()
+
+    # ---- driver side -------------------------------------------------------------------------------------
+    async def offer(self, work: LearnerWork) -> None:
+        async with self.cond:
+            self.work[work.step] = work
+            self.cond.notify_all()
+
+    async def wait_hello(self, after_generation: int, timeout_s: float = 5.0) -> LearnerHello | None:
+        async with self.cond:
+            try:
+                await asyncio.wait_for(self.cond.wait_for(
+                    lambda: self.hello is not None and self.hello.generation > after_generation), timeout_s)
+            except asyncio.TimeoutError:
+                return None
+            return self.hello
+
+    async def wait_outcomes(self, since: int, timeout_s: float = 1.0) -> tuple[list[StepOutcome], LearnerHello | None]:
+        """Outcomes from index `since` on (waits up to timeout_s for at least one), and the current hello."""
+        async with self.cond:
+            try:
+                await asyncio.wait_for(self.cond.wait_for(lambda: len(self.outcomes) > since), timeout_s)
+            except asyncio.TimeoutError:
+                pass
+            return self.outcomes[since:], self.hello
+
+    async def stop(self) -> None:
+        async with self.cond:
+            self.stopped = True
+            self.work.clear()
+            self.cond.notify_all()

@@ -1,0 +1,333 @@
+"""The driver: one loop that keeps a bounded queue of in-flight rollout ObjectRefs, feeds the learner group
+through the StepBoard, carries weights from the learner to the rollout workers, and runs eval and shutdown.
+
+Schedules (config `runtime.mode`):
+- `sync`: rollout of step t+1 starts after learner step t, with its weights (the reference's schedule).
+- `async` with `max_staleness` S: rollout of step s may start while the learner is at step s - S or later, so
+  rollout and learning overlap; a cache's staleness (learner version minus sampling version) is logged.
+`runtime.queue_depth` bounds the rollout steps in flight (back-pressure on the object store) in both modes.
+
+Each step's prompts are sharded over the rollout workers (contiguous slices; noise is seeded per sample, so the
+shards join into exactly the batch one worker would have produced). Only ObjectRefs pass through the driver.
+
+Failure handling: a rollout worker that dies is restarted by Ray and its call retried (same request, same cache);
+a learner group that loses a worker is restarted by Ray Train from the newest complete checkpoint and says hello
+with a new generation: the driver drops what was in flight and rewinds to the step it resumed at. Cancel
+(`cancel_event`) stops new rollouts and tells the learner to stop at its next step boundary: the step in progress
+finishes (its checkpoint, if due, is written atomically) or is abandoned; nothing half-written survives.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import ray
+
+from flowbp_core.config import RunConfig
+from flowbp_core.run import load_prompts
+from flowbp_core.training import PromptSampler
+from services.runtime import learner as learner_mod
+from services.runtime import rollout as rollout_mod
+from services.runtime.board import StepBoard
+from services.runtime.payloads import LearnerHello, LearnerWork, RolloutRequest, RunSummary, StepOutcome
+from services.runtime.telemetry import Telemetry
+
+log = logging.getLogger("flowbp.runtime")
+
+
+class RunFailed(RuntimeError):
+    pass
+
+
+@dataclass
+class _InFlight:
+    step: int
+    cache_refs: list
+    stats_refs: list
+    submitted: float
+    policy_version: int
+    offered: bool = False
+
+
+@dataclass
+class _Counters:
+    rollout_pids: dict[int, set] = field(default_factory=dict)
+    phase_totals: dict[str, float] = field(default_factory=dict)
+    phase_counts: dict[str, int] = field(default_factory=dict)
+
+    def add_phase(self, name: str, seconds: float) -> None:
+        self.phase_totals[name] = self.phase_totals.get(name, 0.0) + float(seconds)
+        self.phase_counts[name] = self.phase_counts.get(name, 0) + 1
+
+    def means(self) -> dict[str, float]:
+        return {k: self.phase_totals[k] / self.phase_counts[k] for k in self.phase_totals}
+
+
+def shard_bounds(batch: int, parts: int) -> list[tuple[int, int]]:
+    """Contiguous [start, end) slices of `batch` over at most `parts` workers (no empty slice)."""
+    parts = max(1, min(parts, batch))
+    base, extra = divmod(batch, parts)
+    out, start = [], 0
+    for i in range(parts):
+        n = base + (1 if i < extra else 0)
+        out.append((start, start + n))
+        start += n
+    return out
+
+
+class Driver:
+    def __init__(self, cfg: RunConfig, run_id: str | None = None, cancel_event: threading.Event | None = None,
+                 hello_timeout_s: float = 600.0):
+        self.cfg = cfg
+        self.run_id = run_id or cfg.run_id or f"run-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        self.cancel_event = cancel_event or threading.Event()
+        self.hello_timeout_s = hello_timeout_s
+        self.run_dir = Path(cfg.checkpoint.dir).absolute() / self.run_id
+        self.telemetry = Telemetry(self.run_id, self.run_dir / "events.jsonl")
+        self.sampler = PromptSampler(load_prompts(cfg.train.prompts), cfg.train.batch_size, cfg.train.seed)
+        self.summary = RunSummary(run_id=self.run_id, status="running", steps_done=0, policy_version=0)
+        self.counters = _Counters()
+        self.outcomes: dict[int, StepOutcome] = {}
+        self._fit_error: BaseException | None = None
+        self._apps: list[str] = []
+        self.workers: list = []
+        self.board = None
+
+    # ------------------------------------------------------------------------------------------ setup
+    def _deploy_rewards(self) -> tuple[str | None, str | None]:
+        from services.reward_serve import deployment
+        from services.reward_serve.engine import DecoderSpec, RewardServiceSpec
+        from services.runtime.components import reward_panel
+
+        cfg, s = self.cfg, self.cfg.reward.served
+        panel, kwargs = reward_panel(cfg)
+        decoder = None
+        b = cfg.backbone
+        dec = DecoderSpec(b.name, b.pretrained, b.tiny, {"seed": cfg.train.seed} if b.tiny else {})
+        served_app = score_app = None
+        if cfg.reward.placement == "served":
+            decoder = dec if s.decode_on_reward_side else None
+            served_app = f"reward-{self.run_id}"
+            spec = RewardServiceSpec(panel, kwargs, decoder, name=served_app, max_batch_size=s.max_batch_size,
+                                     batch_wait_timeout_s=s.batch_wait_timeout_s)
+            deployment.deploy(spec, app_name=served_app, route_prefix=f"/{served_app}", num_replicas=s.replicas,
+                              num_cpus=s.num_cpus, num_gpus=s.num_gpus)
+            self._apps.append(served_app)
+        if self._eval_steps():
+            score_app = f"score-{self.run_id}"
+            spec = RewardServiceSpec(panel, kwargs, None, name=score_app, max_batch_size=s.max_batch_size,
+                                     batch_wait_timeout_s=s.batch_wait_timeout_s)
+            deployment.deploy(spec, app_name=score_app, route_prefix=f"/{score_app}", num_replicas=1,
+                              num_cpus=s.num_cpus, num_gpus=s.num_gpus, score_only=True)
+            self._apps.append(score_app)
+        return served_app, score_app
+
+    def _eval_steps(self) -> set[int]:
+        e, n = self.cfg.eval, self.cfg.train.steps
+        if e.limit <= 0:
+            return set()
+        return set(range(e.every, n + 1, e.every)) | {n} if e.every > 0 else {n}
+
+    def _fit(self, trainer) -> None:
+        try:
+            trainer.fit()
+        except BaseException as e:  # noqa: BLE001 - reported by the loop
+            self._fit_error = e
+
+    # ------------------------------------------------------------------------------------------- run
+    def run(self) -> RunSummary:
+        t_start = time.perf_counter()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.json").write_text(self.cfg.to_json())
+        self.telemetry.event("start", config=self.cfg.to_dict())
+        thread = None
+        try:
+            served_app, self.score_app = self._deploy_rewards()
+            self.board = StepBoard.remote()
+            self.workers = rollout_mod.spawn(self.cfg, self.cfg.runtime.rollout_workers)
+            trainer = learner_mod.make_trainer(self.cfg, self.run_id, self.board, served_app,
+                                               str(self.run_dir / "ray_train"))
+            thread = threading.Thread(target=self._fit, args=(trainer,), name=f"fit-{self.run_id}", daemon=True)
+            thread.start()
+            self._loop(thread, t_start)
+        except BaseException as e:
+            self.summary.status = "failed"
+            self.summary.failure = self.summary.failure or f"{type(e).__name__}: {e}"
+            self.telemetry.event("failed", reason=self.summary.failure)
+            raise
+        finally:
+            self._shutdown(thread)
+            self.summary.wall_seconds = time.perf_counter() - t_start
+            self.summary.phase_seconds = self.counters.means()
+            self.summary.rollout_retries = sum(max(0, len(p) - 1) for p in self.counters.rollout_pids.values())
+            (self.run_dir / "summary.json").write_text(json.dumps(asdict(self.summary), indent=2, default=str))
+            self.telemetry.event("end", status=self.summary.status, steps_done=self.summary.steps_done)
+        if self.summary.status == "failed":
+            raise RunFailed(self.summary.failure)
+        return self.summary
+
+    def _wait_hello(self, after: int, thread: threading.Thread) -> LearnerHello:
+        deadline = time.monotonic() + self.hello_timeout_s
+        while time.monotonic() < deadline:
+            hello = ray.get(self.board.wait_hello.remote(after, 1.0))
+            if hello is not None:
+                return hello
+            if not thread.is_alive():
+                raise RunFailed(f"learner group ended before it started: {self._fit_error!r}")
+            if self.cancel_event.is_set():
+                raise RunFailed("cancelled before the learner started")
+        raise RunFailed(f"learner group did not start within {self.hello_timeout_s:.0f}s")
+
+    def _submit(self, step: int, weights) -> _InFlight:
+        prompts = self.sampler.batch(step)
+        cache_refs, stats_refs = [], []
+        for w, (a, b) in zip(self.workers, shard_bounds(len(prompts), len(self.workers))):
+            req = RolloutRequest(step=step, seed=self.cfg.train.seed, prompts=tuple(prompts[a:b]), weights=weights,
+                                 total_batch=len(prompts))
+            c, s = w.rollout.remote(req, a)
+            cache_refs.append(c)
+            stats_refs.append(s)
+        return _InFlight(step, cache_refs, stats_refs, time.perf_counter(), weights.policy_version)
+
+    def _loop(self, thread: threading.Thread, t_start: float) -> None:
+        cfg, rt = self.cfg, self.cfg.runtime
+        total = cfg.train.steps
+        hello = self._wait_hello(0, thread)
+        self._rewind(hello)
+        weights, generation = hello.weights, hello.generation
+        next_submit = next_learn = hello.start_step
+        inflight: deque[_InFlight] = deque()
+        seen = 0
+        eval_steps = self._eval_steps()
+        t_first = time.perf_counter()
+        samples = 0
+        while next_learn < total:
+            if self.cancel_event.is_set():
+                self.summary.status = "cancelled"
+                self.telemetry.event("cancelled", step=next_learn)
+                return
+            # 1. fill the queue within the staleness and depth bounds
+            lead = rt.max_staleness if rt.mode == "async" else 0
+            while (next_submit < total and len(inflight) < rt.queue_depth and next_submit - next_learn <= lead
+                   and not (rt.mode == "sync" and inflight)):
+                inflight.append(self._submit(next_submit, weights))
+                next_submit += 1
+            self.telemetry.queue(len(inflight))
+            # 2. offer finished rollouts to the learner, in step order
+            for item in inflight:
+                if item.offered:
+                    continue
+                ready, _ = ray.wait(item.stats_refs, num_returns=len(item.stats_refs), timeout=0)
+                if len(ready) < len(item.stats_refs):
+                    break
+                self._record_rollout(ray.get(item.stats_refs))
+                ray.get(self.board.offer.remote(LearnerWork(item.step, tuple(item.cache_refs), item.policy_version)))
+                item.offered = True
+            # 3. collect learner outcomes (short wait: this is also the loop's pacing)
+            new, current = ray.get(self.board.wait_outcomes.remote(seen, 0.05))
+            seen += len(new)
+            if current is not None and current.generation != generation:
+                log.warning("learner restarted (generation %d): resuming at step %d", current.generation,
+                            current.start_step)
+                self.telemetry.event("learner_restart", generation=current.generation, start_step=current.start_step,
+                                     resumed_from=current.resumed_from)
+                self._rewind(current)
+                weights, generation = current.weights, current.generation
+                next_submit = next_learn = current.start_step
+                inflight.clear()
+                continue
+            for o in new:
+                if o.generation != generation:
+                    continue
+                if inflight and inflight[0].step == o.step:
+                    inflight.popleft()
+                self.outcomes[o.step] = o
+                next_learn = o.step + 1
+                samples += o.samples
+                sps = samples / max(time.perf_counter() - t_first, 1e-9)
+                self._record_outcome(o, sps)
+                if o.failed:
+                    raise RunFailed(o.failed)
+                if o.weights is not None:
+                    weights = o.weights
+                if o.step + 1 in eval_steps and self.score_app:
+                    self._evaluate(o.step + 1, weights)
+            if not thread.is_alive() and next_learn < total:
+                raise RunFailed(f"learner group ended at step {next_learn} of {total}: {self._fit_error!r}")
+        self.summary.status = "finished"
+        self.summary.samples_per_second = samples / max(time.perf_counter() - t_first, 1e-9)
+
+    def _rewind(self, hello: LearnerHello) -> None:
+        self.summary.learner_generations = hello.generation
+        for s in [s for s in self.outcomes if s >= hello.start_step]:
+            del self.outcomes[s]
+        self._sync_summary()
+
+    def _record_rollout(self, stats) -> None:
+        for s in stats:
+            self.counters.rollout_pids.setdefault(s.worker, set()).add(s.pid)
+            if s.sync_seconds > 0:
+                self.telemetry.weight_sync(self._backend(), s.sync_seconds)
+        self.counters.add_phase("rollout", max(s.rollout_seconds for s in stats))
+        self.telemetry.phases({"rollout": max(s.rollout_seconds for s in stats)})
+
+    def _backend(self) -> str:
+        b = self.cfg.runtime.weight_sync
+        return ("lora_delta" if self.cfg.backbone.finetune == "lora" else "full_state") if b == "auto" else b
+
+    def _record_outcome(self, o: StepOutcome, sps: float) -> None:
+        self.telemetry.step(o, sps)
+        for k, v in o.phase_seconds.items():
+            self.counters.add_phase(k, v)
+        if o.weights is not None:
+            self.telemetry.weight_sync(o.weights.backend, o.weights.publish_seconds)
+        self._sync_summary()
+
+    def _sync_summary(self) -> None:
+        s = self.summary
+        s.losses = {k: o.loss for k, o in sorted(self.outcomes.items()) if not o.skipped}
+        s.rewards = {k: o.reward_mean for k, o in sorted(self.outcomes.items()) if not o.skipped}
+        s.skipped = {k: o.skip_reason for k, o in sorted(self.outcomes.items()) if o.skipped}
+        s.steps_done = len(self.outcomes)
+        s.policy_version = max((o.policy_version for o in self.outcomes.values()), default=s.policy_version)
+        s.checkpoints = sorted({o.checkpoint for o in self.outcomes.values() if o.checkpoint})
+
+    def _evaluate(self, step: int, weights) -> None:
+        e = self.cfg.eval
+        prompts = load_prompts(e.prompts, e.limit)
+        refs = []
+        for w, (a, b) in zip(self.workers, shard_bounds(len(prompts), len(self.workers))):
+            req = RolloutRequest(step=step, seed=e.seed, prompts=tuple(prompts[a:b]), weights=weights,
+                                 total_batch=len(prompts))
+            refs.append(w.evaluate.remote(req, self.score_app, a))
+        scores = [x for r in ray.get(refs) for x in r]
+        result = {"reward_mean": float(sum(scores) / max(len(scores), 1))}
+        self.summary.eval_scores[step] = result
+        self.telemetry.eval(step, result)
+
+    # --------------------------------------------------------------------------------------- shutdown
+    def _shutdown(self, thread: threading.Thread | None) -> None:
+        if self.board is not None:
+            try:
+                ray.get(self.board.stop.remote(), timeout=10)
+            except Exception:  # noqa: BLE001 - the board may be gone already
+                pass
+        if thread is not None:
+            thread.join(timeout=120)
+            if thread.is_alive():
+                log.error("learner group did not stop within 120 s")
+        for w in self.workers:
+            ray.kill(w, no_restart=True)
+        if self.board is not None:
+            ray.kill(self.board, no_restart=True)
+        from services.reward_serve.deployment import shutdown_app
+
+        for app in self._apps:
+            shutdown_app(app)

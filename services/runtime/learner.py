@@ -1,0 +1,245 @@
+"""The learner group: a Ray Train `TorchTrainer` whose ranks take each step's caches from the StepBoard,
+build the method's endpoint, score it, step the optimizer (and EMA), publish weights and write checkpoints.
+
+- Every rank takes the same offer, merges the shards and keeps its slice (`split`), so the batch is data-parallel.
+  Gradients are averaged with one all-reduce per tensor after `train_step(apply=False)`; we do not wrap the
+  model in DDP because the methods call the transformer several times per step (K re-forwards), which DDP's
+  one-forward-one-backward bucketing does not allow without `find_unused_parameters` gymnastics. The result is
+  what DDP computes. Backend: gloo on CPU, nccl on GPU (Ray Train sets the process group up).
+- A non-finite reward/loss/gradient on any rank skips the step on every rank (the skip flag is all-reduced),
+  and `train.max_bad_steps` in a row end the run with that reason. A skipped step writes no checkpoint.
+- On (re)start, every rank loads the newest complete checkpoint of the run; rank 0 then says hello with a new
+  generation and the weights it resumed with. Ray Train's FailureConfig restarts a group that lost a worker.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+import ray
+import torch
+
+from flowbp_core import checkpoint as ckpt
+from flowbp_core.cache import TrajectoryCache
+from flowbp_core.config import RunConfig
+from flowbp_core.training import EMA, BadStepGuard, NonFiniteStreak
+from services.runtime import components, weight_sync
+from services.runtime.board import STOP
+from services.runtime.payloads import LearnerHello, StepOutcome
+
+
+def concat_caches(caches: list[TrajectoryCache]) -> TrajectoryCache:
+    """Join rollout shards of one step along the batch (in the order given: the driver's shard order)."""
+    if len(caches) == 1:
+        return caches[0]
+    first = caches[0]
+    for c in caches[1:]:
+        if not torch.equal(c.sigmas, first.sigmas) or set(c.states) != set(first.states) \
+                or set(c.velocities) != set(first.velocities) or set(c.cond) != set(first.cond):
+            raise ValueError("rollout shards of one step disagree on schedule or kept states/velocities")
+
+    def cat_cond(k: str) -> torch.Tensor:
+        ts = [c.cond[k] for c in caches]
+        per_sample = all(t.dim() > 0 and t.shape[0] == c.batch_size for t, c in zip(ts, caches))
+        return torch.cat(ts) if per_sample else ts[0]
+
+    return TrajectoryCache(
+        noise=torch.cat([c.noise for c in caches]),
+        states={i: torch.cat([c.states[i] for c in caches]) for i in first.states},
+        velocities={i: torch.cat([c.velocities[i] for c in caches]) for i in first.velocities},
+        sigmas=first.sigmas,
+        final=torch.cat([c.final for c in caches]),
+        seed=first.seed,
+        policy_version=min(c.policy_version for c in caches),
+        cond={k: cat_cond(k) for k in first.cond},
+        prompts=[p for c in caches for p in c.prompts],
+        meta={k: v for k, v in first.meta.items() if k not in ("worker", "offset")},
+    )
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 else None
+
+
+def _apply_update(params, optimizer, grad_clip, ema) -> None:
+    # Mirrors the tail of flowbp_core.training.train_step(apply=True), after our gradient all-reduce.
+    if grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if ema is not None:
+        ema.update()
+
+
+class LearnerRank:
+    """One rank's state and step logic (no Ray Train inside, so a test can drive it in-process). The parts and
+    the step are flowbp_core.run's (`build_components`, `learner_step`, `save`), as in the single-process loop."""
+
+    def __init__(self, cfg: RunConfig, run_id: str, rank: int = 0, world: int = 1, served_app: str | None = None):
+        from flowbp_core.run import build_components, make_optimizer
+
+        self.cfg, self.run_id, self.rank, self.world = cfg, run_id, rank, world
+        # build_components seeds torch with train.seed: every rank (and every restart) builds the same LoRA init.
+        self.comp = build_components(cfg, with_reward=cfg.reward.placement == "colocated", trainable=True)
+        self.backbone = self.comp.backbone
+        self.params = self.backbone.trainable_parameters()
+        self.score, self.client = components.build_score(cfg, self.comp, served_app)
+        self.optimizer = make_optimizer(cfg, self.params)
+        t = cfg.train
+        self.ema = EMA(self.params, t.ema_decay) if t.ema_decay is not None else None
+        self.guard = BadStepGuard(t.max_bad_steps)
+        self.run_dir = Path(cfg.checkpoint.dir).absolute() / run_id
+        backend = cfg.runtime.weight_sync
+        if backend == "auto":
+            backend = weight_sync.default_backend(cfg.backbone.finetune == "lora")
+        self.sync = weight_sync.build(backend)
+        self.step = 0
+        self.version = 0
+        self.resumed_from: str | None = None
+
+    def resume(self) -> None:
+        path = ckpt.latest_complete(self.run_dir) if self.cfg.checkpoint.resume else None
+        if path is not None:
+            st = ckpt.load_checkpoint(path)
+            self.backbone.load_trainable_state_dict(st.trainable)
+            if st.optimizer is not None:
+                self.optimizer.load_state_dict(st.optimizer)
+            if self.ema is not None and st.ema is not None:
+                self.ema.load_state_dict(st.ema)
+            self.step, self.version, self.resumed_from = st.step, st.policy_version, str(path)
+        dist = _dist()
+        if dist is not None:  # identical start on every rank whatever each one built
+            for p in self.params:
+                dist.broadcast(p.data, src=0)
+
+    def publish(self, generation: int):
+        return self.sync.publish(self.backbone.trainable_state_dict(), self.version, generation)
+
+    def fetch(self, work) -> tuple[TrajectoryCache, float]:
+        t0 = time.perf_counter()
+        blobs = ray.get(list(work.cache_refs))
+        cache = concat_caches([TrajectoryCache.from_bytes(b) for b in blobs])
+        if self.world > 1:
+            per = math.ceil(cache.batch_size / self.world)
+            shards = cache.split(per)
+            if self.rank >= len(shards):
+                raise ValueError(f"train.batch_size={cache.batch_size} leaves rank {self.rank} without samples "
+                                 f"({self.world} learners): use a batch of at least the number of learners")
+            cache = shards[self.rank]
+        return cache, time.perf_counter() - t0
+
+    def train(self, step: int, cache: TrajectoryCache):
+        """One step (flowbp_core.run.learner_step); raises NonFiniteStreak after too many bad steps in a row."""
+        from flowbp_core.run import learner_step
+
+        dist = _dist()
+        res = learner_step(self.comp, cache, step, self.optimizer, self.ema, score=self.score, apply=dist is None)
+        if dist is not None:
+            flag = torch.tensor([1.0 if res.skipped else 0.0])
+            dist.all_reduce(flag)
+            if flag.item() > 0 and not res.skipped:
+                self.optimizer.zero_grad(set_to_none=True)
+                res.skipped, res.skip_reason = True, "non_finite_on_other_rank"
+            if not res.skipped:
+                for p in self.params:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    dist.all_reduce(p.grad)
+                    p.grad.div_(self.world)
+                res.grad_norm = float(torch.linalg.vector_norm(
+                    torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in self.params])))
+                _apply_update(self.params, self.optimizer, self.cfg.train.grad_clip, self.ema)
+        if not res.skipped:
+            self.version += 1
+        self.guard.observe(res)  # may raise NonFiniteStreak
+        return res
+
+    def save(self, step: int, res=None) -> str:
+        from flowbp_core.run import save
+
+        return str(save(self.comp, self.run_dir, step, self.version, self.optimizer, self.ema, res))
+
+
+def learner_loop(config: dict) -> None:
+    """Ray Train's train_loop_per_worker."""
+    import ray.train
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    cfg = RunConfig.model_validate_json(config["cfg_json"])
+    board = config["board"]
+    torch.set_num_threads(max(1, int(cfg.runtime.learner_num_cpus)))
+    lr = LearnerRank(cfg, config["run_id"], rank, world, config.get("served_app"))
+    lr.resume()
+    generation = ray.get(board.next_generation.remote()) if rank == 0 else 0
+    dist = _dist()
+    if dist is not None:
+        g = torch.tensor([generation])
+        dist.broadcast(g, src=0)
+        generation = int(g.item())
+    if rank == 0:
+        weights = lr.publish(generation)
+        ray.get(board.say_hello.remote(LearnerHello(generation, lr.step, lr.version, weights, (os.getpid(),),
+                                                    lr.resumed_from)))
+    cp = cfg.checkpoint
+    step = lr.step
+    while step < cfg.train.steps:
+        work = None
+        while work is None:
+            work = ray.get(board.take.remote(step, generation))
+        if work == STOP:
+            return
+        cache, transfer_s = lr.fetch(work)
+        version_before = lr.version
+        failed = None
+        try:
+            res = lr.train(step, cache)
+        except NonFiniteStreak as e:
+            res, failed = None, str(e)
+        if res is None:  # the streak's last step; report it as skipped and failed, then stop
+            outcome = StepOutcome(step, generation, float("nan"), float("nan"), float("nan"), float("nan"), True,
+                                  "non_finite_streak", lr.version, version_before - cache.policy_version,
+                                  cache.batch_size, {"transfer": transfer_s}, None, None, failed)
+            if rank == 0:
+                ray.get(board.report.remote(outcome))
+            return
+        step += 1
+        ckpt_path = None
+        if not res.skipped and (step % cp.every == 0 or step == cfg.train.steps) and rank == 0:
+            ckpt_path = lr.save(step, res)
+        if dist is not None:
+            dist.barrier()  # nobody runs ahead of a checkpoint being written
+        if rank == 0:
+            t0 = time.perf_counter()
+            weights = lr.publish(generation) if not res.skipped else None
+            phases = {"transfer": transfer_s, **{k: v for k, v in res.timings.items()}}
+            if weights is not None:
+                phases["sync"] = time.perf_counter() - t0
+            residual = float(res.diagnostics.get("residual_0", float("nan")))
+            ray.get(board.report.remote(StepOutcome(
+                step=res.step, generation=generation, loss=res.loss, reward_mean=res.reward_mean,
+                grad_norm=res.grad_norm, residual=residual, skipped=res.skipped, skip_reason=res.skip_reason or "",
+                policy_version=lr.version, staleness=version_before - cache.policy_version,
+                samples=cache.batch_size * world, phase_seconds=phases, weights=weights, checkpoint=ckpt_path)))
+
+
+def make_trainer(cfg: RunConfig, run_id: str, board, served_app: str | None, storage_path: str):
+    from ray.train import FailureConfig, RunConfig as TrainRunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    rt = cfg.runtime
+    return TorchTrainer(
+        learner_loop,
+        train_loop_config={"cfg_json": cfg.model_dump_json(), "board": board, "run_id": run_id,
+                           "served_app": served_app},
+        scaling_config=ScalingConfig(num_workers=rt.learners, use_gpu=rt.use_gpu,
+                                     resources_per_worker={"CPU": rt.learner_num_cpus, **({"GPU": 1} if rt.use_gpu else {})}),
+        torch_config=TorchConfig(backend="nccl" if rt.use_gpu else "gloo"),
+        run_config=TrainRunConfig(name=f"learner-{run_id}", storage_path=storage_path,
+                                  failure_config=FailureConfig(max_failures=rt.max_actor_restarts)),
+    )

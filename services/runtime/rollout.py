@@ -1,0 +1,132 @@
+"""RolloutWorker: a Ray actor holding a frozen copy of the backbone that turns prompt batches into
+`TrajectoryCache`s (safetensors bytes in the object store), compacted to what the method's plan needs.
+
+Why the request names its weights: a worker that was killed and restarted by Ray comes back with the base
+weights; because every request carries the `WeightsHandle` it must be sampled with, the restarted worker
+catches up on its first request, and a retried request produces the same cache (noise is seeded per sample).
+A shard takes its rows of the step's full noise batch, so the caches do not depend on how many workers
+share a step.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import ray
+import torch
+
+from flowbp_core.config import RunConfig
+from flowbp_core.sampling import rollout as cached_rollout
+from flowbp_core.training import derive_seed, generator_for
+from services.runtime.payloads import RolloutRequest, RolloutStats
+from services.runtime.weight_sync import WeightReceiver
+
+
+class RolloutCore:
+    """The worker's logic without Ray (used by the actor, by the benchmark's stage-alone timing and in tests).
+
+    Same seeds as `flowbp_core.run.make_cache` (noise of the whole step's batch from (seed, step, "noise"),
+    plan from (seed, step, "plan")): a shard [a, b) takes rows a..b-1 of that noise, so one worker reproduces the
+    single-process loop bitwise and any number of workers joins into the same batch.
+    """
+
+    def __init__(self, cfg: RunConfig, worker: int = 0):
+        from flowbp_core.run import build_components
+
+        self.cfg = cfg
+        self.worker = worker
+        # trainable=True so that the LoRA adapter (or the full-finetune flags) exists and the synced state dict's
+        # keys match; "trainable" is requires_grad in the backbone, so we leave it, and sample under no_grad.
+        self.comp = build_components(cfg, with_reward=False, trainable=True)
+        self.backbone = self.comp.backbone
+        self.method = self.comp.method
+        self.guidance = self.comp.guidance
+        self.n_steps = self.comp.n_steps
+        self.schedule = self.backbone.schedule(self.n_steps)
+        self.state_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
+                            "float16": torch.float16}[cfg.backbone.dtype]
+        self.receiver = WeightReceiver()
+        if cfg.runtime.compile_rollout:
+            # The straight-through pin keeps the reward's input exact whatever the rollout's numerics, so the
+            # rollout may run a compiled transformer; the learner re-forwards eagerly.
+            self.backbone.transformer = torch.compile(self.backbone.transformer)
+
+    def noise(self, seed: int, step: int, offset: int, batch: int, total: int) -> torch.Tensor:
+        full = torch.randn(self.backbone.latent_shape(total), generator=generator_for(seed, step, "noise"))
+        return full[offset : offset + batch].to(self.comp.device)
+
+    def run(self, req: RolloutRequest, offset: int = 0):
+        sync_s = self.receiver.apply(req.weights, self.backbone.load_trainable_state_dict)
+        t0 = time.perf_counter()
+        prompts = list(req.prompts)
+        cond = self.backbone.encode_prompts(prompts)
+        t_enc = time.perf_counter() - t0
+        plan = self.method.plan(self.n_steps, generator_for(req.seed, req.step, "plan"))
+        needs = self.method.needs(plan, self.n_steps)
+        noise = self.noise(req.seed, req.step, offset, len(prompts), req.total_batch)
+        cache = cached_rollout(self.backbone.bind(cond, self.guidance), noise, self.schedule.sigmas,
+                               seed=derive_seed(req.seed, req.step, "noise"),
+                               policy_version=max(self.receiver.version, 0), cond=cond, prompts=prompts,
+                               needs=needs, state_dtype=self.state_dtype,
+                               meta={"step": str(req.step), "worker": str(self.worker), "offset": str(offset),
+                                     "plan": plan.to_json()})
+        blob = cache.to_bytes()
+        stats = RolloutStats(step=req.step, worker=self.worker, pid=os.getpid(), policy_version=cache.policy_version,
+                             samples=len(prompts), nbytes=len(blob), rollout_seconds=time.perf_counter() - t0,
+                             sync_seconds=sync_s, encode_seconds=t_enc)
+        return blob, stats
+
+    @torch.no_grad()
+    def evaluate(self, req: RolloutRequest, score_app: str, offset: int = 0) -> list[float]:
+        """Sample `req.prompts` with the request's weights (keeping no trajectory), decode, and score them on
+        the score-only reward deployment `score_app`. Returns one score per prompt."""
+        from flowbp_core.cache import CacheNeeds
+        from services.reward_serve.client import ServedRewardClient
+
+        self.receiver.apply(req.weights, self.backbone.load_trainable_state_dict)
+        prompts = list(req.prompts)
+        cond = self.backbone.encode_prompts(prompts)
+        n = self.cfg.sampling.eval_n_steps or self.n_steps
+        noise = self.noise(req.seed, req.step, offset, len(prompts), req.total_batch)
+        cache = cached_rollout(self.backbone.bind(cond, self.guidance), noise,
+                               self.backbone.schedule(n).sigmas, cond=cond, prompts=prompts,
+                               needs=CacheNeeds(frozenset(), frozenset()))
+        images = self.backbone.decode(cache.final.to(self.backbone.dtype))
+        client = ServedRewardClient(score_app, kind="images")
+        return [float(r) for r in client.call(images.float(), prompts, want_grad=False).rewards]
+
+
+@ray.remote
+class RolloutWorker:
+    def __init__(self, cfg_json: str, worker: int, num_threads: int = 1):
+        torch.set_num_threads(max(1, num_threads))
+        self.core = RolloutCore(RunConfig.model_validate_json(cfg_json), worker)
+
+    @ray.method(num_returns=2)
+    def rollout(self, req: RolloutRequest, offset: int = 0):
+        return self.core.run(req, offset)
+
+    def evaluate(self, req: RolloutRequest, score_app: str, offset: int = 0) -> list[float]:
+        return self.core.evaluate(req, score_app, offset)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def version(self) -> int:
+        return self.core.receiver.version
+
+
+def spawn(cfg: RunConfig, n: int, name_prefix: str | None = None) -> list:
+    """Start `n` workers; Ray restarts a dead one (max_actor_restarts) and retries its in-flight call."""
+    rt = cfg.runtime
+    opts = dict(num_cpus=rt.rollout_num_cpus, num_gpus=1 if rt.use_gpu else 0,
+                max_restarts=rt.max_actor_restarts, max_task_retries=rt.max_actor_restarts)
+    cfg_json = cfg.model_dump_json()
+    workers = []
+    for i in range(n):
+        o = dict(opts)
+        if name_prefix:
+            o["name"] = f"{name_prefix}-rollout-{i}"
+        workers.append(RolloutWorker.options(**o).remote(cfg_json, i, max(1, int(rt.rollout_num_cpus))))
+    return workers
