@@ -93,14 +93,17 @@ class DiffusersBackbone:
     supports_distilled_guidance = False
 
     def __init__(self, transformer: torch.nn.Module, vae: torch.nn.Module | None, text_encoder: TextEncoder,
-                 *, preset: BackbonePreset, negative_prompt: str = "", prompt_cache_size: int = 1024):
+                 *, preset: BackbonePreset, negative_prompt: str = "", prompt_cache_size: int = 1024,
+                 height: int | None = None, width: int | None = None):
         if not isinstance(text_encoder, TextEncoder):
             raise TypeError(f"text_encoder must have encode(prompts) -> (states, pooled); got {type(text_encoder)}")
         self.transformer = transformer.eval()
         self.vae = None if vae is None else vae.eval().requires_grad_(False)
         self.text_encoder = text_encoder
         self.preset = preset
-        self.resolution = preset.resolution
+        self.height = self.width = preset.resolution
+        if height is not None or width is not None:
+            self.set_image_size(height or width, width or height)
         self.negative_prompt = negative_prompt
         self.prompt_cache_size = int(prompt_cache_size)
         self._prompt_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
@@ -124,6 +127,27 @@ class DiffusersBackbone:
     def pipeline(self, scheduler=None):
         """The equivalent diffusers pipeline sharing this backbone's modules (for saving and for checks)."""
         raise NotImplementedError
+
+    # -------------------------------------------------------------------------------------------------- sizes
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this: VAE downsampling x the transformer's 2x2 patches."""
+        raise NotImplementedError
+
+    def set_image_size(self, height: int, width: int | None = None) -> None:
+        """Generate `height` x `width` images (each a multiple of `size_multiple`)."""
+        width = height if width is None else width
+        for field, v in (("backbone.height", height), ("backbone.width", width)):
+            if not isinstance(v, int) or v < self.size_multiple or v % self.size_multiple:
+                raise ConfigError(field, v, f"a positive multiple of {self.size_multiple} for backbone {self.name!r}")
+        self.height, self.width = height, width
+
+    @property
+    def resolution(self) -> int:
+        return self.height
+
+    def _latent_hw(self, factor: int) -> tuple[int, int]:
+        return self.height // factor, self.width // factor
 
     # ------------------------------------------------------------------------------------------------ devices
     @property

@@ -77,15 +77,18 @@ class Flux1Backbone(DiffusersBackbone):
     def __init__(self, transformer, vae, text_encoder: TextEncoder, *, preset: BackbonePreset = PRESET,
                  base_seq_len: int = FLUX1_BASE_SEQ, max_seq_len: int = FLUX1_MAX_SEQ,
                  base_shift: float = FLUX1_BASE_SHIFT, max_shift: float = FLUX1_MAX_SHIFT,
-                 negative_prompt: str = "", prompt_cache_size: int = 1024):
-        super().__init__(transformer, vae, text_encoder, preset=preset, negative_prompt=negative_prompt,
-                         prompt_cache_size=prompt_cache_size)
+                 negative_prompt: str = "", **common):
+        super().__init__(transformer, vae, text_encoder, preset=preset, negative_prompt=negative_prompt, **common)
         self.shift_params = dict(base_seq_len=base_seq_len, max_seq_len=max_seq_len, base_shift=base_shift,
                                  max_shift=max_shift)
 
+    @property
+    def size_multiple(self) -> int:
+        return vae_scale_factor(self.vae) * 2
+
     def latent_shape(self, batch: int) -> tuple[int, ...]:
-        side = self.resolution // vae_scale_factor(self.vae)
-        return (batch, self.transformer.config.in_channels // 4, side, side)
+        h, w = self._latent_hw(vae_scale_factor(self.vae))
+        return (batch, self.transformer.config.in_channels // 4, h, w)
 
     def image_seq_len(self) -> int:
         _, _, h, w = self.latent_shape(1)

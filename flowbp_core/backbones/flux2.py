@@ -77,17 +77,20 @@ class Flux2Backbone(DiffusersBackbone):
                             "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out", "attn.to_qkv_mlp_proj")
 
     def __init__(self, transformer, vae, text_encoder: TextEncoder, *, preset: BackbonePreset = PRESET,
-                 negative_prompt: str = "", prompt_cache_size: int = 1024):
-        super().__init__(transformer, vae, text_encoder, preset=preset, negative_prompt=negative_prompt,
-                         prompt_cache_size=prompt_cache_size)
+                 negative_prompt: str = "", **common):
+        super().__init__(transformer, vae, text_encoder, preset=preset, negative_prompt=negative_prompt, **common)
 
     @property
     def supports_distilled_guidance(self) -> bool:  # type: ignore[override]
         return bool(self.transformer.config.guidance_embeds)
 
+    @property
+    def size_multiple(self) -> int:
+        return vae_scale_factor(self.vae) * 2
+
     def latent_shape(self, batch: int) -> tuple[int, ...]:
-        side = self.resolution // (vae_scale_factor(self.vae) * 2)
-        return (batch, self.transformer.config.in_channels, side, side)
+        h, w = self._latent_hw(vae_scale_factor(self.vae) * 2)
+        return (batch, self.transformer.config.in_channels, h, w)
 
     def image_seq_len(self) -> int:
         _, _, h, w = self.latent_shape(1)

@@ -69,15 +69,18 @@ class SD3Backbone(DiffusersBackbone):
     supports_distilled_guidance = False
 
     def __init__(self, transformer, vae, text_encoder: TextEncoder, *, shift: float = 3.0,
-                 preset: BackbonePreset = PRESET, negative_prompt: str = "", prompt_cache_size: int = 1024):
-        super().__init__(transformer, vae, text_encoder, preset=preset, negative_prompt=negative_prompt,
-                         prompt_cache_size=prompt_cache_size)
+                 preset: BackbonePreset = PRESET, negative_prompt: str = "", **common):
+        super().__init__(transformer, vae, text_encoder, preset=preset, negative_prompt=negative_prompt, **common)
         self.shift = float(shift)
 
     # -------------------------------------------------------------------------------------------- family hooks
+    @property
+    def size_multiple(self) -> int:
+        return vae_scale_factor(self.vae) * self.transformer.config.patch_size
+
     def latent_shape(self, batch: int) -> tuple[int, ...]:
-        side = self.resolution // vae_scale_factor(self.vae)
-        return (batch, self.transformer.config.in_channels, side, side)
+        h, w = self._latent_hw(vae_scale_factor(self.vae))
+        return (batch, self.transformer.config.in_channels, h, w)
 
     def schedule(self, n_steps: int | None = None) -> Schedule:
         return make_schedule("sd3", n_steps or self.preset.n_steps, shift=self.shift)
