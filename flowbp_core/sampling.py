@@ -22,9 +22,10 @@ class VelocityFn(Protocol):
     def __call__(self, x: torch.Tensor, sigma: float) -> torch.Tensor: ...
 
 
-def euler_add(z32: torch.Tensor, h: float, v: torch.Tensor) -> torch.Tensor:
-    """z + h * v in float32; `h` is a Python float (from the float64 sigmas), so the product rounds once in fp32."""
-    return z32 + float(h) * v.to(torch.float32)
+def euler_add(z: torch.Tensor, h: float, v: torch.Tensor) -> torch.Tensor:
+    """z + h * v in z's dtype (float32 in the rollout); `h` is a Python float from the float64 sigmas, so the
+    product rounds once in that dtype."""
+    return z + float(h) * v.to(z.dtype)
 
 
 @torch.no_grad()
