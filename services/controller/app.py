@@ -34,6 +34,7 @@ from .submission import JobBackend, PermanentError, TransientError, UnknownRayJo
 log = logging.getLogger("flowbp.controller")
 
 API_VERSION = "v1"
+MAX_PAGE = 500  # largest page of GET /v1/jobs
 
 
 def new_job_id() -> str:
@@ -136,7 +137,7 @@ def create_app(settings: ControllerSettings, *, tokens: TokenStore | None = None
                   name: Annotated[str | None, Query(max_length=63)] = None,
                   label: Annotated[list[str] | None, Query(description="key=value; repeat to match all")] = None,
                   cursor: Annotated[int, Query(ge=0, le=10**9)] = 0,
-                  limit: Annotated[int, Query(ge=1, le=settings.limits.max_page)] = 50) -> JobPage:
+                  limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50) -> JobPage:
         """Jobs, newest first, filtered by state, name and labels; page with `cursor`."""
         labels = {}
         for i, item in enumerate(label or []):

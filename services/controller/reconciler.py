@@ -146,7 +146,7 @@ class Reconciler:
 
     def _request(self, rec: JobRecord, attempt: int) -> SubmitRequest:
         spec = self.write_spec(rec)
-        entry = f"{self.settings.python} -m {self.settings.entrypoint_module} --config {shlex.quote(str(spec))}"
+        entry = f"{self.settings.entrypoint} --config {shlex.quote(str(spec))}"
         env = dict(self.settings.runtime_env)
         env_vars = {**env.get("env_vars", {}), "FLOWBP_JOB_ID": rec.id, "FLOWBP_RUN_ID": rec.run_id,
                     "FLOWBP_ATTEMPT": str(attempt)}

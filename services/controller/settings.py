@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, get_origin
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -31,7 +31,6 @@ class Limits(BaseModel):
     max_prompts: int = Field(MAX_PROMPTS, ge=1, le=MAX_PROMPTS, description="most prompts in one prompt list")
     max_prompt_chars: int = Field(MAX_PROMPT_CHARS, ge=1, le=MAX_PROMPT_CHARS, description="longest prompt (chars)")
     max_labels: int = Field(32, ge=0, description="most labels on one job")
-    max_page: int = Field(500, ge=1, description="largest page size of GET /v1/jobs")
     max_log_bytes: int = Field(1_000_000, ge=1024, description="most log bytes returned by one logs call")
 
 
@@ -59,8 +58,8 @@ class ControllerSettings(BaseModel):
     token_env: str = Field("FLOWBP_TOKENS", description="env var holding comma-separated bearer tokens")
     token_file: Path | None = Field(None, description="file with one bearer token per line (# comments allowed)")
 
-    python: str = Field("python", description="interpreter the Ray job runs the entrypoint with")
-    entrypoint_module: str = "services.entrypoints.train"
+    entrypoint: str = Field("python -m services.entrypoints.train",
+                            description="command the Ray job runs; `--config <spec file>` is appended")
     runtime_env: dict[str, Any] = Field(default_factory=dict, description="Ray runtime_env of every job (JSON)")
     runs_dir: Path = Field(Path("runs"), description="where runs/<run_id>/step_<n>/ checkpoints are written")
     spec_dir: Path = Field(Path("runs/_jobs"), description="where each job's resolved spec file is written")
@@ -101,7 +100,7 @@ class ControllerSettings(BaseModel):
 
 
 def _parse_env(key: str, raw: str, annotation: Any) -> Any:
-    if annotation is dict[str, Any]:
+    if get_origin(annotation) is dict:
         try:
             return json.loads(raw)
         except json.JSONDecodeError as e:

@@ -1,0 +1,102 @@
+"""Controller test helpers: a token, settings against a real Redis, and a real uvicorn controller process
+that can be stopped and restarted. (Not named conftest: tests/conftest.py owns that module name.)"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from services.localproc import free_port
+
+TOKEN = "test-token-0123456789abcdef"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+STANDIN = HERE / "standin_train.py"
+
+
+def settings_for(redis_url: str, tmp_path: Path, **kw):
+    from services.controller.settings import ControllerSettings
+
+    base = dict(redis_url=redis_url, ray_address=f"http://127.0.0.1:{free_port()}",  # nothing listens there
+                ray_timeout_s=2.0, submit_retries=1, retry_backoff_s=0.05, reconciler_enabled=False,
+                check_registries=False, runs_dir=tmp_path / "runs", spec_dir=tmp_path / "runs" / "_jobs",
+                token_env="FLOWBP_TEST_TOKENS")
+    base.update(kw)
+    return ControllerSettings(**base)
+
+
+class ControllerProcess:
+    """`python -m services.controller.app` as its own process (a real uvicorn server on loopback)."""
+
+    def __init__(self, env: dict[str, str], log_path: Path):
+        self.port = free_port()
+        self.env = {**os.environ, **env, "FLOWBP_PORT": str(self.port), "FLOWBP_HOST": "127.0.0.1"}
+        self.log_path = log_path
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> "ControllerProcess":
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "services.controller.app"], cwd=REPO, env=self.env,
+                                     stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"controller exited with {self.proc.returncode}:\n{self.log_path.read_text()}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"controller did not come up:\n{self.log_path.read_text()}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers=AUTH, timeout=30)
+
+
+def controller_env(redis_url: str, ray_address: str, tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {
+        "FLOWBP_TOKENS": TOKEN,
+        "FLOWBP_REDIS_URL": redis_url,
+        "FLOWBP_RAY_ADDRESS": ray_address,
+        "FLOWBP_RUNS_DIR": str(tmp_path / "runs"),
+        "FLOWBP_SPEC_DIR": str(tmp_path / "runs" / "_jobs"),
+        "FLOWBP_RECONCILE_INTERVAL_S": "0.5",
+        "FLOWBP_CHECK_REGISTRIES": "false",
+        "FLOWBP_ENTRYPOINT": f"{sys.executable} {STANDIN}",
+        "FLOWBP_RUNTIME_ENV": '{"env_vars": {"FLOWBP_STANDIN_STEP_S": "0.4"}}',
+    }
+    env.update(extra)
+    return env
+
+
+def wait_for(fn, timeout: float, what: str, interval: float = 0.3):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = fn()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}")
