@@ -47,6 +47,22 @@ def match_batch(t: torch.Tensor | None, batch: int, what: str) -> torch.Tensor |
                      "batches, a batch-1 (shared) condition, or a state batch that is a multiple of it")
 
 
+SETTINGS_FILE = "flowbp_backbone.json"
+
+
+def saved_settings(path: str | os.PathLike) -> dict[str, Any]:
+    """Constructor keywords stored by `save_pretrained` (image size, preset, negative prompt), so a saved
+    backbone loads back as it was; {} for hub ids and folders written by other tools."""
+    f = Path(str(path)).expanduser() / SETTINGS_FILE
+    if not f.is_file():
+        return {}
+    s = json.loads(f.read_text())
+    preset = BackbonePreset(s["method_preset"], int(s["n_steps"]), GuidanceConfig(**s["guidance"]),
+                            int(s["resolution"]))
+    return {"preset": preset, "height": int(s["height"]), "width": int(s["width"]),
+            "negative_prompt": s["negative_prompt"]}
+
+
 def check_pipeline_source(path: str | os.PathLike, expected: tuple[str, ...], family: str,
                           local_files_only: bool) -> dict:
     """Fail early, saying what was expected, when `path` is missing or holds another kind of model.
@@ -299,6 +315,12 @@ class DiffusersBackbone:
             raise ValueError("save_pretrained writes the base model; use export(path) for the LoRA adapter")
         pipe = self.pipeline()
         pipe.save_pretrained(str(path))
+        g = self.preset.guidance
+        settings = {"backbone": self.name, "height": self.height, "width": self.width,
+                    "negative_prompt": self.negative_prompt, "method_preset": self.preset.method_preset,
+                    "n_steps": self.preset.n_steps, "resolution": self.preset.resolution,
+                    "guidance": {"mode": g.mode, "scale": g.scale, "detach_negative": g.detach_negative}}
+        (Path(path) / SETTINGS_FILE).write_text(json.dumps(settings, indent=2))
         return Path(path)
 
     def _pipeline_components(self) -> dict:

@@ -13,7 +13,8 @@ import os
 
 import torch
 
-from flowbp_core.backbones.adapter import DiffusersBackbone, check_pipeline_source, resolve_dtype
+from flowbp_core.backbones.adapter import (DiffusersBackbone, check_pipeline_source, resolve_dtype,
+                                           saved_settings)
 from flowbp_core.backbones.base import BackbonePreset, TextEncoder, register
 from flowbp_core.backbones.sd3 import decode_latents, vae_scale_factor
 from flowbp_core.backbones.text import Flux1TextEncoder, tiny_clip_tokenizer, tiny_t5_tokenizer
@@ -144,9 +145,9 @@ class Flux1Backbone(DiffusersBackbone):
         from diffusers import FluxPipeline
 
         check_pipeline_source(path, PIPELINE_CLASSES, cls.name, local_files_only)
-        pipe = FluxPipeline.from_pretrained(str(path), torch_dtype=resolve_dtype(dtype),
+        pipe = FluxPipeline.from_pretrained(str(path), dtype=resolve_dtype(dtype),
                                             local_files_only=local_files_only)
-        return cls.from_pipeline(pipe.to(device), **kw)
+        return cls.from_pipeline(pipe.to(device), **{**saved_settings(path), **kw})
 
     @classmethod
     def tiny(cls, seed: int = 0, *, dtype=torch.float32, device="cpu", **kw) -> "Flux1Backbone":

@@ -13,7 +13,8 @@ import os
 
 import torch
 
-from flowbp_core.backbones.adapter import DiffusersBackbone, check_pipeline_source, resolve_dtype
+from flowbp_core.backbones.adapter import (DiffusersBackbone, check_pipeline_source, resolve_dtype,
+                                           saved_settings)
 from flowbp_core.backbones.base import BackbonePreset, TextEncoder, register
 from flowbp_core.backbones.sd3 import vae_scale_factor
 from flowbp_core.backbones.text import Qwen3TextEncoder, tiny_qwen_tokenizer
@@ -140,9 +141,9 @@ class Flux2Backbone(DiffusersBackbone):
         if cfg.get("is_distilled"):
             raise ValueError(f"{path!r} is a step-distilled FLUX.2-Klein (is_distilled=true); reward "
                              "backpropagation with true CFG expects the base model (FLUX.2-klein-base-*)")
-        pipe = Flux2KleinPipeline.from_pretrained(str(path), torch_dtype=resolve_dtype(dtype),
+        pipe = Flux2KleinPipeline.from_pretrained(str(path), dtype=resolve_dtype(dtype),
                                                   local_files_only=local_files_only)
-        return cls.from_pipeline(pipe.to(device), **kw)
+        return cls.from_pipeline(pipe.to(device), **{**saved_settings(path), **kw})
 
     @classmethod
     def tiny(cls, seed: int = 0, *, dtype=torch.float32, device="cpu", **kw) -> "Flux2Backbone":

@@ -14,7 +14,8 @@ import os
 
 import torch
 
-from flowbp_core.backbones.adapter import DiffusersBackbone, check_pipeline_source, resolve_dtype
+from flowbp_core.backbones.adapter import (DiffusersBackbone, check_pipeline_source, resolve_dtype,
+                                           saved_settings)
 from flowbp_core.backbones.base import BackbonePreset, TextEncoder, register
 from flowbp_core.backbones.text import SD3TextEncoder, tiny_clip_tokenizer, tiny_t5_tokenizer
 from flowbp_core.guidance import GuidanceConfig
@@ -119,9 +120,9 @@ class SD3Backbone(DiffusersBackbone):
         from diffusers import StableDiffusion3Pipeline
 
         check_pipeline_source(path, PIPELINE_CLASSES, cls.name, local_files_only)
-        pipe = StableDiffusion3Pipeline.from_pretrained(str(path), torch_dtype=resolve_dtype(dtype),
+        pipe = StableDiffusion3Pipeline.from_pretrained(str(path), dtype=resolve_dtype(dtype),
                                                         local_files_only=local_files_only)
-        return cls.from_pipeline(pipe.to(device), **kw)
+        return cls.from_pipeline(pipe.to(device), **{**saved_settings(path), **kw})
 
     @classmethod
     def tiny(cls, seed: int = 0, *, dtype=torch.float32, device="cpu", with_t5: bool = True, **kw) -> "SD3Backbone":
