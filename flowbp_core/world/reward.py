@@ -1,0 +1,113 @@
+"""The world's reward: mean log-probability, under the recogniser, of the attributes the prompt asks for.
+
+    r(image, prompt) = mean_a log p(a | image)  [+ aesthetic_weight * crispness(image)]
+
+Attributes per task: single_object - "at least one <shape>"; two_objects - both shapes present; counting -
+"exactly n <colour> <shape>s" and "exactly n <colour> objects"; colours - "at least one <colour> <shape>";
+position - that, and "a <colour> <shape> in <region>"; colour_attr - both colour-shape pairs present.
+r <= 0, and r = 0 means the recogniser is sure everything asked for is there. The optional aesthetic term
+is weight-free: it penalises muddy half-saturated pixels (soft, blended edges), 0 for a crisp image.
+Registered as "world_attributes".
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from flowbp_core.world.assets import ASSETS_DIR, load_checkpoint
+from flowbp_core.world.captions import parse
+from flowbp_core.world.recogniser import COL_IDX, POS_IDX, SHP_IDX, Recogniser, RecogniserConfig
+from flowbp_core.world.spec import PromptSpec
+
+RECOGNISER_CHECKPOINT = ASSETS_DIR / "recogniser" / "recogniser.safetensors"
+RECOGNISER_REGENERATE = "python -m flowbp_core.world.train_reward --out flowbp_core/world/assets/recogniser"
+
+
+@lru_cache(maxsize=65536)
+def _spec(prompt: str) -> PromptSpec:
+    return parse(prompt)
+
+
+def load_recogniser(path: Path | None = None) -> tuple[Recogniser, dict]:
+    tensors, meta = load_checkpoint(Path(path or RECOGNISER_CHECKPOINT), regenerate=RECOGNISER_REGENERATE)
+    cfg = RecogniserConfig(**meta["config"].get("model", {}))
+    model = Recogniser(cfg)
+    model.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=True)
+    return model.eval().requires_grad_(False), meta
+
+
+def _log_at_least_one(logits: Tensor) -> Tensor:
+    return torch.logsumexp(logits[..., 1:], -1) - torch.logsumexp(logits, -1)
+
+
+def _log_exactly(logits: Tensor, n: int) -> Tensor:
+    return torch.log_softmax(logits, -1)[..., n]
+
+
+def attribute_logprobs(out: dict[str, Tensor], b: int, spec: PromptSpec) -> list[Tensor]:
+    """The log-probabilities of each attribute `spec` asks for, for sample b."""
+    t, objs = spec.task, spec.objects
+    terms: list[Tensor] = []
+    if t in ("single_object", "two_objects"):
+        for o in objs:
+            terms.append(_log_at_least_one(out["shape_count"][b, SHP_IDX[o.shape]]))
+    elif t == "counting":
+        o = objs[0]
+        terms.append(_log_exactly(out["pair_count"][b, COL_IDX[o.colour], SHP_IDX[o.shape]], spec.count))
+        terms.append(_log_exactly(out["colour_count"][b, COL_IDX[o.colour]], spec.count))
+    elif t in ("colours", "colour_attr", "position"):
+        for o in objs:
+            ci, si = COL_IDX[o.colour], SHP_IDX[o.shape]
+            terms.append(_log_at_least_one(out["pair_count"][b, ci, si]))
+            if o.position is not None:
+                terms.append(torch.nn.functional.logsigmoid(out["pair_pos"][b, ci, si, POS_IDX[o.position]]))
+    else:  # PromptSpec validates task
+        raise ValueError(f"task={t!r}")
+    return terms
+
+
+def crispness(images: Tensor) -> Tensor:
+    """Weight-free aesthetic term in [-1, 0]: minus the mean of 4c(1-c) over pixels, c = chroma / 0.6 clipped.
+
+    Flat background (c = 0) and solid objects (c >= 1) cost nothing; blurred, blended pixels cost most.
+    """
+    c = (images.amax(1) - images.amin(1)).div(0.6).clamp(0.0, 1.0)
+    return -(4.0 * c * (1.0 - c)).mean(dim=(1, 2))
+
+
+class WorldAttributeReward(torch.nn.Module):
+    """Reward protocol: `__call__(images [B,3,32,32] in [0,1], prompts) -> Tensor[B]`, differentiable in images."""
+
+    name = "world_attributes"
+
+    def __init__(self, checkpoint: str | Path | None = None, aesthetic_weight: float = 0.0) -> None:
+        super().__init__()
+        if not (0.0 <= float(aesthetic_weight) <= 10.0):
+            raise ValueError(f"reward.aesthetic_weight={aesthetic_weight!r}: allowed range is [0, 10]")
+        self.model, self.meta = load_recogniser(Path(checkpoint) if checkpoint else None)
+        self.aesthetic_weight = float(aesthetic_weight)
+
+    def train(self, mode: bool = True) -> "WorldAttributeReward":  # noqa: ARG002 - always frozen
+        return super().train(False)
+
+    def attributes(self, images: Tensor, prompts: list[str]) -> Tensor:
+        out = self.model(images.float())
+        rows = []
+        for b, p in enumerate(prompts):
+            terms = attribute_logprobs(out, b, _spec(p))
+            rows.append(torch.stack(terms).mean())
+        return torch.stack(rows)
+
+    def forward(self, images: Tensor, prompts: list[str]) -> Tensor:
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"world_attributes: images must be [B,3,H,W], got {tuple(images.shape)}")
+        if len(prompts) != images.shape[0]:
+            raise ValueError(f"world_attributes: {images.shape[0]} images but {len(prompts)} prompts")
+        r = self.attributes(images, list(prompts))
+        if self.aesthetic_weight:
+            r = r + self.aesthetic_weight * crispness(images.float())
+        return r
