@@ -1,0 +1,97 @@
+"""Helpers of the deployment tests: the chart rendered offline (Helm SDK, no cluster), objects picked by kind."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "k8s" / "helm" / "flowbp"
+RELEASE, NAMESPACE = "flowbp", "flowbp"
+
+
+def load_values(name: str) -> dict:
+    return yaml.safe_load((CHART / name).read_text())
+
+
+def render_docs(values: dict | None, *, release: str = RELEASE, namespace: str = NAMESPACE) -> list[dict]:
+    """Every object the chart renders with `values` (defaults merged by Helm), in template order."""
+    from k8s.render import render_chart
+
+    docs = []
+    for text in render_chart(CHART, values, release=release, namespace=namespace).values():
+        docs.extend(d for d in yaml.safe_load_all(text) if d)
+    return docs
+
+
+def by_kind(docs: list[dict], kind: str) -> list[dict]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def one(docs: list[dict], kind: str, name_suffix: str = "") -> dict:
+    found = [d for d in by_kind(docs, kind) if d["metadata"]["name"].endswith(name_suffix)]
+    assert len(found) == 1, f"expected one {kind} named *{name_suffix}, found {[d['metadata']['name'] for d in found]}"
+    return found[0]
+
+
+CUSTOM_GROUPS = ("ray.io/", "monitoring.coreos.com/")
+# The chart's floor (Chart.yaml kubeVersion) and the newest schema kubernetes-validate ships.
+KUBE_VERSIONS = ("1.27.0", None)
+
+
+def is_custom(doc: dict) -> bool:
+    return doc["apiVersion"].startswith(CUSTOM_GROUPS)
+
+
+def validate_core(doc: dict) -> None:
+    """kubernetes-validate --strict (unknown fields rejected) at every Kubernetes version we support."""
+    import kubernetes_validate
+    from kubernetes_validate.utils import latest_version
+
+    for version in KUBE_VERSIONS:
+        kubernetes_validate.validate(doc, version or latest_version(), strict=True)
+
+
+def pod_templates(doc: dict) -> list[tuple[str, dict]]:
+    """(where, template) for every pod template inside a KubeRay object."""
+    specs = []
+    if doc["kind"] == "RayCluster":
+        specs.append(("spec", doc["spec"]))
+    elif doc["kind"] == "RayService":
+        specs.append(("spec.rayClusterConfig", doc["spec"]["rayClusterConfig"]))
+    out = []
+    for where, spec in specs:
+        out.append((f"{where}.headGroupSpec.template", spec["headGroupSpec"]["template"]))
+        for group in spec.get("workerGroupSpecs", []):
+            out.append((f"{where}.workerGroupSpecs[{group['groupName']}].template", group["template"]))
+    return out
+
+
+def validate_custom(doc: dict) -> None:
+    """A KubeRay or Prometheus Operator object: our schema of the fields we set, Kubernetes' own PodTemplate
+    schema for the pods inside, and Ray's own validators for the Serve config and the runtime env."""
+    import json
+
+    import jsonschema
+
+    schema = json.loads((REPO / "k8s" / "schemas" / "custom-resources.json").read_text())
+    jsonschema.Draft202012Validator(schema).validate(doc)
+    for where, template in pod_templates(doc):
+        wrapper = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "check"}, "template": template}
+        try:
+            validate_core(wrapper)
+        except Exception as e:  # name the place inside the custom resource
+            raise AssertionError(f"{doc['kind']}/{doc['metadata']['name']} {where}: {e}") from e
+    if doc["kind"] == "RayService":
+        from ray.serve.schema import ServeDeploySchema
+
+        ServeDeploySchema.model_validate(yaml.safe_load(doc["spec"]["serveConfigV2"]))
+    if doc["kind"] == "RayJob" and doc["spec"].get("runtimeEnvYAML"):
+        from ray.runtime_env import RuntimeEnv
+
+        RuntimeEnv(**yaml.safe_load(doc["spec"]["runtimeEnvYAML"]))
+
+
+def env_of(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
