@@ -122,7 +122,7 @@ class RunComponents:
     device: torch.device
     prompts: PromptSampler
     reward: Any | None = None
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    loss_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def score_fn(self) -> Callable[[torch.Tensor, list[str]], torch.Tensor]:
         """Colocated scoring: decode in the learner's graph, then the reward."""

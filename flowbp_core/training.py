@@ -23,6 +23,7 @@ import torch
 
 from .cache import TrajectoryCache
 from .errors import ConfigError
+from .losses import weighted_loss
 
 ScoreFn = Callable[[torch.Tensor, list[str]], torch.Tensor]
 """latents [B, ...] + prompts -> rewards [B]; differentiable w.r.t. the latents (decode is inside)."""
@@ -150,7 +151,7 @@ def train_step(
     method: Any,
     velocity: Callable[[torch.Tensor, float], torch.Tensor],
     score: ScoreFn,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    loss_fn: Callable[[torch.Tensor], torch.Tensor],
     params: list[torch.nn.Parameter],
     optimizer: torch.optim.Optimizer,
     generator: torch.Generator | None = None,
@@ -163,7 +164,8 @@ def train_step(
 
     `velocity` is the trainable model bound to the cache's conditioning (`backbone.bind(cache.cond, g)`);
     `score(latents, prompts)` decodes and scores (colocated) or asks the reward service (served).
-    `loss_fn(rewards, weights)` is a `flowbp_core.losses` loss. With `apply=False` gradients are left in
+    `loss_fn(rewards) -> per-sample loss` is a `flowbp_core.losses` loss; the endpoint's sample weights are applied
+    by `weighted_loss`. With `apply=False` gradients are left in
     `.grad` (the caller all-reduces or inspects them) and no optimizer/EMA step is taken.
     """
     t0 = time.perf_counter()
@@ -173,7 +175,7 @@ def train_step(
     prompts = [cache.prompts[int(i)] for i in endpoint.sample_index.tolist()]
     rewards = score(endpoint.value, prompts)
     t2 = time.perf_counter()
-    loss = loss_fn(rewards, endpoint.weights.to(rewards.device, rewards.dtype))
+    loss = weighted_loss(loss_fn(rewards), endpoint.weights.to(rewards.device))
     diag = _summarise_diagnostics(endpoint.diagnostics)
     reward_list = [float(r) for r in rewards.detach().float().cpu()]
     base = dict(step=step, rewards=reward_list, policy_version=policy_version, n_samples=len(reward_list),
