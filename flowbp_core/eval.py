@@ -1,0 +1,407 @@
+"""Evaluation command: generate images for a prompt set without gradients, score them with several rewards, and
+write a table (markdown + JSON) and an image grid.
+
+    python -m flowbp_core.eval --backbone sd3 --pretrained /models/sd35m --lora runs/<id>/step_400 \\
+        --prompts hpdv2 --rewards hpsv2,pickscore,imagereward \\
+        --reward-arg hpsv2.checkpoint=/models/HPS_v2.1_compressed.pt --reward-arg hpsv2.tokenizer=/models/clip-h \\
+        --reward-arg pickscore.path=/models/PickScore_v1 ... --out eval/sd35_step400 --steps 40 --seed 42
+
+Each prompt i gets its own noise seed (seed + i), so a score does not depend on the batch size or on --limit, and
+two checkpoints evaluated with the same seed see the same noise. `--lora` takes a FlowBP checkpoint (a
+`runs/<id>/step_<n>` folder or the run folder, whose latest complete step is used) holding LoRA or full
+fine-tuned weights; the backbone is then built as the checkpoint's config says.
+
+The scoring half (`evaluate_images`, `score_batch`, `summarize`, `write_report`) takes any images and is usable
+on its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from flowbp_core.errors import ConfigError
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+PROMPT_SETS = {"hpdv2": DATA_DIR / "hpdv2_eval_prompts.txt", "geneval": DATA_DIR / "geneval_metadata.jsonl"}
+FORMAT_VERSION = 1
+
+
+# ------------------------------------------------------------------------------------------------- prompts
+def load_prompts(source: str, limit: int | None = None) -> list[str]:
+    """`hpdv2` / `geneval` (shipped sets), a .txt file (one prompt a line) or a .jsonl file (a "prompt" field)."""
+    path = PROMPT_SETS.get(source, Path(source))
+    if not path.is_file():
+        raise ConfigError("eval.prompts", source, f"one of {sorted(PROMPT_SETS)} or a path to a .txt/.jsonl file")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        prompts = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                prompts.append(str(json.loads(line)["prompt"]))
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ConfigError(f"eval.prompts line {n}", line[:80], 'a JSON object with a "prompt" field') from e
+    else:
+        prompts = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if not prompts:
+        raise ConfigError("eval.prompts", source, "a source with at least one prompt")
+    if limit is not None:
+        if limit < 1:
+            raise ConfigError("eval.limit", limit, "an integer >= 1")
+        prompts = prompts[:limit]
+    return prompts
+
+
+# ------------------------------------------------------------------------------------------------- scoring
+@dataclass
+class SampleScore:
+    index: int
+    prompt: str
+    seed: int
+    scores: dict[str, float]
+    image: str | None = None  # relative path of the saved PNG
+
+
+@dataclass
+class RewardSummary:
+    mean: float
+    std: float
+    min: float
+    max: float
+    n: int
+
+
+@dataclass
+class EvalReport:
+    format_version: int
+    backbone: str | None
+    pretrained: str | None
+    checkpoint: str | None
+    prompts: str
+    n_prompts: int
+    steps: int | None
+    seed: int
+    guidance: float | None
+    rewards: list[str]
+    summary: dict[str, RewardSummary]
+    samples: list[SampleScore]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+def score_batch(images: Tensor, prompts: Sequence[str], rewards: dict[str, Callable]) -> dict[str, Tensor]:
+    """Score one batch (images [B,3,H,W] in [0,1]) with every reward, without gradients.
+
+    A non-finite score is an error, not a number to average: it names the reward and the prompt."""
+    out: dict[str, Tensor] = {}
+    with torch.no_grad():
+        for name, reward in rewards.items():
+            r = reward(images, list(prompts)).detach().float().cpu()
+            if r.shape != (len(prompts),):
+                raise ValueError(f"reward {name!r} returned shape {tuple(r.shape)} for {len(prompts)} images")
+            bad = (~torch.isfinite(r)).nonzero().flatten().tolist()
+            if bad:
+                raise ValueError(f"reward {name!r} gave a non-finite score for prompt {prompts[bad[0]]!r}")
+            out[name] = r
+    return out
+
+
+def summarize(samples: Sequence[SampleScore], names: Sequence[str]) -> dict[str, RewardSummary]:
+    out = {}
+    for n in names:
+        v = np.array([s.scores[n] for s in samples], dtype=np.float64)
+        out[n] = RewardSummary(mean=float(v.mean()), std=float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+                               min=float(v.min()), max=float(v.max()), n=int(len(v)))
+    return out
+
+
+def to_uint8(images: Tensor) -> np.ndarray:
+    """[B,3,H,W] in [0,1] -> [B,H,W,3] uint8 (clamped: this is for saving, never for gradients)."""
+    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def make_grid(images: Sequence[np.ndarray], columns: int = 8, pad: int = 2) -> np.ndarray:
+    """Tile HxWx3 uint8 images (all the same size) into one image, white gutters."""
+    if not images:
+        raise ValueError("make_grid: no images")
+    h, w, _ = images[0].shape
+    cols = min(columns, len(images))
+    rows = math.ceil(len(images) / cols)
+    grid = np.full((rows * h + (rows + 1) * pad, cols * w + (cols + 1) * pad, 3), 255, dtype=np.uint8)
+    for i, im in enumerate(images):
+        r, c = divmod(i, cols)
+        y, x = pad + r * (h + pad), pad + c * (w + pad)
+        grid[y:y + h, x:x + w] = im
+    return grid
+
+
+def markdown_table(report: EvalReport, max_rows: int = 50) -> str:
+    names = report.rewards
+    lines = [f"# Evaluation: {report.backbone or 'images'} on {report.prompts} ({report.n_prompts} prompts)", ""]
+    meta = {"pretrained": report.pretrained, "checkpoint": report.checkpoint, "steps": report.steps,
+            "seed": report.seed, "guidance": report.guidance}
+    lines += [f"- {k}: `{v}`" for k, v in meta.items() if v is not None]
+    lines += ["", "| reward | mean | std | min | max | n |", "|---|---:|---:|---:|---:|---:|"]
+    for n in names:
+        s = report.summary[n]
+        lines.append(f"| {n} | {s.mean:.4f} | {s.std:.4f} | {s.min:.4f} | {s.max:.4f} | {s.n} |")
+    if max_rows > 0:
+        lines += ["", f"## Per prompt (first {min(max_rows, len(report.samples))} of {len(report.samples)})", "",
+                  "| # | prompt | " + " | ".join(names) + " |", "|---:|---|" + "---:|" * len(names)]
+    for s in report.samples[:max_rows]:
+        p = s.prompt.replace("|", "\\|")
+        p = p if len(p) <= 80 else p[:77] + "..."
+        lines.append(f"| {s.index} | {p} | " + " | ".join(f"{s.scores[n]:.4f}" for n in names) + " |")
+    if report.seconds:
+        lines += ["", "Time (s): " + ", ".join(f"{k} {v:.1f}" for k, v in report.seconds.items())]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out: Path, report: EvalReport, grid_images: Sequence[np.ndarray], columns: int = 8) -> None:
+    from PIL import Image
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "scores.json").write_text(report.to_json())
+    (out / "scores.md").write_text(markdown_table(report))
+    if grid_images:
+        Image.fromarray(make_grid(grid_images, columns)).save(out / "grid.png")
+
+
+def evaluate_images(batches: Iterable[tuple[Tensor, list[str], list[int]]], rewards: dict[str, Callable], out: Path,
+                    *, prompts_name: str, total: int, seed: int = 0, save_images: bool = True,
+                    grid_size: int = 16, meta: dict[str, Any] | None = None, progress: bool = True) -> EvalReport:
+    """Score batches of (images, prompts, indices), save PNGs and the report. Returns the report."""
+    from PIL import Image
+    from tqdm import tqdm
+
+    if not rewards:
+        raise ConfigError("eval.rewards", [], "at least one reward name")
+    out.mkdir(parents=True, exist_ok=True)
+    if save_images:
+        (out / "images").mkdir(exist_ok=True)
+    samples: list[SampleScore] = []
+    grid: list[np.ndarray] = []
+    t_gen = t_score = 0.0
+    bar = tqdm(total=total, desc="eval", unit="img", disable=not progress, file=sys.stderr)
+    it = iter(batches)
+    while True:
+        t0 = time.perf_counter()
+        try:
+            images, prompts, idx = next(it)
+        except StopIteration:
+            break
+        t1 = time.perf_counter()
+        scores = score_batch(images, prompts, rewards)
+        t_gen, t_score = t_gen + (t1 - t0), t_score + (time.perf_counter() - t1)
+        pix = to_uint8(images)
+        for j, (p, i) in enumerate(zip(prompts, idx)):
+            rel = None
+            if save_images:
+                rel = f"images/{i:05d}.png"
+                Image.fromarray(pix[j]).save(out / rel)
+            if len(grid) < grid_size:
+                grid.append(pix[j])
+            samples.append(SampleScore(index=i, prompt=p, seed=seed + i,
+                                       scores={n: float(v[j]) for n, v in scores.items()}, image=rel))
+        bar.update(len(prompts))
+        bar.set_postfix({n: f"{np.mean([s.scores[n] for s in samples]):.3f}" for n in rewards})
+    bar.close()
+    if not samples:
+        raise ConfigError("eval.prompts", prompts_name, "at least one prompt to evaluate")
+    meta = meta or {}
+    report = EvalReport(format_version=FORMAT_VERSION, backbone=meta.get("backbone"),
+                        pretrained=meta.get("pretrained"), checkpoint=meta.get("checkpoint"), prompts=prompts_name,
+                        n_prompts=len(samples), steps=meta.get("steps"), seed=seed, guidance=meta.get("guidance"),
+                        rewards=list(rewards), summary=summarize(samples, list(rewards)), samples=samples,
+                        seconds={**meta.get("seconds", {}), "generate": t_gen, "score": t_score})
+    write_report(out, report, grid)
+    return report
+
+
+# ----------------------------------------------------------------------------------------------- generation
+def load_backbone(name: str, pretrained: str | None, checkpoint: str | None, *, tiny: bool = False, seed: int = 0,
+                  dtype: str = "float32", device: str = "cpu", local_files_only: bool = True, ema: bool = False):
+    """The backbone to evaluate, with a FlowBP checkpoint's LoRA or full weights loaded when one is given
+    (its EMA weights with `ema=True`)."""
+    from flowbp_core import backbones
+    from flowbp_core.backbones.base import LoRAConfig
+    from flowbp_core.checkpoint import latest_complete, load_checkpoint
+
+    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
+    if dt is None:
+        raise ConfigError("eval.dtype", dtype, "float32, bfloat16 or float16")
+    kw: dict[str, Any] = {"dtype": dt, "device": device}
+    if tiny:
+        kw["seed"] = seed
+    elif pretrained is not None:
+        kw["local_files_only"] = local_files_only
+    bb = backbones.build(name, pretrained, tiny=tiny, **kw)
+    if checkpoint is None:
+        return bb
+    ck = Path(checkpoint)
+    if ck.is_dir() and not (ck / "COMPLETE").exists():
+        latest = latest_complete(ck)
+        if latest is None:
+            raise FileNotFoundError(f"--lora {checkpoint}: expected a checkpoint folder runs/<id>/step_<n> (with a "
+                                    "COMPLETE marker) or a run folder holding one; found neither")
+        ck = latest
+    elif not ck.exists():
+        raise FileNotFoundError(f"--lora {checkpoint}: no such checkpoint folder (expected runs/<id>/step_<n>)")
+    state = load_checkpoint(ck)
+    spec = ((state.config or {}).get("backbone") or {})
+    if spec.get("finetune", "lora") == "lora":
+        lo = spec.get("lora") or {}
+        bb.apply_lora(LoRAConfig(rank=int(lo.get("rank", 16)), alpha=lo.get("alpha"),
+                                 dropout=float(lo.get("dropout", 0.0)),
+                                 target_modules=tuple(lo["target_modules"]) if lo.get("target_modules") else None))
+    elif hasattr(bb, "enable_full_finetune"):
+        bb.enable_full_finetune()
+    weights = state.trainable
+    if ema:
+        if state.ema is None:
+            raise FileNotFoundError(f"--ema: the checkpoint {ck} has no ema.safetensors (EMA was off in that run)")
+        weights = state.ema
+    with torch.no_grad():
+        bb.load_trainable_state_dict(weights)
+    for p in bb.trainable_parameters():
+        p.requires_grad_(False)
+    return bb
+
+
+def generate(backbone, prompts: Sequence[str], *, batch_size: int, steps: int | None, seed: int,
+             guidance_scale: float | None = None) -> Iterator[tuple[Tensor, list[str], list[int]]]:
+    """Yield (images in [0,1], prompts, indices) batch by batch: rollout without gradients, decode, nothing kept."""
+    from flowbp_core.cache import CacheNeeds
+    from flowbp_core.guidance import GuidanceConfig
+    from flowbp_core.sampling import rollout
+
+    n_steps = steps or backbone.preset.n_steps
+    g = backbone.preset.guidance
+    if guidance_scale is not None:
+        g = GuidanceConfig(mode=g.mode, scale=guidance_scale, detach_negative=g.detach_negative)
+    sigmas = backbone.schedule(n_steps).sigmas
+    nothing = CacheNeeds(states=frozenset(), velocities=frozenset())
+    shape = backbone.latent_shape(1)[1:]
+    for start in range(0, len(prompts), batch_size):
+        batch = list(prompts[start:start + batch_size])
+        idx = list(range(start, start + len(batch)))
+        # One generator per prompt: the noise of prompt i is the same whatever the batch size or --limit.
+        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in idx])
+        with torch.no_grad():
+            cond = backbone.encode_prompts(batch)
+            cache = rollout(backbone.bind(cond, g), noise.to(backbone.device), sigmas, seed=seed, cond=cond,
+                            prompts=batch, needs=nothing)
+            images = backbone.decode(cache.final.to(backbone.device))
+        yield images.float(), batch, idx
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+def parse_reward_args(items: Sequence[str], names: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """`["hpsv2.checkpoint=/x.pt", "clipscore.scale=2.5"]` -> {"hpsv2": {"checkpoint": "/x.pt"}, ...}."""
+    out: dict[str, dict[str, Any]] = {n: {} for n in names}
+    for item in items:
+        key, eq, value = item.partition("=")
+        name, dot, arg = key.partition(".")
+        if not eq or not dot or not arg:
+            raise ConfigError("--reward-arg", item, "NAME.KEY=VALUE, e.g. hpsv2.checkpoint=/models/hps.pt")
+        if name not in out:
+            raise ConfigError("--reward-arg", item, f"a NAME among the --rewards given: {', '.join(names)}")
+        try:
+            out[name][arg] = json.loads(value)
+        except json.JSONDecodeError:
+            out[name][arg] = value
+    return out
+
+
+def build_rewards(names: Sequence[str], kwargs: dict[str, dict[str, Any]], device: str = "cpu") -> dict[str, Any]:
+    from flowbp_core import rewards as R
+
+    built = {}
+    for n in names:
+        r = R.build(n, **kwargs.get(n, {}))
+        built[n] = r.to(device) if hasattr(r, "to") else r
+    return built
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m flowbp_core.eval", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backbone", required=True, help="registered backbone: embedded, sd3, flux1, flux2")
+    ap.add_argument("--pretrained", help="hub id or local folder of the base model (default: the backbone's own)")
+    ap.add_argument("--tiny", action="store_true", help="tiny random backbone (smoke tests)")
+    ap.add_argument("--lora", "--checkpoint", dest="checkpoint",
+                    help="FlowBP checkpoint folder (runs/<id>/step_<n>, or the run folder for its latest step)")
+    ap.add_argument("--ema", action="store_true", help="evaluate the checkpoint's EMA weights")
+    ap.add_argument("--prompts", default="hpdv2", help="hpdv2, geneval, or a .txt / .jsonl file")
+    ap.add_argument("--rewards", required=True, help="comma-separated reward names, e.g. hpsv2,pickscore")
+    ap.add_argument("--reward-arg", action="append", default=[], metavar="NAME.KEY=VALUE",
+                    help="keyword argument of a reward's builder (repeatable), e.g. pickscore.path=/models/pick")
+    ap.add_argument("--out", required=True, help="output folder: scores.md, scores.json, grid.png, images/")
+    ap.add_argument("--limit", type=int, help="first N prompts only")
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--steps", type=int, help="sampling steps (default: the backbone preset's)")
+    ap.add_argument("--guidance", type=float, help="guidance scale (default: the backbone preset's)")
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--grid", type=int, default=16, help="images in grid.png")
+    ap.add_argument("--no-images", action="store_true", help="do not save one PNG per prompt")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+
+    try:
+        if args.batch_size < 1:
+            raise ConfigError("--batch-size", args.batch_size, "an integer >= 1")
+        if args.steps is not None and args.steps < 1:
+            raise ConfigError("--steps", args.steps, "an integer >= 1")
+        names = [n.strip() for n in args.rewards.split(",") if n.strip()]
+        if not names:
+            raise ConfigError("--rewards", args.rewards, "at least one reward name")
+        prompts = load_prompts(args.prompts, args.limit)
+        t0 = time.perf_counter()
+        rewards = build_rewards(names, parse_reward_args(args.reward_arg, names), args.device)
+        backbone = load_backbone(args.backbone, args.pretrained, args.checkpoint, tiny=args.tiny, seed=args.seed,
+                                 dtype=args.dtype, device=args.device, ema=args.ema)
+        t_load = time.perf_counter() - t0
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    steps = args.steps or backbone.preset.n_steps
+    guidance = args.guidance if args.guidance is not None else backbone.preset.guidance.scale
+    t0 = time.perf_counter()
+    try:
+        report = evaluate_images(
+            generate(backbone, prompts, batch_size=args.batch_size, steps=steps, seed=args.seed,
+                     guidance_scale=args.guidance),
+            rewards, Path(args.out), prompts_name=args.prompts, total=len(prompts), seed=args.seed,
+            save_images=not args.no_images, grid_size=args.grid, progress=not args.no_progress,
+            meta={"backbone": args.backbone, "pretrained": args.pretrained, "checkpoint": args.checkpoint,
+                  "steps": steps, "guidance": guidance, "seconds": {"load": t_load}})
+    except ConfigError as e:  # e.g. a prompt the efficientnet reward cannot score
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    report.seconds["total"] = time.perf_counter() - t0
+    (Path(args.out) / "scores.json").write_text(report.to_json())
+    (Path(args.out) / "scores.md").write_text(markdown_table(report))
+    print(markdown_table(report, max_rows=0))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
