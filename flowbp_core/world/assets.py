@@ -67,6 +67,7 @@ def save_checkpoint(
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp-")
     os.close(fd)
     save_file(tensors, tmp, metadata=meta)
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600; committed assets must be readable by everyone
     os.replace(tmp, path)
     digest = file_sha256(path)
     manifest = {

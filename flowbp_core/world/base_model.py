@@ -58,7 +58,9 @@ def load_base_transformer(path: Path | None = None, dtype: torch.dtype = torch.f
     cfg = BaseModelConfig(**{k: v for k, v in model_cfg.items() if k in BaseModelConfig.__dataclass_fields__})
     model = build_transformer(cfg)
     model.load_state_dict({k: v.to(torch.float32) for k, v in tensors.items()}, strict=True)
-    return model.to(dtype).eval(), meta
+    if dtype != torch.float32:  # diffusers warns on every cast, even a no-op one
+        model = model.to(dtype)
+    return model.eval(), meta
 
 
 def velocity(model, x: torch.Tensor, sigma: float | torch.Tensor, cond: dict, autocast: bool = True) -> torch.Tensor:

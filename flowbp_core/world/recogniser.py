@@ -30,7 +30,7 @@ POS_IDX = {p: i for i, p in enumerate(POSITIONS)}
 
 @dataclass(frozen=True)
 class RecogniserConfig:
-    width: int = 48
+    width: int = 32
     feature: int = 256
 
     def as_dict(self) -> dict:

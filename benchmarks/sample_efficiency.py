@@ -1,0 +1,299 @@
+"""Sample efficiency on the embedded world: every method, the same prompts, sample budget and seeds.
+
+For each method and seed, a fresh LoRA on the committed base model is trained on the "world_attributes" reward
+with the same prompts (world_train), batch, learning rate, sampling steps and seeds; every `--eval-every` steps
+the held-out judge (analytic, GenEval-like; not the reward) scores a fixed held-out prompt set with fixed noise.
+Recorded: training reward vs samples seen (samples = rollout trajectories; DRaFT-LV's extra re-noised endpoints
+are not counted as new samples), held-out judge score vs samples seen, wall time per step, and the bytes autograd
+saves for backward in one learner step (endpoint + decode + reward; parameters excluded).
+
+    .venv/bin/python benchmarks/sample_efficiency.py [--quick] [--methods a,b] [--seeds 3] [--steps 24]
+        [--out benchmarks/results/sample_efficiency]
+
+Writes <out>.json, <out>.png and <out>.md (the table), and prints the table (mean +- std over seeds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from flowbp_core.config import (BackboneSpec, CheckpointSpec, LoRASpec, MethodSpec, PromptSource,  # noqa: E402
+                                RewardSpec, RunConfig, SamplingSpec, TrainSpec)
+from flowbp_core.methods.memory import saved_tensor_bytes  # noqa: E402
+from flowbp_core.training import generator_for  # noqa: E402
+
+METHODS = ("flowbp_sparse", "flowbp_bridge", "flowbp_lagrange", "refl", "draft_lv", "drtune", "leapalign",
+           "draft_k", "alignprop")
+FLOWBP = ("flowbp_sparse", "flowbp_bridge", "flowbp_lagrange")
+
+
+@dataclass
+class Settings:
+    steps: int = 24
+    batch: int = 4
+    n_steps: int = 10
+    seeds: int = 3
+    lr: float = 1e-3
+    rank: int = 8
+    eval_every: int = 8
+    eval_per_task: int = 4
+    eval_seeds: int = 1
+
+
+QUICK = Settings(steps=2, batch=2, n_steps=6, seeds=1, eval_every=2, eval_per_task=1, eval_seeds=1, rank=4)
+
+
+@dataclass
+class RunRecord:
+    method: str
+    seed: int
+    samples: list[int] = field(default_factory=list)  # after each step
+    reward: list[float] = field(default_factory=list)  # batch mean per step
+    eval_samples: list[int] = field(default_factory=list)
+    judge: list[float] = field(default_factory=list)  # held-out overall, points of 100
+    step_seconds: list[float] = field(default_factory=list)
+    saved_bytes: int = 0
+    skipped: int = 0
+
+
+def run_config(method: str, s: Settings, seed: int) -> RunConfig:
+    return RunConfig(
+        run_id=f"bench-{method}-{seed}",
+        backbone=BackboneSpec(name="embedded", device="cpu", finetune="lora", lora=LoRASpec(rank=s.rank)),
+        method=MethodSpec(name=method, preset="sd35"),
+        reward=RewardSpec(loss="hinge", clip=-0.05),
+        sampling=SamplingSpec(n_steps=s.n_steps),
+        train=TrainSpec(steps=s.steps, batch_size=s.batch, lr=s.lr, seed=seed, prompts=PromptSource(set="world_train")),
+        checkpoint=CheckpointSpec(dir="/tmp/flowbp-bench-unused", every=10**6),
+    )
+
+
+def measure_saved_bytes(comp, cache, step: int) -> int:
+    """Bytes saved for backward by one learner step's graph (endpoint -> decode -> reward), then discarded."""
+    velocity = comp.backbone.bind(cache.cond, comp.guidance)
+    params = comp.backbone.trainable_parameters()
+    score = comp.score_fn()
+
+    def forward():
+        ep = comp.method.endpoint(cache, velocity, generator=generator_for(comp.cfg.train.seed, step, "plan"))
+        prompts = [cache.prompts[int(i)] for i in ep.sample_index.tolist()]
+        return score(ep.value, prompts)
+
+    nbytes, out = saved_tensor_bytes(forward, exclude=params)
+    del out
+    return int(nbytes)
+
+
+def run_one(method: str, seed: int, s: Settings, reward, items, progress) -> RunRecord:
+    from flowbp_core.run import build_components, learner_step, make_cache, make_optimizer
+    from flowbp_core.world.evaluate import judge_backbone
+
+    cfg = run_config(method, s, seed)
+    comp = build_components(cfg, with_reward=False)
+    comp.reward = reward
+    opt = make_optimizer(cfg, comp.backbone.trainable_parameters())
+    rec = RunRecord(method=method, seed=seed)
+    version, samples = 0, 0
+    for step in range(s.steps):
+        t0 = time.perf_counter()
+        cache = make_cache(comp, step, version)
+        t_roll = time.perf_counter() - t0
+        if step == 0:  # the probe builds (and drops) one extra graph; it is not part of the step time
+            rec.saved_bytes = measure_saved_bytes(comp, cache, step)
+        t1 = time.perf_counter()
+        res = learner_step(comp, cache, step, opt, None)
+        dt = t_roll + (time.perf_counter() - t1)
+        if not res.skipped:
+            version += 1
+        else:
+            rec.skipped += 1
+        samples += s.batch
+        rec.samples.append(samples)
+        rec.reward.append(float(res.reward_mean))
+        rec.step_seconds.append(dt)
+        if (step + 1) % s.eval_every == 0 or step + 1 == s.steps:
+            ev = judge_backbone(comp.backbone, items, seeds=s.eval_seeds, n_steps=s.n_steps)
+            rec.eval_samples.append(samples)
+            rec.judge.append(ev.report.overall)
+        progress(method, seed, step + 1, res.reward_mean)
+    return rec
+
+
+def _ms(vals: list[float]) -> tuple[float, float]:
+    vals = [v for v in vals if v is not None and not math.isnan(v)]
+    if not vals:
+        return float("nan"), float("nan")
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def samples_to_reach(rec: RunRecord, target: float, base: float) -> int | None:
+    if base >= target:
+        return 0
+    for n, j in zip(rec.eval_samples, rec.judge):
+        if j >= target:
+            return n
+    return None
+
+
+def summarise(records: list[RunRecord], base_judge: float, s: Settings) -> tuple[list[dict], dict]:
+    by: dict[str, list[RunRecord]] = {}
+    for r in records:
+        by.setdefault(r.method, []).append(r)
+    rows = []
+    tail = max(1, s.steps // 4)
+    for m, recs in by.items():
+        fr = _ms([statistics.fmean(r.reward[-tail:]) for r in recs])
+        fj = _ms([r.judge[-1] for r in recs])
+        st = _ms([statistics.median(r.step_seconds) for r in recs])
+        rows.append({"method": m, "seeds": len(recs), "final_reward_mean": fr[0], "final_reward_std": fr[1],
+                     "final_judge_mean": fj[0], "final_judge_std": fj[1], "step_s_mean": st[0], "step_s_std": st[1],
+                     "saved_mb": statistics.fmean(r.saved_bytes for r in recs) / 2**20,
+                     "skipped": sum(r.skipped for r in recs)})
+    baselines = [r for r in rows if r["method"] not in FLOWBP]
+    verdict: dict = {"base_judge": base_judge}
+    if baselines:
+        best = max(baselines, key=lambda r: r["final_judge_mean"])
+        budget = s.steps * s.batch
+        verdict.update(best_baseline=best["method"], best_baseline_final_judge=best["final_judge_mean"], budget=budget)
+        for r in rows:
+            reach = [samples_to_reach(rec, best["final_judge_mean"], base_judge) for rec in by[r["method"]]]
+            ok = [x for x in reach if x is not None]
+            r["samples_to_best_baseline"] = statistics.fmean(ok) if len(ok) == len(reach) else None
+            r["reached_in_seeds"] = f"{len(ok)}/{len(reach)}"
+        for r in rows:
+            if r["method"] in FLOWBP:
+                n = r["samples_to_best_baseline"]
+                verdict[r["method"]] = ("meets target (<= half the budget)" if n is not None and n <= budget / 2 else
+                                        f"misses: reaches it with {n:.0f} of {budget} samples" if n is not None else
+                                        f"misses: does not reach {best['final_judge_mean']:.1f} within {budget} samples")
+    return rows, verdict
+
+
+def table_md(rows: list[dict], verdict: dict, s: Settings, machine: str) -> str:
+    out = [f"Sample efficiency on the embedded world ({machine}); {s.seeds} seeds x {s.steps} steps x {s.batch} "
+           f"prompts = {s.steps * s.batch} samples per run, {s.n_steps} sampling steps, LoRA rank {s.rank}, "
+           f"lr {s.lr}. Held-out judge of the base model: {verdict['base_judge']:.1f}.", "",
+           "| method | final train reward | final held-out judge | samples to best baseline's judge | s/step | "
+           "saved for backward (MB) |", "|---|---:|---:|---:|---:|---:|"]
+    for r in sorted(rows, key=lambda r: -r["final_judge_mean"]):
+        reach = r.get("samples_to_best_baseline")
+        reach_s = "-" if "reached_in_seeds" not in r else (f"{reach:.0f} ({r['reached_in_seeds']})" if reach is not None
+                                                              else f"not reached ({r['reached_in_seeds']})")
+        out.append(f"| {r['method']} | {r['final_reward_mean']:.3f} +- {r['final_reward_std']:.3f} | "
+                   f"{r['final_judge_mean']:.1f} +- {r['final_judge_std']:.1f} | {reach_s} | "
+                   f"{r['step_s_mean']:.2f} +- {r['step_s_std']:.2f} | {r['saved_mb']:.1f} |")
+    if "best_baseline" in verdict:
+        out += ["", f"Best baseline: {verdict['best_baseline']} ({verdict['best_baseline_final_judge']:.1f}). "
+                    "Target: a FlowBP variant reaches it with at most half the budget."]
+        out += [f"- {m}: {verdict[m]}" for m in FLOWBP if m in verdict]
+    return "\n".join(out) + "\n"
+
+
+def plot(records: list[RunRecord], base_judge: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by: dict[str, list[RunRecord]] = {}
+    for r in records:
+        by.setdefault(r.method, []).append(r)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), dpi=110)
+    cmap = plt.get_cmap("tab10")
+    for i, (m, recs) in enumerate(sorted(by.items())):
+        style = "-" if m in FLOWBP else "--"
+        x = recs[0].samples
+        ys = torch.tensor([r.reward for r in recs])
+        mean, std = ys.mean(0), (ys.std(0) if len(recs) > 1 else torch.zeros(ys.shape[1]))
+        axes[0].plot(x, mean, style, color=cmap(i), label=m)
+        axes[0].fill_between(x, mean - std, mean + std, color=cmap(i), alpha=0.12)
+        xe = [0] + recs[0].eval_samples
+        js = torch.tensor([[base_judge] + r.judge for r in recs])
+        jm, jsd = js.mean(0), (js.std(0) if len(recs) > 1 else torch.zeros(js.shape[1]))
+        axes[1].plot(xe, jm, style, marker="o", ms=3, color=cmap(i), label=m)
+        axes[1].fill_between(xe, jm - jsd, jm + jsd, color=cmap(i), alpha=0.12)
+    axes[0].set(xlabel="samples seen", ylabel="training reward (batch mean)", title="world_attributes reward")
+    axes[1].set(xlabel="samples seen", ylabel="held-out judge (points of 100)", title="held-out judge (not the reward)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="CI-sized: 2 steps, 1 seed, tiny eval")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--seeds", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--n-steps", type=int, default=None, help="sampling steps N")
+    p.add_argument("--eval-every", type=int, default=None)
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "sample_efficiency")
+    p.add_argument("--threads", type=int, default=0)
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    s = Settings(**asdict(QUICK)) if a.quick else Settings()
+    for name in ("seeds", "steps", "batch", "n_steps", "eval_every"):
+        v = getattr(a, name)
+        if v is not None:
+            if v < 1:
+                p.error(f"--{name.replace('_', '-')}={v}: must be >= 1")
+            setattr(s, name, v)
+    from flowbp_core import methods as methods_mod
+    from flowbp_core.rewards import build as build_reward
+    from flowbp_core.world.data import heldout_prompts
+    from flowbp_core.world.evaluate import judge_backbone
+
+    chosen = [m.strip() for m in a.methods.split(",") if m.strip()]
+    unknown = [m for m in chosen if m not in methods_mod.names()]
+    if unknown:
+        p.error(f"--methods: unknown {unknown}; known: {methods_mod.names()}")
+    reward = build_reward("world_attributes")
+    items = heldout_prompts(s.eval_per_task)
+    # the base model's held-out score (the same for every method: same weights, prompts and noise)
+    from flowbp_core.backbones.embedded import EmbeddedBackbone
+
+    base_judge = judge_backbone(EmbeddedBackbone.default(), items, seeds=s.eval_seeds, n_steps=s.n_steps).report.overall
+    t_all = time.perf_counter()
+
+    def progress(m, seed, step, r):
+        print(f"\r{m:<16} seed {seed} step {step}/{s.steps} reward {r:+.3f}  ({time.perf_counter() - t_all:.0f} s)",
+              end="", file=sys.stderr, flush=True)
+
+    records = []
+    for seed in range(s.seeds):
+        for m in chosen:
+            records.append(run_one(m, seed, s, reward, items, progress))
+    print(file=sys.stderr)
+    rows, verdict = summarise(records, base_judge, s)
+    machine = f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    md = table_md(rows, verdict, s, machine)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    result = {"settings": asdict(s), "machine": machine, "base_judge": base_judge, "rows": rows, "verdict": verdict,
+              "runs": [asdict(r) for r in records], "wall_seconds": time.perf_counter() - t_all}
+    a.out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    a.out.with_suffix(".md").write_text(md)
+    plot(records, base_judge, a.out.with_suffix(".png"))
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,84 @@
+"""Committed world checkpoints: they load, their hashes match their metadata, and damage gives a clear error."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from flowbp_core.world.assets import CheckpointError, content_sha256, file_sha256, load_checkpoint, manifest_path, save_checkpoint
+from flowbp_core.world.base_model import BASE_CHECKPOINT, BASE_REGENERATE, load_base_transformer
+from flowbp_core.world.reward import RECOGNISER_CHECKPOINT, RECOGNISER_REGENERATE, load_recogniser
+
+COMMITTED = [(BASE_CHECKPOINT, BASE_REGENERATE), (RECOGNISER_CHECKPOINT, RECOGNISER_REGENERATE)]
+
+
+@pytest.mark.parametrize("path,regen", COMMITTED, ids=["base", "recogniser"])
+def test_committed_checkpoint_hashes_match_metadata(path, regen):
+    assert path.stat().st_size < 30 * 2**20, "committed checkpoints stay under 30 MB"
+    manifest = json.loads(manifest_path(path).read_text())
+    assert manifest["sha256"] == file_sha256(path)
+    tensors, meta = load_checkpoint(path, regenerate=regen)
+    assert meta["content_sha256"] == content_sha256(tensors) == manifest["content_sha256"]
+    assert int(meta["data_seed"]) == manifest["data_seed"]
+    assert meta["config"] and meta["command"].startswith("python -m flowbp_core.world.train_")
+
+
+def test_committed_models_load():
+    model, meta = load_base_transformer()
+    assert sum(p.numel() for p in model.parameters()) > 1_000_000 and not model.training
+    rec, _ = load_recogniser()
+    out = rec(torch.zeros(2, 3, 32, 32))
+    assert out["pair_count"].shape == (2, 6, 3, 4)
+
+
+def _copy(tmp_path, path):
+    dst = tmp_path / path.name
+    shutil.copy(path, dst)
+    shutil.copy(manifest_path(path), manifest_path(dst))
+    return dst
+
+
+@pytest.mark.parametrize("path,regen", COMMITTED, ids=["base", "recogniser"])
+def test_corrupt_checkpoint_names_file_and_command(tmp_path, path, regen):
+    dst = _copy(tmp_path, path)
+    data = bytearray(dst.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # flip one byte in the tensor data
+    dst.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(dst, regenerate=regen)
+    assert str(dst) in str(e.value) and regen in str(e.value) and "corrupt" in str(e.value)
+
+
+def test_corruption_without_manifest_is_caught_by_content_hash(tmp_path):
+    dst = _copy(tmp_path, RECOGNISER_CHECKPOINT)
+    manifest_path(dst).unlink()
+    data = bytearray(dst.read_bytes())
+    data[-5] ^= 0x01
+    dst.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="tensor contents hash"):
+        load_checkpoint(dst, regenerate=RECOGNISER_REGENERATE)
+
+
+def test_missing_checkpoint_names_file_and_command(tmp_path):
+    missing = tmp_path / "transformer.safetensors"
+    with pytest.raises(CheckpointError) as e:
+        load_base_transformer(missing)
+    assert str(missing) in str(e.value) and BASE_REGENERATE in str(e.value)
+
+
+def test_missing_default_checkpoint_through_the_backbone_registry(tmp_path, monkeypatch):
+    from flowbp_core import backbones
+    import flowbp_core.world.base_model as bm
+
+    monkeypatch.setattr(bm, "BASE_CHECKPOINT", tmp_path / "nope.safetensors")
+    with pytest.raises(CheckpointError, match="train_base"):
+        backbones.build("embedded")
+
+
+def test_save_then_load_round_trip(tmp_path):
+    t = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.ones(2, dtype=torch.float16)}
+    digest = save_checkpoint(t, tmp_path / "m.safetensors", config={"a": 1}, data_seed=3, command="python -m x")
+    assert digest == file_sha256(tmp_path / "m.safetensors")
+    back, meta = load_checkpoint(tmp_path / "m.safetensors", regenerate="python -m x")
+    assert meta["config"] == {"a": 1} and all(torch.equal(back[k], t[k]) for k in t)
