@@ -175,7 +175,7 @@ def cmd_status(c: Client, a: argparse.Namespace) -> int:
         print(f"{k:<{w}}  {v}")
     print()
     print(table([[_when(t["at"]), t["state"], t["reason"]] for t in j["history"]], ["TIME", "STATE", "REASON"],
-                max_width=100))
+                max_width=400))
     return 0
 
 

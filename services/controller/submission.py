@@ -170,13 +170,22 @@ class RayJobBackend:
     def info(self, submission_id: str) -> RayJobInfo:
         d = self._call(f"status of {submission_id}", lambda c: c.get_job_info(submission_id))
         status = d.status.value if hasattr(d.status, "value") else str(d.status)
-        return RayJobInfo(status=status, message=d.message, error_type=getattr(d, "error_type", None))
+        # Ray appends up to 20,000 characters of log to a failure message: keep records and reasons readable
+        # (the whole log stays available from the logs route).
+        return RayJobInfo(status=status, message=_clip(d.message), error_type=getattr(d, "error_type", None))
 
     def stop(self, submission_id: str) -> None:
         self._call(f"stop {submission_id}", lambda c: c.stop_job(submission_id))
 
     def logs(self, submission_id: str) -> str:
         return self._call(f"logs of {submission_id}", lambda c: c.get_job_logs(submission_id))
+
+
+def _clip(msg: str | None, limit: int = 400) -> str | None:
+    if msg is None or len(msg) <= limit:
+        return msg
+    head = msg.split(", last available logs", 1)[0]
+    return head if len(head) <= limit else head[:limit] + "..."
 
 
 def _status_code(msg: str) -> int | None:
