@@ -300,11 +300,11 @@ class _NoLora(LookupError):
 def main() -> None:
     import uvicorn
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = ControllerSettings.from_env()
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
     # uvicorn's own access log is off: ours (middleware.py) logs route templates, never query strings.
-    uvicorn.run(app, host=settings.host, port=settings.port, access_log=False, log_level="info")
+    uvicorn.run(app, host=settings.host, port=settings.port, access_log=False, log_level=settings.log_level)
 
 
 if __name__ == "__main__":

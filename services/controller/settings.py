@@ -67,6 +67,7 @@ class ControllerSettings(BaseModel):
     limits: Limits = Field(default_factory=Limits)
 
     host: str = "127.0.0.1"
+    log_level: str = Field("info", pattern="^(debug|info|warning|error)$")
     port: int = Field(8000, ge=0, le=65535)
 
     @classmethod
