@@ -52,15 +52,16 @@ class EngineMethod:
         last = plan.segments[-1]
         residual_0 = segs[-1].residual if last.pin else per_sample_mean_abs(cache.final, res.value)
         b = cache.batch_size
-        if plan.sample_weight == "traj_sim":
+        dev = res.value.device
+        if plan.sample_weight == "traj_sim" and pinned:
             # w = 1 / sum_seg max(d_seg, tau) over the pinned connectors (LeapAlign / Lagrange)
-            acc = torch.zeros(b)
+            acc = torch.zeros(b, device=dev)
             for s, r in zip(plan.segments, segs):
                 if s.pin:
-                    acc = acc + r.residual.clamp(min=plan.tau)
-            weights = 1.0 / acc if pinned else torch.ones(b)
+                    acc = acc + r.residual.to(dev).clamp(min=plan.tau)
+            weights = 1.0 / acc
         else:
-            weights = torch.ones(b)
+            weights = torch.ones(b, device=dev)
         extra = {
             "forwards_with_grad": float(sum(r.forwards for r in segs)),
             "rescale_g": float(segs[0].g),
