@@ -6,11 +6,11 @@ prompt (BERT tokens, padded to 35) through the BLIP text encoder with cross-atte
 the [CLS] token first, no [ENC] substitution); the [CLS] feature through the MLP; then (r - 0.16717) / 1.03334.
 Preprocessing as its `_transform`: shortest side 224 bicubic, center crop, CLIP mean/std (not BLIP's 384 stretch).
 
-Weights: `path` is a local transformers folder of a BlipForImageTextRetrieval (model_type "blip", the BLIP-L
-ITM layout: `vision_model.*`, `text_encoder.*`) with its BERT tokenizer; `head` is the MLP state dict
-(`layers.0/2/4/6/7`, the aesthetic layout with 768 inputs), either a bare state dict or the released
-`ImageReward.pt`, from which the `mlp.layers.*` tensors are taken. This is an optional extra: nothing else in
-the project needs BLIP.
+Weights, either: `checkpoint` = the released `ImageReward.pt` (mapped into transformers' BLIP classes by
+blip_convert.py) with `tokenizer` = a bert-base-uncased tokenizer folder; or `path` = a local transformers folder
+of a BlipForImageTextRetrieval (model_type "blip": `vision_model.*`, `text_encoder.*`) with `head` = the MLP
+state dict (`layers.0/2/4/6/7`, the aesthetic layout with 768 inputs) or an `ImageReward.pt` holding
+`mlp.layers.*`. An optional extra: nothing else in the project needs BLIP.
 """
 
 from __future__ import annotations
@@ -46,34 +46,24 @@ def load_ir_head(path: str | Path) -> AestheticMLP:
     return head
 
 
-@register("imagereward")
 class ImageRewardModel(FrozenReward):
+    """BLIP vision tower + BLIP text encoder (cross-attention) + MLP head; see the module docstring."""
+
     name = "imagereward"
 
-    def __init__(self, path: str | Path, head: str | Path, *, tokenizer: str | Path | None = None,
-                 dtype: torch.dtype | str | None = None, device: torch.device | str | None = None,
-                 mean: float = IR_MEAN, std: float = IR_STD):
-        from transformers import BlipForImageTextRetrieval
-
+    def __init__(self, vision, text, head: AestheticMLP, tokenizer, *, dtype: torch.dtype | str | None = None,
+                 device: torch.device | str | None = None, mean: float = IR_MEAN, std: float = IR_STD):
         super().__init__()
-        folder = require_dir(path, "imagereward BLIP model (a BlipForImageTextRetrieval folder)")
-        check_model_type(folder, ("blip",), "imagereward BLIP model")
-        blip = BlipForImageTextRetrieval.from_pretrained(str(folder), local_files_only=True,
-                                                         dtype=resolve_dtype(dtype))
-        if not blip.config.text_config.is_decoder:
+        if not getattr(text.config, "is_decoder", False):
             # transformers only builds the cross-attention layers when is_decoder is set in the text config.
-            raise ValueError(f"imagereward: {str(folder)!r} has a BLIP text encoder without cross-attention "
-                             "(text_config.is_decoder is false)")
-        self.vision = blip.vision_model
-        self.text = blip.text_encoder
-        self.head = load_ir_head(head)
-        if self.head.input_size != self.text.config.hidden_size:
-            raise ValueError(f"imagereward head takes {self.head.input_size}-d features but the BLIP text encoder "
-                             f"in {str(folder)!r} is {self.text.config.hidden_size}-d")
-        self.tokenizer = load_tokenizer(tokenizer if tokenizer is not None else folder, "imagereward tokenizer")
-        self.pipeline = ImagePipeline(size=blip.config.vision_config.image_size, fit="crop")
+            raise ValueError("imagereward: the BLIP text encoder has no cross-attention (text_config.is_decoder "
+                             "is false)")
+        if head.input_size != text.config.hidden_size:
+            raise ValueError(f"imagereward head takes {head.input_size}-d features but the BLIP text encoder is "
+                             f"{text.config.hidden_size}-d")
+        self.vision, self.text, self.head, self.tokenizer = vision, text, head, tokenizer
+        self.pipeline = ImagePipeline(size=vision.config.image_size, fit="crop")
         self.mean, self.std = float(mean), float(std)
-        del blip  # the ITM/projection heads are not used
         self.to(device=device or "cpu", dtype=resolve_dtype(dtype))
         self.freeze()
 
@@ -86,6 +76,43 @@ class ImageRewardModel(FrozenReward):
                              return_tensors="pt").to(self.device)
         out = self.text(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"],
                         encoder_hidden_states=image_embeds, encoder_attention_mask=image_atts, is_decoder=False)
-        feats = out.last_hidden_state[:, 0, :]
-        r = self.head(feats).squeeze(-1).float()
+        r = self.head(out.last_hidden_state[:, 0, :]).squeeze(-1).float()
         return (r - self.mean) / self.std
+
+
+@register("imagereward")
+def build_imagereward(path: str | Path | None = None, head: str | Path | None = None, *,
+                      checkpoint: str | Path | None = None, tokenizer: str | Path | None = None,
+                      dtype: torch.dtype | str | None = None, device: torch.device | str | None = None,
+                      vision_heads: int = 16, text_heads: int = 12) -> ImageRewardModel:
+    """Two sources, one model:
+    - `checkpoint=ImageReward.pt, tokenizer=<bert-base-uncased tokenizer folder>`: the released file, mapped
+      into transformers' BLIP classes (blip_convert);
+    - `path=<BlipForImageTextRetrieval folder>, head=<ImageReward.pt or MLP state dict>`: an already converted
+      transformers folder (its own tokenizer unless `tokenizer` is given)."""
+    if checkpoint is not None:
+        if path is not None:
+            raise ValueError("imagereward: give either checkpoint= (ImageReward.pt) or path= (a transformers "
+                             "BLIP folder), not both")
+        from flowbp_core.rewards.blip_convert import load_imagereward_towers
+
+        ckpt = require_file(checkpoint, "imagereward checkpoint (ImageReward.pt)")
+        if tokenizer is None:
+            raise ValueError("imagereward: checkpoint= needs tokenizer= (a bert-base-uncased tokenizer folder)")
+        vision, text, head_sd = load_imagereward_towers(ckpt, vision_heads=vision_heads, text_heads=text_heads)
+        mlp = AestheticMLP(input_size=head_sd["layers.0.weight"].shape[1])
+        mlp.load_state_dict(head_sd, strict=True)
+        return ImageRewardModel(vision, text, mlp, load_tokenizer(tokenizer, "imagereward tokenizer"),
+                                dtype=dtype, device=device)
+    if path is None or head is None:
+        raise ValueError("imagereward: expected checkpoint= (ImageReward.pt) with tokenizer=, or path= (a "
+                         "transformers BLIP folder) with head=")
+    from transformers import BlipForImageTextRetrieval
+
+    folder = require_dir(path, "imagereward BLIP model (a BlipForImageTextRetrieval folder)")
+    check_model_type(folder, ("blip",), "imagereward BLIP model")
+    blip = BlipForImageTextRetrieval.from_pretrained(str(folder), local_files_only=True, dtype=resolve_dtype(dtype))
+    tok = load_tokenizer(tokenizer if tokenizer is not None else folder, "imagereward tokenizer")
+    # Only the two towers are kept; the ITM / projection heads of the retrieval model are not used.
+    return ImageRewardModel(blip.vision_model, blip.text_encoder, load_ir_head(head), tok, dtype=dtype,
+                            device=device)

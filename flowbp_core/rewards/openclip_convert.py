@@ -171,11 +171,16 @@ def load_openclip_as_hf(path: str | Path, **config_kwargs):
     if missing or extra:
         raise ValueError(f"{path}: after mapping, missing {sorted(missing)[:6]}, unexpected {sorted(extra)[:6]}")
     model.load_state_dict(hf, strict=False, assign=True)
-    # Buffers that were created on meta (position_ids) must be rebuilt on CPU.
+    return rebuild_position_ids(model)
+
+
+def rebuild_position_ids(model):
+    """A model built on the meta device and filled with `load_state_dict(assign=True)` still has its
+    non-persistent `position_ids` buffers on meta: rebuild them (they are aranges) on the CPU."""
     for name, buf in list(model.named_buffers()):
         if buf.is_meta:
             mod_name, _, attr = name.rpartition(".")
-            mod = model.get_submodule(mod_name)
-            n = buf.shape[-1]
-            setattr(mod, attr, torch.arange(n).expand(buf.shape).clone())
+            if not attr.endswith("position_ids"):
+                raise ValueError(f"buffer {name!r} was not loaded from the checkpoint")
+            setattr(model.get_submodule(mod_name), attr, torch.arange(buf.shape[-1]).expand(buf.shape).clone())
     return model

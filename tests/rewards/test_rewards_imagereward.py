@@ -77,3 +77,55 @@ def test_imagereward_errors(tiny_ir, tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "clip"}')
     with pytest.raises(ValueError, match="model_type='clip'.*expected blip"):
         build("imagereward", path=tmp_path, head=d / "ImageReward.pt")
+
+
+def to_imagereward_layout(blip, head) -> dict[str, torch.Tensor]:
+    """The INVERSE of blip_convert, written out: what the original ImageReward code's state_dict() holds."""
+    out = {}
+    vis = blip.vision_model.state_dict()
+    plain = {"embeddings.class_embedding": "cls_token", "embeddings.position_embedding": "pos_embed",
+             "embeddings.patch_embedding.weight": "patch_embed.proj.weight",
+             "embeddings.patch_embedding.bias": "patch_embed.proj.bias",
+             "post_layernorm.weight": "norm.weight", "post_layernorm.bias": "norm.bias"}
+    block = {"layer_norm1": "norm1", "layer_norm2": "norm2", "self_attn.qkv": "attn.qkv",
+             "self_attn.projection": "attn.proj", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+    for k, v in vis.items():
+        if k in plain:
+            out["blip.visual_encoder." + plain[k]] = v.clone()
+            continue
+        _, _, i, *rest = k.split(".")
+        part, kind = ".".join(rest[:-1]), rest[-1]
+        out[f"blip.visual_encoder.blocks.{i}.{block[part]}.{kind}"] = v.clone()
+    for k, v in blip.text_encoder.state_dict().items():
+        out["blip.text_encoder." + k] = v.clone()
+    out["blip.vision_proj.weight"] = blip.vision_proj.weight.clone()  # present in the release, unused
+    out.update({"mlp." + k: v.clone() for k, v in head.state_dict().items()})
+    return out
+
+
+def test_released_checkpoint_layout_loads_and_matches(tiny_ir, tmp_path):
+    d, blip, tok, head = tiny_ir
+    torch.save({"state_dict": to_imagereward_layout(blip, head)}, tmp_path / "ImageReward.pt")
+    from_ckpt = build("imagereward", checkpoint=tmp_path / "ImageReward.pt", tokenizer=d, vision_heads=4,
+                      text_heads=4)
+    from_folder = build("imagereward", path=d, head=d / "ImageReward.pt")
+    assert from_ckpt.vision.config.layer_norm_eps == 1e-6  # the original timm ViT's eps
+    # The tiny source was built with transformers' eps (1e-5) in the vision tower; match it for an exact check.
+    for m in from_ckpt.vision.modules():
+        if isinstance(m, torch.nn.LayerNorm):
+            m.eps = blip.config.vision_config.layer_norm_eps
+    torch.manual_seed(5)
+    images = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(from_ckpt(images, PROMPTS[:2]), from_folder(images, PROMPTS[:2]), rtol=0, atol=1e-6)
+    assert_pixel_grad(from_ckpt, images, PROMPTS[:2])
+
+
+def test_released_checkpoint_errors(tmp_path, tiny_ir):
+    d, *_ = tiny_ir
+    torch.save({"x": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="expected ImageReward.pt"):
+        build("imagereward", checkpoint=tmp_path / "other.pt", tokenizer=d)
+    with pytest.raises(ValueError, match="tokenizer="):
+        build("imagereward", checkpoint=tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="checkpoint= .*or path="):
+        build("imagereward")
