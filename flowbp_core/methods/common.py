@@ -14,6 +14,14 @@ def default_generator(cache: TrajectoryCache) -> torch.Generator:
     return torch.Generator().manual_seed(int(cache.seed))
 
 
+def plan_from_cache(cache: TrajectoryCache, method: str) -> Plan | None:
+    text = cache.meta.get("plan")
+    if not text:
+        return None
+    plan = Plan.from_json(text)
+    return plan if plan.method == method and plan.n_steps == cache.n_steps else None
+
+
 class EngineMethod:
     """A method = a plan sampler; the endpoint is the engine's. Subclasses implement `plan`."""
 
@@ -28,6 +36,10 @@ class EngineMethod:
         return plan.needs()
 
     def _resolve_plan(self, cache: TrajectoryCache, generator: torch.Generator | None, plan: Plan | None) -> Plan:
+        """An explicit plan wins; else the plan the rollout stamped into `cache.meta["plan"]` (the cache was
+        compacted for exactly that plan); else a fresh draw from `generator` (or one seeded from cache.seed)."""
+        if plan is None:
+            plan = plan_from_cache(cache, self.name)
         if plan is None:
             plan = self.plan(cache.n_steps, generator if generator is not None else default_generator(cache))
         if plan.n_steps != cache.n_steps:

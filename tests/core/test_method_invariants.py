@@ -150,3 +150,18 @@ def test_same_seed_same_plan_on_every_rank_regardless_of_global_rng():
             g = torch.Generator().manual_seed(114)
             plans.append([m.plan(25, g) for _ in range(5)])
         assert plans[0] == plans[1] == plans[2], name
+
+
+def test_endpoint_uses_the_plan_stamped_into_the_cache():
+    net = TinyMLP(dim=16, seed=1)
+    m = methods.build("flowbp_bridge")
+    plan = m.plan(20, torch.Generator().manual_seed(3))
+    noise = torch.randn(2, 16, generator=torch.Generator().manual_seed(0))
+    c = rollout(net, noise, make_schedule("sd3", 20).sigmas, needs=m.needs(plan, 20), meta={"plan": plan.to_json()})
+    c = TrajectoryCache.from_bytes(c.to_bytes())
+    ep = m.endpoint(c, net, generator=torch.Generator().manual_seed(999))  # a different draw would miss states
+    assert ep.diagnostics.active == plan.active and ep.diagnostics.anchors == plan.anchors
+    other = methods.build("flowbp_sparse")  # a plan for another method is ignored
+    with pytest.raises(KeyError, match="not kept"):
+        for seed in range(20):
+            other.endpoint(c, net, generator=torch.Generator().manual_seed(seed))
