@@ -123,7 +123,7 @@ class RayHead:
         local = Path(sys.executable).with_name("ray")
         return str(local) if local.exists() else (shutil.which("ray") or "ray")
 
-    def start(self, timeout: float = 90.0) -> "RayHead":
+    def start(self, timeout: float = 120.0) -> "RayHead":
         apply_ray_env()
         env = {**os.environ, **RAY_LOCAL_ENV}
         cmd = [self._ray_bin(), "start", "--head", f"--node-ip-address={LOOPBACK}", f"--port={self.port}",
@@ -137,7 +137,7 @@ class RayHead:
             raise RuntimeError(f"`ray start --head` failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
         self.started = True
         self._wait_for_job_server(timeout)
-        self.wait_for_job_agent(timeout)
+        self.wait_for_job_agent(max(timeout, 240.0))
         return self
 
     def _wait_for_job_server(self, timeout: float) -> None:
