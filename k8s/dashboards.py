@@ -113,10 +113,10 @@ JOB_OVERVIEW = Dashboard(
         ),
         Row(
             "Numerics and skipped steps",
-            "Whether the gradient path can be trusted: the straight-through residual (how far the learner's "
-            "re-forward is from the rollout's sample) and steps skipped for a non-finite reward or gradient.",
+            "Whether the gradient path can be trusted: the straight-through residual (mean distance between the "
+            "surrogate endpoint and the true sample) and steps skipped for a non-finite reward, loss or gradient.",
             (
-                Panel("Straight-through residual", "Norm of the gap between the rollout's and the learner's states.",
+                Panel("Straight-through residual", "Mean |surrogate endpoint - true sample| of each step.",
                       (_q(f"avg by (run_id) (ray_flowbp_straight_through_residual{{{RUN}}})", "{{run_id}}"),),
                       width=12),
                 Panel("Skipped steps by reason", "Steps skipped in each interval; a streak fails the run.",
