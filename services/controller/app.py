@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import threading
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -65,6 +66,10 @@ def create_app(settings: ControllerSettings, *, tokens: TokenStore | None = None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        if settings.check_registries:
+            # Import the registries (and torch) now, off the event loop, so the first submit is not the one
+            # that waits seconds for them.
+            threading.Thread(target=_warm_registries, name="flowbp-warm-registries", daemon=True).start()
         if settings.reconciler_enabled:
             ctl.reconciler.start()
         log.info("controller up: redis %s, ray %s", ctl.store.url, settings.ray_address)
@@ -295,6 +300,13 @@ class _NoLora(LookupError):
 
     def __str__(self) -> str:
         return f"job {self.job_id} has no complete checkpoint with a LoRA file yet"
+
+
+def _warm_registries() -> None:
+    try:
+        from flowbp_core import backbones, methods, rewards  # noqa: F401
+    except Exception:  # the first submit will report it with its field path
+        log.exception("importing the backbone/method/reward registries failed")
 
 
 def main() -> None:

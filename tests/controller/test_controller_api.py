@@ -96,6 +96,27 @@ def test_malformed_json_and_controller_limits_get_422(api, redis_server, tmp_pat
         assert d["detail"][0]["type"] == "too_many_labels"
 
 
+def test_registry_names_and_method_parameters_get_422(redis_server, tmp_path, token_env):
+    """Names and method parameters are checked by the registries themselves (check_registries=True)."""
+    from fastapi.testclient import TestClient
+
+    from ctl_helpers import settings_for
+    from services.controller.app import create_app
+
+    with TestClient(create_app(settings_for(redis_server.url, tmp_path, check_registries=True))) as c:
+        cases = [({"method": {"name": "nope"}}, ["body", "config", "method", "name"]),
+                 ({"method": {"name": "flowbp_sparse", "k": 0}}, ["body", "config", "method", "k"]),
+                 ({"backbone": {"name": "sdxl"}}, ["body", "config", "backbone", "name"]),
+                 ({"reward": {"terms": [{"name": "vibes"}]}}, ["body", "config", "reward", "terms", "0", "name"])]
+        for config, loc in cases:
+            r = c.post("/v1/jobs", json={"name": "a", "config": config}, headers=AUTH)
+            assert r.status_code == 422, r.text
+            d = r.json()["detail"][0]
+            assert d["loc"] == loc and d["type"] == "not_registered" and "expected" in d["msg"], d
+        assert c.post("/v1/jobs", json={"name": "a", "config": {"method": {"name": "flowbp_sparse", "k": 2}}},
+                      headers=AUTH).status_code == 201
+
+
 def test_body_size_limit_declared_and_chunked(api):
     big = json.dumps({"name": "a", "config": {}, "labels": {"k": "x" * 2_000_000}}).encode()
     r = api.post("/v1/jobs", content=big, headers={**AUTH, "content-type": "application/json"})
