@@ -53,10 +53,20 @@ class BranchForward(Protocol):
 
 
 def guided_velocity(forward: BranchForward | Callable[..., torch.Tensor], x: torch.Tensor,
-                    guidance: GuidanceConfig) -> torch.Tensor:
-    """Combine the branches of `forward` at state `x` as `guidance` prescribes (see module docstring)."""
+                    guidance: GuidanceConfig,
+                    forward_pair: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+                    ) -> torch.Tensor:
+    """Combine the branches of `forward` at state `x` as `guidance` prescribes (see module docstring).
+
+    `forward_pair(x) -> (v_cond, v_neg)`, when given, runs both branches as one doubled batch; it is used only
+    where no graph is being built (the rollout), because that is where one launch instead of two pays (batch-1
+    sampling is launch-bound) and where a shared graph could not leak gradient into the negative branch.
+    """
     if guidance.mode == "distilled":
         return forward(x, "cond", guidance.scale)
+    if forward_pair is not None and guidance.needs_negative and not torch.is_grad_enabled():
+        v_cond, v_neg = forward_pair(x)
+        return v_neg + guidance.scale * (v_cond - v_neg)
     v_cond = forward(x, "cond", None)
     if not guidance.needs_negative:
         return v_cond

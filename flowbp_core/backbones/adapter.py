@@ -124,6 +124,8 @@ class DiffusersBackbone:
         self.prompt_cache_size = int(prompt_cache_size)
         self._prompt_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
         self._lora_cfg: LoRAConfig | None = None
+        # no-grad true CFG runs both branches as one doubled batch (as the diffusers pipelines do)
+        self.batch_cfg = True
         self.transformer.requires_grad_(True)  # full fine-tuning unless apply_lora / freeze says otherwise
 
     # ------------------------------------------------------------------------------------------ family hooks
@@ -241,18 +243,30 @@ class DiffusersBackbone:
             raise ConfigError("guidance.mode", g.mode, f"'true' or 'none' for backbone {self.name!r}",
                               hint="this model has no guidance embedding")
 
-        def forward(xx: torch.Tensor, branch: str, distilled_scale: float | None) -> torch.Tensor:
+        def branch_cond(branch: str, b: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
             if branch == "cond":
                 states, pooled = cond["prompt_embeds"], cond.get("pooled")
             else:
                 neg = cond if "neg_prompt_embeds" in cond else self._negative_cond()
                 states, pooled = neg["neg_prompt_embeds"], neg.get("neg_pooled")
-            b = xx.shape[0]
-            states = match_batch(states, b, "prompt_embeds").to(xx.device, self.dtype)
-            pooled = None if pooled is None else match_batch(pooled, b, "pooled").to(xx.device, self.dtype)
+            states = match_batch(states, b, "prompt_embeds").to(device, self.dtype)
+            pooled = None if pooled is None else match_batch(pooled, b, "pooled").to(device, self.dtype)
+            return states, pooled
+
+        def forward(xx: torch.Tensor, branch: str, distilled_scale: float | None) -> torch.Tensor:
+            states, pooled = branch_cond(branch, xx.shape[0], xx.device)
             return self._forward(xx, float(sigma), states, pooled, distilled_scale)
 
-        return guided_velocity(forward, x, g)
+        def forward_pair(xx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            b = xx.shape[0]
+            (sc, pc), (sn, pn) = branch_cond("cond", b, xx.device), branch_cond("neg", b, xx.device)
+            if sc.shape[1:] != sn.shape[1:]:  # different token counts: cannot share a batch
+                return forward(xx, "cond", None), forward(xx, "neg", None)
+            pooled = None if pc is None else torch.cat([pc, pn])
+            v = self._forward(torch.cat([xx, xx]), float(sigma), torch.cat([sc, sn]), pooled, None)
+            return v[:b], v[b:]
+
+        return guided_velocity(forward, x, g, forward_pair if self.batch_cfg else None)
 
     def bind(self, cond: dict[str, torch.Tensor],
              guidance: GuidanceConfig | None = None) -> Callable[[torch.Tensor, float], torch.Tensor]:

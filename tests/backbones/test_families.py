@@ -162,3 +162,18 @@ def test_bf16_backbone_keeps_lora_weights_in_float32():
     assert v.dtype == x.dtype and torch.isfinite(v).all()
     v.float().pow(2).mean().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in bb.trainable_parameters())
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux2"])
+def test_batched_cfg_rollout_equals_two_forwards(name, tiny_cache):
+    bb = tiny_cache(name)
+    cond = bb.encode_prompts(PROMPTS)
+    x = torch.randn(bb.latent_shape(2), generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        batched = bb.velocity(x, 0.8, cond)
+        bb.batch_cfg = False
+        try:
+            separate = bb.velocity(x, 0.8, cond)
+        finally:
+            bb.batch_cfg = True
+    torch.testing.assert_close(batched, separate, rtol=1e-5, atol=1e-5)

@@ -68,3 +68,22 @@ def test_scale_one_skips_the_negative_forward():
 def test_bad_guidance_config_names_the_field(kw, field):
     with pytest.raises(ConfigError, match=field):
         GuidanceConfig(**kw)
+
+
+def test_doubled_batch_forward_is_used_only_without_a_graph():
+    f = LinearBranches()
+    pair_calls = []
+
+    def pair(x):
+        pair_calls.append(torch.is_grad_enabled())
+        return f.a * x, f.b * x
+
+    x = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    g = GuidanceConfig("true", 3.0)
+    with torch.no_grad():
+        v = guided_velocity(f, x, g, pair)
+    assert pair_calls == [False] and f.calls == []
+    assert torch.allclose(v, -0.5 * x + 3.0 * 2.5 * x)
+    guided_velocity(f, x, g, pair).sum().backward()
+    assert pair_calls == [False] and [c[0] for c in f.calls] == ["cond", "neg"]
+    assert f.b.grad is None
