@@ -99,6 +99,7 @@ class Driver:
         self._apps: list[str] = []
         self.workers: list = []
         self.board = None
+        self.hello: LearnerHello | None = None  # the learner generation the loop follows (tests read its pids)
 
     # ------------------------------------------------------------------------------------------ setup
     def _deploy_rewards(self) -> tuple[str | None, str | None]:
@@ -265,6 +266,7 @@ class Driver:
         self.summary.samples_per_second = samples / max(time.perf_counter() - t_first, 1e-9)
 
     def _rewind(self, hello: LearnerHello) -> None:
+        self.hello = hello
         self.summary.learner_generations = hello.generation
         for s in [s for s in self.outcomes if s >= hello.start_step]:
             del self.outcomes[s]

@@ -1,0 +1,31 @@
+"""Shared config builder for the runtime tests: the tiny random SD3, a weight-free reward, few steps."""
+
+from __future__ import annotations
+
+import copy
+
+from flowbp_core.config import RunConfig, config_from_dict
+
+PROMPTS = ["a red cube", "a blue ball on grass", "two green cats", "a yellow sign"]
+
+
+def tiny_cfg(tmp_dir, run_id: str, **sections) -> RunConfig:
+    base = {
+        "run_id": run_id,
+        "backbone": {"name": "sd3", "tiny": True, "device": "cpu", "finetune": "lora", "lora": {"rank": 4}},
+        "method": {"name": "flowbp_sparse", "k": 2},
+        "reward": {"terms": [{"name": "saturation"}], "loss": "neg_mean", "placement": "served",
+                   "served": {"replicas": 1, "num_cpus": 0.25, "decode_on_reward_side": True}},
+        "sampling": {"n_steps": 4},
+        "train": {"steps": 3, "batch_size": 2, "lr": 1e-3, "prompts": {"prompts": PROMPTS}},
+        "runtime": {"rollout_workers": 2, "learners": 1, "rollout_num_cpus": 0.25, "learner_num_cpus": 0.5},
+        "checkpoint": {"dir": str(tmp_dir), "every": 1, "keep": 10},
+        "eval": {"every": 0, "limit": 2, "prompts": {"prompts": PROMPTS[:2]}},
+    }
+    data = copy.deepcopy(base)
+    for k, v in sections.items():
+        if isinstance(v, dict) and isinstance(data.get(k), dict):
+            data[k].update(v)
+        else:
+            data[k] = v
+    return config_from_dict(data)

@@ -1,0 +1,132 @@
+"""The runtime on a real local Ray (the session's `ray_head`): end to end, faults, poisoned steps, resume.
+
+Every run uses the tiny random SD3 and a weight-free reward; the whole module takes a few minutes on 2 cores,
+most of it actor start-up, so runs are shared between assertions where one run can answer several questions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from tests.runtime.helpers import tiny_cfg
+
+pytestmark = pytest.mark.integration
+
+
+def _events(run_dir):
+    path = run_dir / "events.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _wait(pred, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def baseline(ray_client, tmp_path_factory):
+    """An uninterrupted run: 2 rollout workers, 1 learner, served reward (decoded on the reward side), 4 steps."""
+    from services.runtime.driver import Driver
+
+    d = tmp_path_factory.mktemp("baseline")
+    cfg = tiny_cfg(d, "base", train={"steps": 4})
+    drv = Driver(cfg)
+    summary = drv.run()
+    return cfg, drv, summary
+
+
+def test_end_to_end_served_two_workers(baseline):
+    cfg, drv, s = baseline
+    assert s.status == "finished", s.failure
+    assert sorted(s.losses) == [0, 1, 2, 3]
+    assert all(math.isfinite(v) for v in s.losses.values())
+    assert s.policy_version == 4 and s.skipped == {}
+    # One complete checkpoint per step (checkpoint.every=1), and the eval at the end on the score-only app.
+    assert [os.path.basename(p) for p in s.checkpoints] == ["step_1", "step_2", "step_3", "step_4"]
+    assert all(os.path.exists(os.path.join(p, "COMPLETE")) for p in s.checkpoints)
+    assert 4 in s.eval_scores and math.isfinite(s.eval_scores[4]["reward_mean"])
+    steps = [e["step"] for e in _events(drv.run_dir) if e["event"] == "step"]
+    assert steps == [0, 1, 2, 3]
+    for phase in ("rollout", "transfer", "surrogate", "reward", "backward", "sync"):
+        assert s.phase_seconds.get(phase, 0) > 0, phase
+
+
+def test_runtime_matches_single_process_loop(baseline, tmp_path):
+    """Sharded rollouts + served reward give the same losses as flowbp_core.run.train_loop (colocated)."""
+    from flowbp_core.run import train_loop
+
+    cfg, _, s = baseline
+    ref_cfg = cfg.model_copy(update={"run_id": "ref"})
+    out = train_loop(ref_cfg, run_dir=tmp_path / "ref")
+    ref = [r.loss for r in out.results]
+    assert ref == pytest.approx([s.losses[i] for i in range(4)], rel=1e-5, abs=1e-7)
+
+
+def test_rollout_and_learner_killed_run_resumes_exactly(baseline, tmp_path):
+    """Kill a rollout worker during the run (Ray restarts it, the call is retried) and then SIGKILL the learner
+    after step 1 (Ray Train restarts the group from the newest complete checkpoint): the run finishes, every
+    step is counted once per learner generation, and the losses equal the uninterrupted run's."""
+    import ray
+
+    from services.runtime.driver import Driver
+
+    _, _, base = baseline
+    cfg = tiny_cfg(tmp_path, "faults", train={"steps": 4})
+    drv = Driver(cfg)
+    box = {}
+    t = threading.Thread(target=lambda: box.setdefault("summary", drv.run()), daemon=True)
+    t.start()
+    _wait(lambda: 0 in drv.outcomes, 240, "step 0")
+    ray.kill(drv.workers[0], no_restart=False)
+    _wait(lambda: 1 in drv.outcomes, 240, "step 1")
+    learner_pid = drv.hello.pids[0]
+    os.kill(learner_pid, signal.SIGKILL)
+    t.join(timeout=400)
+    assert not t.is_alive(), "run did not finish"
+    s = box["summary"]
+    assert s.status == "finished", s.failure
+    assert s.learner_generations == 2
+    assert s.rollout_retries >= 1
+    assert sorted(s.losses) == [0, 1, 2, 3]
+    assert [s.losses[i] for i in range(4)] == pytest.approx([base.losses[i] for i in range(4)], rel=1e-6, abs=1e-8)
+    restart = [e for e in _events(drv.run_dir) if e["event"] == "learner_restart"]
+    assert len(restart) == 1 and restart[0]["resumed_from"].endswith("step_2")
+    by_gen: dict[int, list[int]] = {}
+    for e in _events(drv.run_dir):
+        if e["event"] == "step":
+            by_gen.setdefault(e["generation"], []).append(e["step"])
+    assert by_gen[1][:2] == [0, 1] and len(set(by_gen[1])) == len(by_gen[1])
+    assert by_gen[2] == [2, 3]
+
+
+def test_non_finite_steps_are_skipped_counted_and_fail_the_run(ray_client, tmp_path):
+    """A LoRA scale of 1e30 makes every gradient infinite: each step is skipped (no update, no checkpoint),
+    logged with its reason, and max_bad_steps in a row fail the run with that reason."""
+    from services.runtime.driver import Driver, RunFailed
+
+    cfg = tiny_cfg(tmp_path, "poison", backbone={"lora": {"rank": 4, "alpha": 1e30}},
+                   reward={"terms": [{"name": "saturation"}], "loss": "neg_mean", "placement": "colocated"},
+                   runtime={"rollout_workers": 1, "learners": 1, "rollout_num_cpus": 0.25, "learner_num_cpus": 0.5},
+                   train={"steps": 3, "max_bad_steps": 3}, eval={"every": 0, "limit": 1,
+                                                                 "prompts": {"prompts": ["x"]}})
+    drv = Driver(cfg)
+    with pytest.raises(RunFailed, match="non_finite_gradient"):
+        drv.run()
+    s = drv.summary
+    assert s.status == "failed" and "3 steps in a row" in s.failure
+    assert s.skipped == {0: "non_finite_gradient", 1: "non_finite_gradient", 2: "non_finite_streak"}
+    assert s.checkpoints == [] and not list(drv.run_dir.glob("step_*"))
+    ev = _events(drv.run_dir)
+    assert [e["skip_reason"] for e in ev if e["event"] == "step"][:2] == ["non_finite_gradient"] * 2
+    assert any(e["event"] == "failed" and "non_finite" in e["reason"] for e in ev)
