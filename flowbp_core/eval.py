@@ -39,11 +39,22 @@ FORMAT_VERSION = 1
 
 
 # ------------------------------------------------------------------------------------------------- prompts
+WORLD_SETS = ("world_train", "world_heldout")
+
+
 def load_prompts(source: str, limit: int | None = None) -> list[str]:
-    """`hpdv2` / `geneval` (shipped sets), a .txt file (one prompt a line) or a .jsonl file (a "prompt" field)."""
+    """`hpdv2` / `geneval` (shipped sets), `world_train` / `world_heldout` (the embedded world's caption sets), a
+    .txt file (one prompt a line) or a .jsonl file (a "prompt" field per line)."""
+    if source in WORLD_SETS:
+        from flowbp_core.world.data import heldout_prompts, train_prompts
+
+        items = train_prompts() if source == "world_train" else heldout_prompts()
+        prompts = [it.text for it in items]
+        return prompts[:limit] if limit else prompts
     path = PROMPT_SETS.get(source, Path(source))
     if not path.is_file():
-        raise ConfigError("eval.prompts", source, f"one of {sorted(PROMPT_SETS)} or a path to a .txt/.jsonl file")
+        raise ConfigError("eval.prompts", source,
+                          f"one of {sorted(PROMPT_SETS) + list(WORLD_SETS)} or a path to a .txt/.jsonl file")
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
         prompts = []
@@ -347,7 +358,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--lora", "--checkpoint", dest="checkpoint",
                     help="FlowBP checkpoint folder (runs/<id>/step_<n>, or the run folder for its latest step)")
     ap.add_argument("--ema", action="store_true", help="evaluate the checkpoint's EMA weights")
-    ap.add_argument("--prompts", default="hpdv2", help="hpdv2, geneval, or a .txt / .jsonl file")
+    ap.add_argument("--prompts", default="hpdv2",
+                    help="hpdv2, geneval, world_train, world_heldout, or a .txt / .jsonl file")
     ap.add_argument("--rewards", required=True, help="comma-separated reward names, e.g. hpsv2,pickscore")
     ap.add_argument("--reward-arg", action="append", default=[], metavar="NAME.KEY=VALUE",
                     help="keyword argument of a reward's builder (repeatable), e.g. pickscore.path=/models/pick")

@@ -22,6 +22,8 @@ def test_shipped_prompt_sets():
     assert ge[0] == "a photo of a bench"
     assert all(p.strip() == p and p for p in hp + ge)
     assert load_prompts("hpdv2", limit=7) == hp[:7]
+    world = load_prompts("world_heldout", limit=3)
+    assert len(world) == 3 and all(isinstance(p, str) and p for p in world)
 
 
 def test_prompt_files(tmp_path):
