@@ -90,7 +90,7 @@ class Plan:
     def needs(self) -> CacheNeeds:
         """Exactly the cached states / velocities the endpoint reads (the rollout keeps nothing else)."""
         if self.chain_start is not None:
-            return CacheNeeds(frozenset({self.chain_start}), frozenset())
+            return CacheNeeds(frozenset({self.chain_start}) - {0}, frozenset())
         states: set[int] = set()
         vels: set[int] = set()
         for i, seg in enumerate(self.segments):
