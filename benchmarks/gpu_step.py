@@ -18,7 +18,7 @@ fp32 copies of the weights; the step's activation and time costs do not depend o
 
 `--smoke` runs the same code on tiny configs (CPU is fine) so CI keeps the script working; it says so, and
 says when no CUDA device is present. The GPU machine has torch and transformers but no diffusers/peft: put
-their wheels in `.whl/` (pure Python, imported straight from the wheel files; see `--wheels`).
+their wheels (and accelerate's) in `.whl/` (pure Python, imported straight from the wheel files; `--wheels`).
 """
 
 from __future__ import annotations
@@ -43,21 +43,26 @@ if str(ROOT) not in sys.path:
 
 
 def ensure_importable(wheels: str) -> list[str]:
-    """Import diffusers/peft from wheel files in `wheels` when they are not installed (pure-Python wheels are
-    zip archives Python can import from directly). Returns the wheels put on sys.path."""
-    added = []
+    """Import diffusers/peft (and what they need beyond transformers, e.g. accelerate) from the wheel files in
+    `wheels` when they are not installed: pure-Python wheels are zip archives Python imports from directly.
+    Returns the wheels put on sys.path."""
+    missing = []
     for mod in ("diffusers", "peft"):
         try:
             __import__(mod)
         except ImportError:
-            found = sorted(glob.glob(os.path.join(wheels, f"{mod}-*.whl")))
-            if not found:
-                raise SystemExit(f"{mod} is not installed and no {mod}-*.whl is in {wheels!r}: "
-                                 f"`pip download --no-deps {mod}` into it on a machine with network") from None
-            sys.path.insert(0, found[-1])
-            added.append(found[-1])
-            __import__(mod)
-    return added
+            missing.append(mod)
+    if not missing:
+        return []
+    found = sorted(glob.glob(os.path.join(wheels, "*.whl")))
+    if not found:
+        raise SystemExit(f"{missing} not installed and no wheels in {wheels!r}: on a machine with network run "
+                         f"`pip download --no-deps diffusers==0.42.1 peft==0.21.2 accelerate==1.15.0 -d {wheels}`")
+    for w in found:
+        sys.path.insert(0, w)
+    for mod in missing:
+        __import__(mod)
+    return found
 
 
 # ------------------------------------------------------------------------------------------------ records
