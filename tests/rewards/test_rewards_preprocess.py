@@ -73,3 +73,24 @@ def test_processor_config_errors_name_the_field():
         ImagePipeline.from_processor_config({"size": {"height": 10, "width": 12}})
     with pytest.raises(ValueError, match=r"\[B,3,H,W\]"):
         ImagePipeline()(torch.zeros(3, 8, 8))
+
+
+@pytest.mark.parametrize("box", [None, (0, 0, 512, 300), (40, 0, 240, 600)])
+def test_pad_mode_matches_openclip_resize_max_size_on_a_photo(box):
+    """HPSv2's transform is OpenCLIP's ResizeMaxSize on a PIL image (torchvision's resize = PIL bicubic), then
+    pad with black, then normalise; re-done here with PIL directly as the reference. Same tolerance as above."""
+    img = Image.open(sample_image_path()).convert("RGB")
+    if box:
+        img = img.crop(box)
+    w, h = img.size
+    scale = 224 / max(w, h)
+    nw, nh = round(w * scale), round(h * scale)
+    canvas = Image.new("RGB", (224, 224), (0, 0, 0))
+    canvas.paste(img.resize((nw, nh), Image.BICUBIC), ((224 - nw) // 2, (224 - nh) // 2))
+    ref = torch.from_numpy(np.array(canvas)).permute(2, 0, 1)[None].float() / 255.0
+    x = torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].float() / 255.0
+    out = to_01(ImagePipeline(size=224, fit="pad")(x))
+    d = (out - ref).abs().flatten()
+    assert d.mean() < 2e-3, d.mean()
+    assert torch.quantile(d, 0.99) < 6e-3
+    assert d.max() < 0.1
