@@ -16,7 +16,7 @@ Size conventions (followed exactly so that the output grid matches the processor
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -106,7 +106,6 @@ class ImagePipeline:
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
     pad_fill: float = 0.0
-    extra: dict = field(default_factory=dict, compare=False)
 
     def __call__(self, images: Tensor) -> Tensor:
         if images.ndim != 4 or images.shape[1] != 3:

@@ -6,12 +6,10 @@ under test run exactly as they would on a downloaded checkpoint.
 
 from __future__ import annotations
 
-import json
 import os
 import string
 
 import numpy as np
-import pytest
 import torch
 
 TINY_IMAGE = 32  # CLIP/BLIP tiny vision towers take 32 x 32 inputs (patch 8)
