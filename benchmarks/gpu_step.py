@@ -310,6 +310,10 @@ def summarise(name: str, mode: str, rows: dict, k: int) -> dict:
     if None not in (f, fb, dr, sp):
         ideal = f + k * fb + dr
         out.update(ideal_s=ideal, sparse_s=sp, sparse_over_ideal=sp / ideal, target_met=sp / ideal <= 1.15)
+    for item in ("rollout", "flowbp_sparse", "flowbp_lagrange", "draft_k"):
+        t = val(item, "seconds")
+        if f and t is not None:
+            out[f"{item}_over_floor"] = t / f
     pm, pfb = val("flowbp_sparse", "peak_gib"), val("fwd_bwd", "peak_gib")
     if pm is not None and pfb:
         out.update(sparse_peak_over_fwd_bwd=pm / pfb, memory_target_met=pm / pfb <= 1.15)
@@ -381,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
             report.rows.append(Row(b, "-", "build", status="oom", note=str(e)[:200]))
         out.write_text(json.dumps(dataclasses.asdict(report), indent=2))  # partial results survive a timeout
     print("\nSparse vs floor + K x fwd_bwd + decode/reward (target <= 1.15), peak vs one fwd_bwd (<= 1.15):")
+    if args.smoke:
+        print("  (smoke run: tiny models, so these ratios say nothing about the real-size targets)")
     for s in report.summary:
         print("  " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in s.items()))
     out.write_text(json.dumps(dataclasses.asdict(report), indent=2))
