@@ -130,7 +130,11 @@ class RayHead:
                f"--num-cpus={self.num_cpus}", "--num-gpus=0",
                f"--object-store-memory={self.object_store_mb * 1024 * 1024}",
                "--include-dashboard=true", f"--dashboard-host={LOOPBACK}", f"--dashboard-port={self.dashboard_port}",
-               f"--ray-client-server-port={free_port()}", "--disable-usage-stats"]
+               f"--ray-client-server-port={free_port()}", "--disable-usage-stats",
+               # Fixed defaults (agent 52365, metrics 8080, ...) collide with other Ray heads on a shared machine,
+               # and a job agent that cannot bind answers every submit with "No available agent".
+               f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+               f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
         cmd.append(f"--temp-dir={self.temp_dir}")
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
         if out.returncode != 0:
