@@ -31,6 +31,7 @@ from pathlib import Path
 import ray
 
 from flowbp_core.config import RunConfig
+from flowbp_core.errors import ConfigError
 from flowbp_core.run import load_prompts
 from flowbp_core.training import PromptSampler
 from services.runtime import learner as learner_mod
@@ -85,6 +86,9 @@ def shard_bounds(batch: int, parts: int) -> list[tuple[int, int]]:
 class Driver:
     def __init__(self, cfg: RunConfig, run_id: str | None = None, cancel_event: threading.Event | None = None,
                  hello_timeout_s: float = 600.0):
+        if cfg.runtime.strategy != "ddp":
+            raise ConfigError("runtime.strategy", cfg.runtime.strategy,
+                              "'ddp' (FSDP is not implemented in the Ray runtime yet)")
         self.cfg = cfg
         self.run_id = run_id or cfg.run_id or f"run-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         self.cancel_event = cancel_event or threading.Event()
