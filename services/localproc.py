@@ -136,12 +136,18 @@ class RayHead:
                f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
                f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
         cmd.append(f"--temp-dir={self.temp_dir}")
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-        if out.returncode != 0:
-            raise RuntimeError(f"`ray start --head` failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
+        # From here on, whatever fails, stop() ends what was started: a half-started head must never outlive
+        # its caller (the fixture's teardown does not run when start() raises).
         self.started = True
-        self._wait_for_job_server(timeout)
-        self.wait_for_job_agent(max(timeout, 240.0))
+        try:
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+            if out.returncode != 0:
+                raise RuntimeError(f"`ray start --head` failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
+            self._wait_for_job_server(timeout)
+            self.wait_for_job_agent(max(timeout, 240.0))
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def _wait_for_job_server(self, timeout: float) -> None:
