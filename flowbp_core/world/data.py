@@ -19,13 +19,20 @@ class PromptItem:
 
 
 def prompt_pool(split: str, n: int, seed: int, tasks: tuple[str, ...] = TASKS, background_prob: float = 0.25) -> list[PromptItem]:
-    """`n` prompts of `split`, tasks in equal shares, combinations and wordings drawn by `seed`."""
+    """`n` prompts of `split`, tasks in equal shares (task-cyclic order), wordings drawn by `seed`.
+
+    Each task walks through a seeded permutation of its combinations (and again, reshuffled, when it runs out),
+    so a pool covers the combinations evenly instead of repeating some and missing others.
+    """
     rng = np.random.default_rng(seed)
     per_task = {t: specs_for_split(t, split) for t in tasks}
+    order: dict[str, list[int]] = {t: [] for t in tasks}
     items: list[PromptItem] = []
     for i in range(n):
         task = tasks[i % len(tasks)]
-        spec = per_task[task][int(rng.integers(len(per_task[task])))]
+        if not order[task]:
+            order[task] = list(rng.permutation(len(per_task[task])))
+        spec = per_task[task][int(order[task].pop())]
         if rng.random() < background_prob:
             spec = replace(spec, background=_BG_NAMES[int(rng.integers(len(_BG_NAMES)))])
         items.append(PromptItem(spec=spec, text=caption(spec, rng)))

@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--init", type=Path, default=None, help="continue from this recogniser checkpoint")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -88,6 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     pool = prompt_pool("train", 3000, seed=a.seed + 1) + prompt_pool("heldout", 600, seed=a.seed + 2)
     cfg = RecogniserConfig()
     model = Recogniser(cfg)
+    if a.init is not None:
+        from flowbp_core.world.reward import load_recogniser
+
+        model, _ = load_recogniser(a.init)
+        model.requires_grad_(True).train()
+        cfg = model.cfg
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=1e-4)
     val_rng = np.random.default_rng(10_000 + a.seed)
     val_scenes = make_batch(1024, val_rng, pool)

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from flowbp_core.config import (BackboneSpec, CheckpointSpec, EvalSpec, LoRASpec, MethodSpec, PromptSource,
-                                RewardSpec, RunConfig, SamplingSpec, TrainSpec)
+                                RewardSpec, RunConfig, RuntimeSpec, SamplingSpec, ServedRewardSpec, TrainSpec)
 
 
 @dataclass(frozen=True)
@@ -52,11 +52,15 @@ def demo_config(s: DemoSettings, out_root: Path, run_id: str, seed: int = 0) -> 
         method=MethodSpec(name="flowbp_sparse", preset="sd35"),
         # The reward is a mean log-probability (<= 0). The hinge stops pushing samples the recogniser is already
         # ~95 % sure of (r > -0.05), which limits reward hacking on easy prompts.
-        reward=RewardSpec(loss="hinge", clip=-0.05),
+        # `served.num_cpus` sizes the driver's end-of-run score deployment (the Ray runtime always deploys one):
+        # with the rollout worker (0.5) and the learner (1) it must fit the local Ray's 2 CPUs, or the learner
+        # group never gets its CPU and the run hangs.
+        reward=RewardSpec(loss="hinge", clip=-0.05, served=ServedRewardSpec(num_cpus=0.25)),
         sampling=SamplingSpec(n_steps=s.n_steps),
         train=TrainSpec(steps=s.steps, batch_size=s.batch, lr=s.lr, seed=seed, prompts=PromptSource(set="world_train")),
         checkpoint=CheckpointSpec(dir=str(out_root), every=s.steps, keep=1, resume=False),
-        eval=EvalSpec(every=0, limit=8),
+        runtime=RuntimeSpec(rollout_workers=1, rollout_num_cpus=0.5, learner_num_cpus=1.0, mode="sync"),
+        eval=EvalSpec(every=0, limit=4),
     )
 
 
@@ -169,7 +173,7 @@ def before_after_png(base_imgs: torch.Tensor, aligned_imgs: torch.Tensor, prompt
 
     rows = min(rows, len(prompts))
     cell = 32 * scale
-    text_w, pad = 330, 6
+    text_w, pad = 270, 6
     w = text_w + 2 * (cell + pad) + pad
     h = 24 + rows * (cell + 8 + pad)
     canvas = Image.new("RGB", (w, h), (250, 250, 250))
@@ -178,7 +182,7 @@ def before_after_png(base_imgs: torch.Tensor, aligned_imgs: torch.Tensor, prompt
     draw.text((text_w + cell + 2 * pad, 6), "aligned", fill=(0, 0, 0))
     for r in range(rows):
         y = 24 + r * (cell + 8 + pad)
-        draw.text((6, y + cell // 2 - 6), prompts[r][:52], fill=(20, 20, 20))
+        draw.text((6, y + cell // 2 - 6), prompts[r][:44], fill=(20, 20, 20))
         for c, (imgs, ok) in enumerate(((base_imgs, base_ok), (aligned_imgs, aligned_ok))):
             arr = (imgs[r].clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
             tile = Image.fromarray(arr).resize((cell, cell), Image.NEAREST)
@@ -186,11 +190,6 @@ def before_after_png(base_imgs: torch.Tensor, aligned_imgs: torch.Tensor, prompt
             canvas.paste(tile, (x, y))
             draw.rectangle([x, y + cell + 2, x + cell, y + cell + 6], fill=(40, 170, 60) if ok[r] else (210, 50, 40))
     canvas.save(path)
-
-
-def pick_rows(prompts: list[str], n: int, n_tasks: int) -> list[int]:
-    """Interleave tasks so the grid shows each kind of prompt (the eval list is task-cyclic)."""
-    return list(range(min(n, len(prompts))))
 
 
 # ---------------------------------------------------------------------------------------------------- main
@@ -234,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{settings.steps} steps x {settings.batch} prompts, {settings.n_steps} sampling steps", flush=True)
     comp = build_components(cfg)  # the committed base model + LoRA (zero-initialised: still the base model)
     items = heldout_prompts(settings.per_task)
-    # interleave the task-cyclic list so the first rows of the grid show every task
+    # the held-out list is task-cyclic, so the first rows of the grid show every task
     print(f"judging the base model on {len(items)} held-out prompts x {settings.seeds} seeds ...", flush=True)
     base = judge_backbone(comp.backbone, items, seeds=settings.seeds, n_steps=settings.n_steps)
 

@@ -62,13 +62,13 @@ def test_two_step_alignment_raises_the_reward_on_its_batch(reward):
     opt = make_optimizer(cfg, comp.backbone.trainable_parameters())
 
     def batch_reward() -> float:
-        cache = make_cache(comp, 0, 0, prompts=prompts, seed=7)
+        cache = make_cache(comp, 0, 0, prompts=prompts)
         with torch.no_grad():
             return float(reward(comp.backbone.decode(cache.final), prompts).mean())
 
     before = batch_reward()
     for step in range(2):
-        res = learner_step(comp, make_cache(comp, 0, step, prompts=prompts, seed=7), step, opt, None)
+        res = learner_step(comp, make_cache(comp, step, step, prompts=prompts), step, opt, None)
         assert not res.skipped and res.grad_norm > 0
     after = batch_reward()
     assert after > before, (before, after)

@@ -1,0 +1,44 @@
+"""`make demo QUICK=1` and the benchmark's quick mode run end to end and write what they promise."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_quick_demo_runs_and_writes_the_run_folder(tmp_path):
+    from services.entrypoints import demo
+
+    assert demo.main(["--quick", "--runtime", "core", "--out", str(tmp_path)]) == 0
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    for name in ("metrics.jsonl", "reward_curve.png", "before_after.png", "demo_summary.json"):
+        assert (run_dir / name).stat().st_size > 0, name
+    summary = json.loads((run_dir / "demo_summary.json").read_text())
+    assert summary["runtime"] == "core" and set(summary["base"]["per_task"]) == set(summary["aligned"]["per_task"])
+    assert summary["lora"] and (Path(summary["lora"]) / "pytorch_lora_weights.safetensors").is_file()
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == demo.QUICK.steps
+
+
+def test_demo_rejects_bad_steps(tmp_path, capsys):
+    from services.entrypoints import demo
+
+    try:
+        demo.main(["--quick", "--steps", "0", "--out", str(tmp_path)])
+    except SystemExit as e:
+        assert e.code == 2
+    assert "--steps=0" in capsys.readouterr().err
+
+
+def test_sample_efficiency_quick_writes_table_and_plot(tmp_path):
+    out = tmp_path / "se"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sample_efficiency.py"), "--quick",
+                           "--methods", "flowbp_sparse,refl", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert {r["method"] for r in data["rows"]} == {"flowbp_sparse", "refl"}
+    assert all(r["saved_mb"] > 0 and r["step_s_mean"] > 0 for r in data["rows"])
+    assert out.with_suffix(".png").stat().st_size > 0 and "| flowbp_sparse |" in out.with_suffix(".md").read_text()
