@@ -213,7 +213,8 @@ def create_app(settings: ControllerSettings, *, tokens: TokenStore | None = None
 
     @v1.get("/jobs/{job_id}/metrics", response_model=JobMetrics, responses=job_responses)
     def job_metrics(job_id: str, last: Annotated[int, Query(ge=1, le=100_000)] = 1000) -> JobMetrics:
-        """Training metrics the run wrote to runs/<run_id>/metrics.jsonl: the latest row and the history."""
+        """Per-step training metrics of the run (runs/<run_id>/metrics.jsonl, or the step rows of events.jsonl):
+        the latest row and the history."""
         rec = ctl.store.get(job_id)
         rows = run_folder(settings.runs_dir, rec.run_id).metrics(last=last)
         return JobMetrics(job_id=job_id, run_id=rec.run_id, latest=rows[-1] if rows else None, history=rows)
@@ -225,25 +226,26 @@ def create_app(settings: ControllerSettings, *, tokens: TokenStore | None = None
         return JobCheckpoints(job_id=job_id, run_id=rec.run_id, checkpoints=folder.checkpoints(),
                               latest_complete=folder.latest_complete())
 
-    def _lora(job_id: str) -> tuple[JobRecord, int, Path]:
+    def _lora(job_id: str) -> tuple[JobRecord, int, Path, str]:
         rec = ctl.store.get(job_id)
-        found = run_folder(settings.runs_dir, rec.run_id).lora_file()
+        lora_run = rec.config.get("backbone", {}).get("finetune", "lora") == "lora"
+        found = run_folder(settings.runs_dir, rec.run_id).lora_file(lora_run)
         if found is None:
             raise _NoLora(job_id)
-        ref, path = found
-        return rec, ref.step, path
+        ref, path, fmt = found
+        return rec, ref.step, path, fmt
 
     @v1.get("/jobs/{job_id}/lora", response_model=LoraLink, responses=job_responses)
     def lora_link(job_id: str, request: Request) -> LoraLink:
         """Where to download the trained LoRA of the newest complete checkpoint."""
-        _, step, path = _lora(job_id)
-        return LoraLink(job_id=job_id, step=step, file=path.name, bytes=path.stat().st_size,
+        _, step, path, fmt = _lora(job_id)
+        return LoraLink(job_id=job_id, step=step, file=path.name, bytes=path.stat().st_size, format=fmt,
                         url=str(request.url_for("download_lora", job_id=job_id)))
 
     @v1.get("/jobs/{job_id}/lora/download", name="download_lora", response_class=FileResponse,
             responses={**job_responses, 200: {"content": {"application/octet-stream": {}}}})
     def download_lora(job_id: str):
-        _, step, path = _lora(job_id)
+        _, step, path, _ = _lora(job_id)
         return FileResponse(path, media_type="application/octet-stream", filename=f"{job_id}-step{step}-{path.name}")
 
     @app.exception_handler(_NoLora)

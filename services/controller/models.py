@@ -185,4 +185,6 @@ class LoraLink(BaseModel):
     step: int
     file: str
     bytes: int
+    format: str = Field(description="`diffusers` (load_lora_weights) or `trainable_state_dict` (the adapter's "
+                                    "weights as the checkpoint holds them)")
     url: str = Field(description="GET it (with the bearer token) to download the safetensors file")

@@ -1,8 +1,11 @@
 """Read-only views of a run's folder: its checkpoints, its metrics log and its trained LoRA.
 
 Layout (docs/interfaces.md, flowbp_core.checkpoint): runs/<run_id>/step_<n>/ written to step_<n>.tmp-* and
-renamed, with a COMPLETE marker written last; the run's metrics are appended to runs/<run_id>/metrics.jsonl, one
-JSON object with a `step` per line. The controller scans this layout itself instead of importing
+renamed, with a COMPLETE marker written last. Per-step metrics come from runs/<run_id>/metrics.jsonl (one JSON
+object with a `step` per line, written by the single-process loop flowbp_core.run) or, for runs of the Ray
+runtime, from the `"event": "step"` rows of runs/<run_id>/events.jsonl. The LoRA offered for download is the
+diffusers export (`pytorch_lora_weights.safetensors`) when the checkpoint has one, else, for a LoRA run, the
+checkpoint's `trainable.safetensors` (the adapter's own weights, peft naming). The controller scans this layout itself instead of importing
 flowbp_core.checkpoint, which pulls in torch: the controller must stay a small process. A step folder without
 COMPLETE is a checkpoint being written (or abandoned by a crash) and is never offered for resume or download.
 """
@@ -18,6 +21,8 @@ from .models import CheckpointInfo, CheckpointRef, MetricPoint
 
 COMPLETE_MARKER = "COMPLETE"
 METRICS_FILE = "metrics.jsonl"
+EVENTS_FILE = "events.jsonl"
+TRAINABLE_FILE = "trainable.safetensors"
 _STEP = re.compile(r"^step_(\d+)$")
 RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 # diffusers' default LoRA file name first, then any other *lora*.safetensors the exporter may have chosen.
@@ -51,29 +56,40 @@ class RunFolder:
 
     def metrics(self, last: int | None = None) -> list[MetricPoint]:
         """Metric rows in file order; a torn last line (the trainer is mid-write) and non-JSON lines are skipped."""
-        f = self.path / METRICS_FILE
+        f, only_steps = self.path / METRICS_FILE, False
         if not f.is_file():
-            return []
+            f, only_steps = self.path / EVENTS_FILE, True
+            if not f.is_file():
+                return []
         rows = []
         for line in f.read_text(errors="replace").splitlines():
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if isinstance(obj, dict) and isinstance(obj.get("step"), int):
-                rows.append(MetricPoint(**obj))
+            if not isinstance(obj, dict) or not isinstance(obj.get("step"), int):
+                continue
+            if only_steps and obj.get("event") != "step":
+                continue
+            rows.append(MetricPoint(**obj))
         return rows[-last:] if last else rows
 
-    def lora_file(self) -> tuple[CheckpointRef, Path] | None:
+    def lora_file(self, lora_run: bool = True) -> tuple[CheckpointRef, Path, str] | None:
+        """(newest complete checkpoint, file, format) with format `diffusers` or `trainable_state_dict`."""
         ref = self.latest_complete()
         if ref is None:
             return None
         d = Path(ref.path)
         for name in LORA_NAMES:
-            if (d / name).is_file():
-                return ref, d / name
+            found = sorted(d.rglob(name))
+            if found:
+                return ref, found[0], "diffusers"
         found = sorted(p for p in d.rglob("*.safetensors") if "lora" in p.name.lower())
-        return (ref, found[0]) if found else None
+        if found:
+            return ref, found[0], "diffusers"
+        if lora_run and (d / TRAINABLE_FILE).is_file():
+            return ref, d / TRAINABLE_FILE, "trainable_state_dict"
+        return None
 
 
 def run_folder(runs_dir: Path, run_id: str) -> RunFolder:

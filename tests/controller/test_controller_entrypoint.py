@@ -4,6 +4,7 @@ local Ray head and follows it over REST to success."""
 
 from __future__ import annotations
 
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -38,5 +39,11 @@ def test_tiny_run_over_rest_to_success(ray_head, redis_server, tmp_path):
             ckpts = c.get(f"/v1/jobs/{job}/checkpoints").json()
             assert ckpts["latest_complete"]["step"] == steps
             assert Path(ckpts["latest_complete"]["path"]).parent == tmp_path / "runs" / job
+            m = c.get(f"/v1/jobs/{job}/metrics").json()
+            assert len(m["history"]) == steps and "loss" in m["latest"], m  # one row per optimizer step
+            link = c.get(f"/v1/jobs/{job}/lora").json()
+            assert link["step"] == steps and link["bytes"] > 0, link
+            blob = c.get(link["url"]).content
+            assert len(blob) == link["bytes"] and json.loads(blob[8:8 + int.from_bytes(blob[:8], "little")])
     finally:
         ctl.stop()

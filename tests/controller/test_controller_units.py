@@ -111,7 +111,15 @@ def test_run_folder_sees_only_complete_checkpoints(tmp_path):
     assert [(c.step, c.complete) for c in f.checkpoints()] == [(1, True), (2, True), (3, False)]
     assert f.latest_complete().step == 2
     assert [m.step for m in f.metrics()] == [1, 2]  # the torn last line is skipped
-    assert f.lora_file()[1].parent.name == "step_2"
+    assert f.lora_file()[1].parent.name == "step_2" and f.lora_file()[2] == "diffusers"
+    (run / "metrics.jsonl").unlink()  # a Ray runtime run: step rows of events.jsonl instead
+    (run / "events.jsonl").write_text('{"event": "hello", "step": 0}\n{"event": "step", "step": 1, "loss": 0.3}\n'
+                                      '{"event": "eval", "step": 1}\n{"event": "step", "step": 2, "loss": 0.2}\n')
+    assert [(m.step, m.loss) for m in f.metrics()] == [(1, 0.3), (2, 0.2)]
+    (run / "step_2" / "pytorch_lora_weights.safetensors").unlink()
+    (run / "step_2" / "trainable.safetensors").write_bytes(b"y")
+    assert f.lora_file()[1:] == (run / "step_2" / "trainable.safetensors", "trainable_state_dict")
+    assert f.lora_file(lora_run=False) is None  # a full fine-tune has no LoRA to offer
     with pytest.raises(ValueError):
         run_folder(tmp_path, "../etc")
 
