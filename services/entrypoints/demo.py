@@ -95,9 +95,15 @@ def run_ray(cfg: RunConfig, run_dir: Path, bar) -> list[dict]:
 
     for k, v in RAY_LOCAL_ENV.items():
         os.environ.setdefault(k, v)
+    import logging
+
     import ray
 
     from services.runtime.driver import Driver
+
+    # Serve and Train log every deployment step at INFO; the progress bar is what a newcomer should see.
+    for name in ("ray", "ray.serve", "ray.train", "flowbp.runtime"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
     started = False
     if not ray.is_initialized():

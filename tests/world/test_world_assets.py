@@ -82,3 +82,21 @@ def test_save_then_load_round_trip(tmp_path):
     assert digest == file_sha256(tmp_path / "m.safetensors")
     back, meta = load_checkpoint(tmp_path / "m.safetensors", regenerate="python -m x")
     assert meta["config"] == {"a": 1} and all(torch.equal(back[k], t[k]) for k in t)
+
+
+def test_publish_base_rehashes_and_records_provenance(tmp_path):
+    from flowbp_core.world.publish import publish_base
+
+    src = tmp_path / "run"
+    src.mkdir()
+    ema = {"w": torch.ones(2, 2, dtype=torch.float16)}
+    save_checkpoint(ema, src / "transformer.safetensors", config={"model": {"num_layers": 1}}, data_seed=5,
+                    command="python -m flowbp_core.world.train_base --out x", extra={"steps": 3})
+    (src / "train_log.jsonl").write_text('{"step": 3}\n')
+    torch.save({"model": {"w": torch.full((2, 2), 2.0)}, "step": 3}, src / "train_state.pt")
+    dst = tmp_path / "assets"
+    publish_base(src, "raw", dst)
+    tensors, meta = load_checkpoint(dst / "transformer.safetensors", regenerate="x")
+    assert float(tensors["w"][0, 0]) == 2.0 and meta["published_weights"] == "raw" and meta["data_seed"] == "5"
+    assert meta["config"]["text"]["max_tokens"] == 16 and (dst / "train_log.jsonl").is_file()
+    assert json.loads(manifest_path(dst / "transformer.safetensors").read_text())["sha256"] == file_sha256(dst / "transformer.safetensors")

