@@ -25,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import aiohttp
 import httpx
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,29 +45,40 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
 
 
-async def client_loop(i: int, url: str, deadline: float, frac: float, known: list[str], out: dict) -> None:
+async def client_loop(i: int, url: str, deadline: float, frac: float, think_s: float, known: list[str],
+                      out: dict) -> None:
+    """One client: submit (fraction `frac`) or read a random known job's status, then wait `think_s`."""
     rng = random.Random(i)
-    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30) as c:
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    # aiohttp rather than httpx: on a 2-core machine the load generator's own CPU per call competes with the
+    # server, and aiohttp spends several times less of it.
+    async with aiohttp.ClientSession(base_url=url, headers=headers, timeout=aiohttp.ClientTimeout(total=30)) as c:
+        if think_s:
+            await asyncio.sleep(rng.random() * think_s)  # spread the clients' phases
         while time.perf_counter() < deadline:
             kind = "submit" if rng.random() < frac else "status"
             t0 = time.perf_counter()
             try:
                 if kind == "submit":
-                    r = await c.post("/v1/jobs", json=SPEC)
-                    ok = r.status_code == 201
-                    if ok:
-                        out["acknowledged"].append(r.json()["id"])
-                        known.append(r.json()["id"])
+                    async with c.post("/v1/jobs", json=SPEC) as r:
+                        body = await r.json()
+                        ok = r.status == 201
+                        if ok:
+                            out["acknowledged"].append(body["id"])
+                            known.append(body["id"])
                 else:
-                    r = await c.get(f"/v1/jobs/{rng.choice(known)}")
-                    ok = r.status_code == 200
-                code = r.status_code
-            except httpx.HTTPError as e:
+                    async with c.get(f"/v1/jobs/{rng.choice(known)}") as r:
+                        await r.read()
+                        ok = r.status == 200
+                code = r.status
+            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
                 ok, code = False, type(e).__name__
             dt = time.perf_counter() - t0
             out[kind].append(dt)
             if not ok:
                 out["errors"].append(f"{kind}: {code}")
+            if think_s:
+                await asyncio.sleep(think_s)
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -107,7 +119,7 @@ async def run(args) -> dict:
         known = list(seeded)
         t0 = time.perf_counter()
         deadline = t0 + args.seconds
-        await asyncio.gather(*(client_loop(i, url, deadline, args.submit_fraction, known, out)
+        await asyncio.gather(*(client_loop(i, url, deadline, args.submit_fraction, args.think_ms / 1000, known, out)
                                for i in range(args.clients)))
         wall = time.perf_counter() - t0
 
@@ -132,6 +144,7 @@ async def run(args) -> dict:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, load generator and server on the same host",
         "load_average_at_end": os.getloadavg()[0],
         "clients": args.clients, "seconds": round(wall, 1), "submit_fraction": args.submit_fraction,
+        "think_ms": args.think_ms,
         "calls": calls, "throughput_rps": round(calls / wall, 1),
         # CPU the controller process itself spent per call (seeding and checks included): a number the other
         # tenants of a shared machine distort far less than latency.
@@ -152,11 +165,14 @@ def main() -> int:
     p.add_argument("--clients", type=int, default=50)
     p.add_argument("--seconds", type=float, default=30.0)
     p.add_argument("--submit-fraction", type=float, default=0.1)
+    p.add_argument("--think-ms", type=float, default=0.0,
+                   help="pause of each client between calls (0: closed loop, every client always waiting)")
     p.add_argument("--seed-jobs", type=int, default=100)
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "controller_load.json")
     args = p.parse_args()
     res = asyncio.run(run(args))
-    print(f"\ncontroller load: {res['clients']} clients, {res['seconds']} s, {res['calls']} calls "
+    print(f"\ncontroller load: {res['clients']} clients (think {res['think_ms']:g} ms), {res['seconds']} s, "
+          f"{res['calls']} calls "
           f"({res['throughput_rps']} req/s), {res['machine']}")
     print(f"{'call':<8}{'n':>8}{'p50 ms':>10}{'p90 ms':>10}{'p99 ms':>10}{'max ms':>10}")
     for kind in ("status", "submit"):
