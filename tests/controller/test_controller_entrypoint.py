@@ -1,6 +1,7 @@
-"""The real thing: the controller submits `python -m services.entrypoints.train` with the tiny run config
-(deploy/configs/tiny.yaml: a tiny random SD3, served reward, 2 rollout workers, 1 learner) to the session's
-local Ray head and follows it over REST to success."""
+"""The real thing: the controller submits `python -m services.entrypoints.train` with the embedded run config
+(deploy/configs/embedded.yaml: the project's own small flow model and attribute reward, served reward, rollout
+workers and a learner on Ray), shrunk to a few steps, to the session's local Ray head and follows it over REST
+to success: state, checkpoints, metrics and the trained LoRA."""
 
 from __future__ import annotations
 
@@ -17,8 +18,15 @@ from ctl_helpers import REPO, ControllerProcess, controller_env, wait_for
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def test_tiny_run_over_rest_to_success(ray_head, redis_server, tmp_path):
-    config = yaml.safe_load((REPO / "deploy" / "configs" / "tiny.yaml").read_text())
+# The same dotted overrides `flowbp submit --set` takes: a CI-sized run of the embedded model.
+SHRINK = ["train.steps=2", "train.batch_size=2", "sampling.n_steps=4", "method.k=2", "runtime.rollout_workers=1",
+          "runtime.mode=sync", "runtime.max_staleness=0", "checkpoint.every=1", "eval.every=0", "eval.limit=2"]
+
+
+def test_embedded_run_over_rest_to_success(ray_head, redis_server, tmp_path):
+    from flowbp_core.config import apply_overrides
+
+    config = apply_overrides(yaml.safe_load((REPO / "deploy" / "configs" / "embedded.yaml").read_text()), SHRINK)
     config.pop("run_id", None)  # the controller names the run after the job
     env = controller_env(redis_server.url, ray_head.dashboard_url, tmp_path,
                          FLOWBP_ENTRYPOINT=f"{shlex.quote(sys.executable)} -m services.entrypoints.train",
@@ -27,11 +35,11 @@ def test_tiny_run_over_rest_to_success(ray_head, redis_server, tmp_path):
     ctl = ControllerProcess(env, tmp_path / "controller.log").start()
     try:
         with ctl.client() as c:
-            r = c.post("/v1/jobs", json={"name": "tiny", "config": config, "max_resubmits": 0})
+            r = c.post("/v1/jobs", json={"name": "embedded", "config": config, "max_resubmits": 0})
             assert r.status_code == 201, r.text
             job = r.json()["id"]
             done = wait_for(lambda: (j := c.get(f"/v1/jobs/{job}").json())["state"] in
-                            ("succeeded", "failed", "cancelled") and j, 600, "the tiny run to finish", interval=2)
+                            ("succeeded", "failed", "cancelled") and j, 600, "the embedded run to finish", interval=2)
             logs = c.get(f"/v1/jobs/{job}/logs", params={"tail": 40}).json()["text"]
             assert done["state"] == "succeeded", f"{done['reason']}\n{logs}"
             steps = config["train"]["steps"]
