@@ -359,15 +359,23 @@ def main(argv: list[str] | None = None) -> int:
     added = ensure_importable(args.wheels)
     if added:
         print(f"imported from wheels: {added}")
-    dev = torch.device("cuda" if cuda else "cpu")
-    dtype = torch.bfloat16 if cuda else torch.float32
     if cuda:
         # cuDNN's attention backward failed on FLUX shapes (h100-anchor.md); flash / efficient SDPA are used instead
         torch.backends.cuda.enable_cudnn_sdp(False)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    else:
-        torch.set_num_threads(1)  # tiny models: threading overhead exceeds the work
+    threads = torch.get_num_threads()
+    if not cuda:
+        torch.set_num_threads(1)  # tiny models: threading overhead exceeds the work (restored at the end)
+    try:
+        return _run(args, cuda)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args, cuda: bool) -> int:
+    dev = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
     name = torch.cuda.get_device_name() if cuda else "cpu"
     report = Report(device=name, cuda=cuda, smoke=args.smoke, torch=torch.__version__, resolution=args.res,
                     n_steps=args.steps, batch=args.batch, gradient_checkpointing=args.ckpt, lora_rank=args.lora_rank)

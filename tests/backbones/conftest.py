@@ -8,9 +8,13 @@ import torch
 from flowbp_core import backbones
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _threads():
-    torch.set_num_threads(1)  # the CI and the dev machine share 2 cores between many test processes
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models on a shared 2-core machine: one thread is faster and leaves the other core to the rest."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
