@@ -114,7 +114,7 @@ def _velocity_with(bb, transformer, x, cond):
         bb.transformer = own
 
 
-@pytest.mark.parametrize("name", ["sd3", "flux2"])
+@pytest.mark.parametrize("name", FAMILIES)
 def test_full_export_loads_with_save_pretrained_layout(name, saved_folder, tmp_path):
     import diffusers
 
