@@ -12,6 +12,7 @@ import logging
 import os
 import secrets
 import shlex
+import signal
 import sys
 from pathlib import Path
 
@@ -53,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         uvicorn.run(create_app(settings), host=settings.host, port=settings.port, access_log=False,
                     log_level="warning")
     finally:
+        # A second Ctrl-C while Ray shuts down would leave its processes behind: finish the cleanup first.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        print("stopping Ray and Redis...", flush=True)
         if ray is not None:
             ray.stop()
         redis.stop()
