@@ -44,12 +44,19 @@ def make_cfg(tmp: str, workers: int, a: argparse.Namespace, run_id: str):
     })
 
 
+def median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
+
+
 def steady_rate(events: list[dict], batch: int) -> tuple[float, float]:
-    """(samples/s, seconds per step) between the first and the last learner step of the run."""
+    """(samples/s, seconds per step) from the median interval between consecutive learner steps. Medians, here
+    and for the stages alone, because this machine's 2 cores are shared and single intervals are noisy."""
     t = [e["t"] for e in events if e["event"] == "step" and not e["skipped"]]
     if len(t) < 3:
         raise RuntimeError("need at least 3 steps for a steady-state rate")
-    per_step = (t[-1] - t[0]) / (len(t) - 1)
+    per_step = median([b - a for a, b in zip(t[1:], t[2:])])  # the first interval still pays start-up
     return batch / per_step, per_step
 
 
@@ -75,17 +82,19 @@ def rollout_alone(cfg, workers: int, steps: int) -> float:
         return refs
 
     ray.get(one(0))
-    t0 = time.perf_counter()
-    pending = [r for s in range(1, steps + 1) for r in one(s)]  # actors queue them: back to back
-    ray.get(pending)
-    dt = time.perf_counter() - t0
+    times = []
+    for s in range(1, steps + 1):  # one step at a time, its shards in parallel: the rollout stage's step time
+        t0 = time.perf_counter()
+        ray.get(one(s))
+        times.append(time.perf_counter() - t0)
     for w in ws:
         ray.kill(w)
-    return steps * cfg.train.batch_size / dt
+    return cfg.train.batch_size / median(times)
 
 
-def learner_alone(cfg, steps: int) -> float:
-    """Samples/s of one learner (same resources as in the pipeline) on caches already in the object store."""
+def learner_alone(cfg, steps: int) -> tuple[float, int]:
+    """(samples/s, bytes per cache) of one learner (same resources as in the pipeline) on caches already in the
+    object store."""
     import ray
 
     from services.runtime.learner import LearnerRank
@@ -120,17 +129,18 @@ def learner_alone(cfg, steps: int) -> float:
         p = sampler.batch(s)
         blob, _ = core.run(RolloutRequest(s, 0, tuple(p), None, len(p)))
         works.append(LearnerWork(s, (ray.put(blob),), 0))
+    cache_bytes = len(blob)
     b = Bench.remote(cfg.model_dump_json())
     times = ray.get(b.run.remote(works))[1:]
     ray.kill(b)
-    return cfg.train.batch_size / (sum(times) / len(times))
+    return cfg.train.batch_size / median(times), cache_bytes
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--steps", type=int, default=12)
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--n-steps", type=int, default=8, help="rollout Euler steps N")
+    p.add_argument("--n-steps", type=int, default=12, help="rollout Euler steps N")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--placement", choices=["colocated", "served"], default="colocated")
     p.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray")
@@ -156,11 +166,12 @@ def main() -> None:
             sps, step_s = steady_rate(events, a.batch)
             nbytes = [e for e in events if e["event"] == "step"]
             ro = rollout_alone(cfg, r, a.steps)
-            le = learner_alone(cfg, a.steps)
+            le, cache_bytes = learner_alone(cfg, a.steps)
             slowest = min(ro, le)
             ph = s.phase_seconds
             rows.append({
-                "rollout_workers": r, "samples_per_s": sps, "step_seconds": step_s,
+                "rollout_workers": r, "cache_bytes": cache_bytes,
+                "load_average_1m": os.getloadavg()[0], "samples_per_s": sps, "step_seconds": step_s,
                 "rollout_alone_samples_per_s": ro, "learner_alone_samples_per_s": le,
                 "slowest_stage": "rollout" if ro < le else "learner", "efficiency": sps / slowest,
                 "transfer_seconds_per_cache": ph.get("transfer", 0.0),
@@ -176,7 +187,7 @@ def main() -> None:
               "rows": rows}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=2))
-    hdr = ("workers", "samples/s", "step s", "rollout alone", "learner alone", "efficiency", "transfer ms",
+    hdr = ("workers", "samples/s", "step s", "rollout alone", "learner alone", "efficiency", "cache KiB", "transfer ms",
            "transfer %", "rollout s", "surrogate s", "reward s", "backward s", "sync s")
     print(" | ".join(hdr))
     print(" | ".join("---" for _ in hdr))
@@ -184,9 +195,11 @@ def main() -> None:
         ph = x["phase_seconds"]
         print(" | ".join([str(x["rollout_workers"]), f"{x['samples_per_s']:.2f}", f"{x['step_seconds']:.3f}",
                           f"{x['rollout_alone_samples_per_s']:.2f}", f"{x['learner_alone_samples_per_s']:.2f}",
-                          f"{x['efficiency']:.2f}", f"{1000 * x['transfer_seconds_per_cache']:.1f}",
+                          f"{x['efficiency']:.2f}", f"{x['cache_bytes'] / 1024:.0f}",
+                          f"{1000 * x['transfer_seconds_per_cache']:.1f}",
                           f"{100 * x['transfer_share_of_step']:.1f}"]
                          + [f"{ph.get(k, 0.0):.3f}" for k in ("rollout", "surrogate", "reward", "backward", "sync")]))
+    print(f"load average (1 min) at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(f"wrote {a.out}")
 
 

@@ -210,6 +210,7 @@ class Driver:
         next_submit = next_learn = hello.start_step
         inflight: deque[_InFlight] = deque()
         seen = 0
+        outcome_fut = None
         eval_steps = self._eval_steps()
         t_first = time.perf_counter()
         samples = 0
@@ -235,8 +236,20 @@ class Driver:
                 self._record_rollout(ray.get(item.stats_refs))
                 ray.get(self.board.offer.remote(LearnerWork(item.step, tuple(item.cache_refs), item.policy_version)))
                 item.offered = True
-            # 3. collect learner outcomes (short wait: this is also the loop's pacing)
-            new, current = ray.get(self.board.wait_outcomes.remote(seen, 0.05))
+            # 3. wait for whichever comes first: a learner outcome or the next rollout to finish. The outcome
+            # poll stays outstanding across iterations, so a finished rollout is offered at once (no bubble).
+            if outcome_fut is None:
+                outcome_fut = self.board.wait_outcomes.remote(seen, 1.0)
+            head = next((it for it in inflight if not it.offered), None)  # offers go in step order
+            pending = [] if head is None else ray.wait(head.stats_refs, num_returns=len(head.stats_refs),
+                                                       timeout=0)[1]
+            if head is None or pending:  # else the head just became ready: go offer it now
+                ray.wait([outcome_fut] + pending, num_returns=1, timeout=1.0)
+            ready, _ = ray.wait([outcome_fut], timeout=0)
+            if not ready:
+                continue
+            new, current = ray.get(outcome_fut)
+            outcome_fut = None
             seen += len(new)
             if current is not None and current.generation != generation:
                 log.warning("learner restarted (generation %d): resuming at step %d", current.generation,

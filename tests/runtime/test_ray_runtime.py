@@ -130,3 +130,26 @@ def test_non_finite_steps_are_skipped_counted_and_fail_the_run(ray_client, tmp_p
     ev = _events(drv.run_dir)
     assert [e["skip_reason"] for e in ev if e["event"] == "step"][:2] == ["non_finite_gradient"] * 2
     assert any(e["event"] == "failed" and "non_finite" in e["reason"] for e in ev)
+
+
+def test_cancel_stops_at_a_step_boundary_without_half_checkpoints(ray_client, tmp_path):
+    from services.runtime.driver import Driver
+
+    cancel = threading.Event()
+    cfg = tiny_cfg(tmp_path, "cancel", train={"steps": 50},
+                   reward={"terms": [{"name": "saturation"}], "loss": "neg_mean", "placement": "colocated"},
+                   runtime={"rollout_workers": 1, "learners": 1, "rollout_num_cpus": 0.25, "learner_num_cpus": 0.5})
+    drv = Driver(cfg, cancel_event=cancel)
+    box = {}
+    t = threading.Thread(target=lambda: box.setdefault("summary", drv.run()), daemon=True)
+    t.start()
+    _wait(lambda: 1 in drv.outcomes, 300, "step 1")
+    cancel.set()
+    t.join(timeout=180)
+    assert not t.is_alive(), "cancel did not end the run"
+    s = box["summary"]
+    assert s.status == "cancelled" and 2 <= s.steps_done < 50
+    dirs = sorted(p.name for p in drv.run_dir.glob("step_*"))
+    assert dirs and not [d for d in dirs if ".tmp-" in d]
+    assert all((drv.run_dir / d / "COMPLETE").exists() for d in dirs)
+    assert any(e["event"] == "cancelled" for e in _events(drv.run_dir))
