@@ -61,9 +61,11 @@ class ControllerProcess:
             time.sleep(0.2)
         raise TimeoutError(f"controller did not come up:\n{self.log_path.read_text()}")
 
-    def stop(self) -> None:
+    def stop(self, crash: bool = False) -> None:
+        """SIGTERM (a graceful shutdown releases the reconciler lease), or SIGKILL with crash=True (the lease
+        then runs out by itself)."""
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(signal.SIGKILL if crash else signal.SIGTERM)
             try:
                 self.proc.wait(timeout=20)
             except subprocess.TimeoutExpired:

@@ -29,7 +29,7 @@ def test_job_runs_to_success_across_a_controller_restart(ray_head, redis_server,
             wait_for(lambda: _state(c, job)["state"] == "running", 60, "the job to run")
             wait_for(lambda: _state(c, job)["latest_checkpoint"], 30, "a first checkpoint")
 
-        ctl.stop()  # mid-job: the Ray job keeps going without its controller
+        ctl.stop(crash=True)  # killed mid-job: the Ray job keeps going without its controller
         ctl.start()
         with ctl.client() as c:
             done = wait_for(lambda: (j := _state(c, job))["state"] in ("succeeded", "failed") and j, 90,
