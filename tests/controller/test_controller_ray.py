@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from ctl_helpers import AUTH, TOKEN, ControllerProcess, controller_env, wait_for
+from ctl_helpers import TOKEN, ControllerProcess, controller_env, wait_for
 from services.controller import cli
 
 pytestmark = pytest.mark.integration
