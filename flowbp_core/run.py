@@ -75,6 +75,10 @@ def build_backbone(cfg: RunConfig, device: torch.device | None = None, trainable
     kw: dict[str, Any] = {"dtype": _DTYPES[spec.dtype], "device": device}
     if not spec.tiny and spec.pretrained is not None:
         kw["local_files_only"] = spec.local_files_only
+    if spec.height is not None:
+        kw["height"] = spec.height
+    if spec.width is not None:
+        kw["width"] = spec.width
     bb = backbones.build(spec.name, spec.pretrained, tiny=spec.tiny, **kw)
     if trainable:
         if spec.finetune == "lora":
