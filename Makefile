@@ -14,7 +14,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export RAY_AUTH_MODE := disabled
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup system-deps test test-fast demo serve manifests bench clean
+.PHONY: setup system-deps test test-fast demo serve manifests bench bench-gpu eval clean
 
 # The venv is rebuilt only when the pins or the project metadata change.
 $(STAMP): requirements.txt pyproject.toml
@@ -50,3 +50,9 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache runs
+
+bench-gpu: setup
+	$(BIN)/python benchmarks/gpu_step.py
+
+eval: setup
+	$(BIN)/python -m flowbp_core.eval --backbone embedded --prompts world_heldout --rewards world_attributes --out runs/eval
