@@ -31,7 +31,7 @@ from .reconciler import Reconciler
 from .runs import run_folder
 from .settings import ControllerSettings
 from .spec import JobSubmitRequest, SpecError, check_spec
-from .store import IdempotencyConflict, JobNotFound, JobStore, StoreUnavailable
+from .store import IdempotencyConflict, JobNotFound, JobStore, RunBusy, StoreUnavailable
 from .submission import JobBackend, PermanentError, TransientError, UnknownRayJob, build_backend
 
 log = logging.getLogger("flowbp.controller")
@@ -112,6 +112,10 @@ def create_app(settings: ControllerSettings, *, tokens: TokenStore | None = None
     async def _conflict(request: Request, exc: InvalidTransition):
         return _error(409, str(exc))
 
+    @app.exception_handler(RunBusy)
+    async def _run_busy(request: Request, exc: RunBusy):
+        return _error(409, str(exc))
+
     @app.exception_handler(IdempotencyConflict)
     async def _idem(request: Request, exc: IdempotencyConflict):
         return _error(409, str(exc))
@@ -126,7 +130,8 @@ def create_app(settings: ControllerSettings, *, tokens: TokenStore | None = None
 
     @v1.post("/jobs", status_code=201, response_model=JobDetail,
              responses={200: {"description": "replay of an earlier submit with the same Idempotency-Key",
-                              "model": JobDetail}, 409: {"description": "Idempotency-Key reused with another body"},
+                              "model": JobDetail},
+                        409: {"description": "Idempotency-Key reused with another body, or run_id in use"},
                         413: {"description": "body too large"}, 422: {"description": "invalid spec"}})
     @offload
     def submit_job(body: JobSubmitRequest, response: Response,

@@ -6,6 +6,7 @@ Keys (all under the configured prefix, default `flowbp:`):
     state:<state>       one sorted set per state (filters, the jobs-by-state gauge, the reconciler's work list)
     idem:<sha256(key)>  {"job_id", "body_hash"} of the first submit with that Idempotency-Key (expires in 7 days)
     run_checkpoints     hash run_id -> newest complete CheckpointRef (JSON)
+    run_active:<run_id> the id of the one non-terminal job writing that run (deleted when it ends)
     stop_pending        set of cancelled job ids whose Ray job still has to be stopped
     lock:<name>         leases (one reconciler at a time across controller replicas)
 
@@ -55,6 +56,15 @@ class JobNotFound(KeyError):
         return f"no job with id {self.job_id!r}"
 
 
+class RunBusy(RuntimeError):
+    """Another active job already writes this run folder."""
+
+    def __init__(self, run_id: str, job_id: str):
+        super().__init__(f"run_id {run_id!r} is in use by the active job {job_id}: two jobs writing one run folder "
+                         "would corrupt it; wait for that job to end (or cancel it), or choose another run_id")
+        self.run_id, self.job_id = run_id, job_id
+
+
 class IdempotencyConflict(RuntimeError):
     """The Idempotency-Key was used before with a different request body."""
 
@@ -98,11 +108,12 @@ class JobStore:
                body_hash: str = "") -> tuple[JobRecord, bool]:
         """Store a new record; with an idempotency key already used, return (the first job, False) instead."""
         ikey = self._k("idem", hashlib.sha256(idempotency_key.encode()).hexdigest()) if idempotency_key else None
+        rkey = self._k("run_active", rec.run_id)
         with self._available(), self.r.pipeline() as pipe:
             while True:
                 try:
+                    pipe.watch(rkey, *([ikey] if ikey else []))
                     if ikey:
-                        pipe.watch(ikey)
                         seen = pipe.get(ikey)
                         if seen is not None:
                             first = json.loads(seen)
@@ -112,7 +123,13 @@ class JobStore:
                                     f"(job {first['job_id']}); use a new key for a different job")
                             pipe.reset()
                             return self.get(first["job_id"]), False
+                    holder = pipe.get(rkey)
+                    if holder is not None:
+                        raw = pipe.get(self._job_key(holder))
+                        if raw is not None and not JobRecord.model_validate_json(raw).state.terminal:
+                            raise RunBusy(rec.run_id, holder)
                     pipe.multi()
+                    pipe.set(rkey, rec.id)
                     pipe.set(self._job_key(rec.id), rec.model_dump_json())
                     pipe.zadd(self._k("jobs"), {rec.id: rec.created_at})
                     pipe.zadd(self._state_key(rec.state), {rec.id: rec.created_at})
@@ -159,6 +176,9 @@ class JobStore:
                     pipe.set(key, rec.model_dump_json())
                     if rec.stop_pending != stop_before:
                         (pipe.sadd if rec.stop_pending else pipe.srem)(self._k("stop_pending"), rec.id)
+                    if rec.state != before and rec.state.terminal:
+                        # Safe without a check: another job can claim the run only once this one is terminal.
+                        pipe.delete(self._k("run_active", rec.run_id))
                     if rec.state != before:
                         pipe.zrem(self._state_key(before), rec.id)
                         pipe.zadd(self._state_key(rec.state), {rec.id: rec.created_at})

@@ -184,6 +184,17 @@ def test_idempotency_key_returns_the_first_job(api):
     assert len(api.get("/v1/jobs", headers=AUTH).json()["jobs"]) == 2
 
 
+def test_one_active_job_per_run_id(api):
+    body = {"name": "a", "config": {"run_id": "shared-run"}}
+    first = submit(api, body)
+    assert first.status_code == 201
+    busy = submit(api, body)
+    assert busy.status_code == 409 and first.json()["id"] in busy.json()["detail"] and "shared-run" in busy.text
+    api.post(f"/v1/jobs/{first.json()['id']}/cancel", headers=AUTH)
+    again = submit(api, body)  # the first job ended: continuing its run is allowed
+    assert again.status_code == 201 and again.json()["run_id"] == "shared-run"
+
+
 def test_run_views_metrics_checkpoints_and_lora(api, tmp_path):
     j = submit(api).json()
     run = tmp_path / "runs" / j["run_id"]
