@@ -30,6 +30,21 @@ def test_job_runs_to_success_across_a_controller_restart(ray_head, redis_server,
             wait_for(lambda: _state(c, job)["latest_checkpoint"], 30, "a first checkpoint")
 
         ctl.stop(crash=True)  # killed mid-job: the Ray job keeps going without its controller
+
+        # A replacement that cannot reach Ray (wrong address) takes over once the dead one's lease expires:
+        # it reports Ray unreachable on /readyz and in the job's reason, and leaves the state alone.
+        blind = ControllerProcess(controller_env(redis_server.url, "http://127.0.0.1:9", tmp_path),
+                                  tmp_path / "blind.log").start()
+        try:
+            with blind.client() as c:
+                j = wait_for(lambda: (x := _state(c, job))["reason"].startswith("Ray unreachable") and x, 40,
+                             "the job's reason to report Ray unreachable")
+                assert j["state"] == "running" and "last: RUNNING" in j["reason"]
+                ready = c.get("/readyz")
+                assert ready.status_code == 503 and ready.json()["checks"]["ray"].startswith("Ray job server unreachable")
+        finally:
+            blind.stop()  # graceful: releases the lease at once
+
         ctl.start()
         with ctl.client() as c:
             done = wait_for(lambda: (j := _state(c, job))["state"] in ("succeeded", "failed") and j, 90,
