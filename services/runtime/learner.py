@@ -145,6 +145,10 @@ class LearnerRank:
             if flag.item() > 0 and not res.skipped:
                 self.optimizer.zero_grad(set_to_none=True)
                 res.skipped, res.skip_reason = True, "non_finite_on_other_rank"
+            # The group's loss and reward are the means over ranks (equal shards), as one rank would report.
+            stats = torch.tensor([res.loss, res.reward_mean], dtype=torch.float64)
+            dist.all_reduce(stats)
+            res.loss, res.reward_mean = float(stats[0] / self.world), float(stats[1] / self.world)
             if not res.skipped:
                 for p in self.params:
                     if p.grad is None:

@@ -73,6 +73,20 @@ def test_runtime_matches_single_process_loop(baseline, tmp_path):
     assert ref == pytest.approx([s.losses[i] for i in range(4)], rel=1e-5, abs=1e-7)
 
 
+def test_two_learner_ranks_match_one(baseline, tmp_path):
+    """2 learner ranks (gloo, gradient all-reduce) + 1 rollout worker + colocated reward reproduce the baseline
+    (1 rank, 2 rollout workers, served reward): the batch split and the placement do not change the update."""
+    from services.runtime.driver import Driver
+
+    _, _, base = baseline
+    cfg = tiny_cfg(tmp_path, "ddp", train={"steps": 4},
+                   reward={"terms": [{"name": "saturation"}], "loss": "neg_mean", "placement": "colocated"},
+                   runtime={"rollout_workers": 1, "learners": 2, "rollout_num_cpus": 0.25, "learner_num_cpus": 0.5})
+    s = Driver(cfg).run()
+    assert s.status == "finished", s.failure
+    assert [s.losses[i] for i in range(4)] == pytest.approx([base.losses[i] for i in range(4)], rel=1e-5, abs=1e-7)
+
+
 def test_rollout_and_learner_killed_run_resumes_exactly(baseline, tmp_path):
     """Kill a rollout worker during the run (Ray restarts it, the call is retried) and then SIGKILL the learner
     after step 1 (Ray Train restarts the group from the newest complete checkpoint): the run finishes, every
