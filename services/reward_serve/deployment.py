@@ -101,6 +101,14 @@ def deploy(spec: RewardServiceSpec, *, app_name: str, route_prefix: str, num_rep
     return serve.run(app, name=app_name, route_prefix=route_prefix)
 
 
+def http_url(route_prefix: str) -> str:
+    """The loopback URL of an app's HTTP route on the running Serve (whatever port Serve was started with)."""
+    from ray.serve.context import _get_global_client
+
+    cfg = _get_global_client().http_config
+    return f"http://{cfg.host}:{cfg.port}{route_prefix}"
+
+
 def shutdown_app(app_name: str) -> None:
     try:
         serve.delete(app_name)

@@ -96,3 +96,32 @@ def test_reward_replica_killed_mid_request_is_retried(ray_client):
         assert handle.pid.remote().result(timeout_s=60) != pid0
     finally:
         deployment.shutdown_app(app)
+
+
+def test_http_route_speaks_safetensors_and_rejects_bad_payloads(ray_client):
+    import urllib.error
+    import urllib.request
+
+    from services.reward_serve import deployment
+    from services.reward_serve.engine import RewardServiceSpec
+    from services.reward_serve.protocol import MEDIA_TYPE, RewardRequest, RewardResponse
+
+    app = "http-score"
+    deployment.deploy(RewardServiceSpec((("saturation", 1.0),), name=app), app_name=app, route_prefix=f"/{app}",
+                      num_cpus=0.25, score_only=True)
+    try:
+        url = deployment.http_url(f"/{app}")
+        assert url.startswith("http://127.0.0.1:")
+        images = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+        body = RewardRequest(images, ("a", "b"), "images", want_grad=True).to_bytes()
+        req = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": MEDIA_TYPE})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            resp = RewardResponse.from_bytes(r.read())
+        assert resp.rewards.shape == (2,) and resp.grad is None  # score-only: no gradient even when asked
+        assert resp.deployment == app
+        bad = urllib.request.Request(url, data=b"\x80\x04not-safetensors", method="POST")
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(bad, timeout=60)
+        assert e.value.code == 400 and b"safetensors" in e.value.read()
+    finally:
+        deployment.shutdown_app(app)
