@@ -165,7 +165,11 @@ class Reconciler:
         def count_failure(e: TransientError) -> None:
             self.metrics.submission_failures.labels(reason="ray_unreachable").inc()
 
-        req = self._request(rec, attempt)
+        try:
+            req = self._request(rec, attempt)
+        except OSError as e:  # spec_dir not writable or full: say so on the job instead of retrying silently
+            self._note_dispatch_error(rec.id, unchanged, f"cannot write the job spec to {self.settings.spec_dir}: {e}")
+            return False
         try:
             with_retries(lambda: self.backend.submit(req), attempts=self.settings.submit_retries,
                          backoff_s=self.settings.retry_backoff_s, backoff_max_s=self.settings.retry_backoff_max_s,
