@@ -42,14 +42,14 @@ FLOWBP = ("flowbp_sparse", "flowbp_bridge", "flowbp_lagrange")
 
 @dataclass
 class Settings:
-    steps: int = 24
+    steps: int = 16
     batch: int = 4
     n_steps: int = 10
     seeds: int = 3
     lr: float = 1e-3
     rank: int = 8
-    eval_every: int = 8
-    eval_per_task: int = 4
+    eval_every: int = 4
+    eval_per_task: int = 3
     eval_seeds: int = 1
 
 
@@ -173,6 +173,9 @@ def summarise(records: list[RunRecord], base_judge: float, s: Settings) -> tuple
             ok = [x for x in reach if x is not None]
             r["samples_to_best_baseline"] = statistics.fmean(ok) if len(ok) == len(reach) else None
             r["reached_in_seeds"] = f"{len(ok)}/{len(reach)}"
+        if best["final_judge_mean"] <= base_judge:
+            verdict["note"] = (f"the best baseline ({best['method']}) ends at or below the base model's held-out judge "
+                               f"({base_judge:.1f}): 'samples to reach it' is 0 for everyone and says nothing")
         for r in rows:
             if r["method"] in FLOWBP:
                 n = r["samples_to_best_baseline"]
@@ -199,6 +202,8 @@ def table_md(rows: list[dict], verdict: dict, s: Settings, machine: str) -> str:
         out += ["", f"Best baseline: {verdict['best_baseline']} ({verdict['best_baseline_final_judge']:.1f}). "
                     "Target: a FlowBP variant reaches it with at most half the budget."]
         out += [f"- {m}: {verdict[m]}" for m in FLOWBP if m in verdict]
+        if "note" in verdict:
+            out += [f"- note: {verdict['note']}"]
     return "\n".join(out) + "\n"
 
 
@@ -235,6 +240,29 @@ def plot(records: list[RunRecord], base_judge: float, path: Path) -> None:
     plt.close(fig)
 
 
+def merge(paths: list[Path], out: Path) -> int:
+    """Combine per-seed result files (same settings, same base judge) into one table and plot."""
+    parts = [json.loads(p.read_text()) for p in paths]
+    first = parts[0]
+    for p, d in zip(paths, parts):
+        if {k: v for k, v in d["settings"].items() if k != "seeds"} != {k: v for k, v in first["settings"].items() if k != "seeds"}:
+            raise SystemExit(f"--merge: {p} was run with other settings than {paths[0]}")
+    s = Settings(**first["settings"])
+    records = [RunRecord(**r) for d in parts for r in d["runs"]]
+    s.seeds = len({r.seed for r in records})
+    rows, verdict = summarise(records, first["base_judge"], s)
+    md = table_md(rows, verdict, s, first["machine"])
+    result = {"settings": asdict(s), "machine": first["machine"], "base_judge": first["base_judge"], "rows": rows,
+              "verdict": verdict, "runs": [asdict(r) for r in records],
+              "wall_seconds": max(d["wall_seconds"] for d in parts), "merged_from": [str(p) for p in paths]}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    out.with_suffix(".md").write_text(md)
+    plot(records, first["base_judge"], out.with_suffix(".png"))
+    print(md)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="CI-sized: 2 steps, 1 seed, tiny eval")
@@ -246,7 +274,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-every", type=int, default=None)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "sample_efficiency")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--seed-list", default=None,
+                   help="run only these seeds (comma list), e.g. one process per seed; combine with --merge")
+    p.add_argument("--merge", default=None,
+                   help="comma list of JSON files written by --seed-list runs: combine them into one table/plot")
     a = p.parse_args(argv)
+    if a.merge:
+        return merge([Path(x) for x in a.merge.split(",") if x], a.out)
     if a.threads:
         torch.set_num_threads(a.threads)
     s = Settings(**asdict(QUICK)) if a.quick else Settings()
@@ -277,8 +311,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\r{m:<16} seed {seed} step {step}/{s.steps} reward {r:+.3f}  ({time.perf_counter() - t_all:.0f} s)",
               end="", file=sys.stderr, flush=True)
 
+    seeds = [int(x) for x in a.seed_list.split(",")] if a.seed_list else list(range(s.seeds))
+    s.seeds = len(seeds)
     records = []
-    for seed in range(s.seeds):
+    for seed in seeds:
         for m in chosen:
             records.append(run_one(m, seed, s, reward, items, progress))
     print(file=sys.stderr)
