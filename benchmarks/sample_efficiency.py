@@ -179,6 +179,9 @@ def summarise(records: list[RunRecord], base_judge: float, s: Settings) -> tuple
         for r in rows:
             if r["method"] in FLOWBP:
                 n = r["samples_to_best_baseline"]
+                if "note" in verdict:
+                    verdict[r["method"]] = "not measurable: the best baseline did not improve on the base model"
+                    continue
                 verdict[r["method"]] = ("meets target (<= half the budget)" if n is not None and n <= budget / 2 else
                                         f"misses: reaches it with {n:.0f} of {budget} samples" if n is not None else
                                         f"misses: does not reach {best['final_judge_mean']:.1f} within {budget} samples")
