@@ -115,19 +115,27 @@ class Driver:
         panel, kwargs = reward_panel(cfg)
         decoder = None
         b = cfg.backbone
-        dec = DecoderSpec(b.name, b.pretrained, b.tiny, {"seed": cfg.train.seed} if b.tiny else {})
+        device = "cuda" if s.num_gpus > 0 else "cpu"
+        # Exactly the learner's VAE: build_components builds tiny models with their default seed, pretrained
+        # ones from the same path and dtype.
+        dec_kw = {"dtype": b.dtype, "device": device}
+        if not b.tiny and b.pretrained is not None:
+            dec_kw["local_files_only"] = b.local_files_only
+        dec = DecoderSpec(b.name, b.pretrained, b.tiny, dec_kw)
         served_app = score_app = None
         if cfg.reward.placement == "served":
             decoder = dec if s.decode_on_reward_side else None
             served_app = f"reward-{self.run_id}"
-            spec = RewardServiceSpec(panel, kwargs, decoder, name=served_app, max_batch_size=s.max_batch_size,
+            spec = RewardServiceSpec(panel, kwargs, decoder, device=device, name=served_app,
+                                     max_batch_size=s.max_batch_size,
                                      batch_wait_timeout_s=s.batch_wait_timeout_s)
             deployment.deploy(spec, app_name=served_app, route_prefix=f"/{served_app}", num_replicas=s.replicas,
                               num_cpus=s.num_cpus, num_gpus=s.num_gpus)
             self._apps.append(served_app)
         if self._eval_steps():
             score_app = f"score-{self.run_id}"
-            spec = RewardServiceSpec(panel, kwargs, None, name=score_app, max_batch_size=s.max_batch_size,
+            spec = RewardServiceSpec(panel, kwargs, None, device=device, name=score_app,
+                                     max_batch_size=s.max_batch_size,
                                      batch_wait_timeout_s=s.batch_wait_timeout_s)
             deployment.deploy(spec, app_name=score_app, route_prefix=f"/{score_app}", num_replicas=1,
                               num_cpus=s.num_cpus, num_gpus=s.num_gpus, score_only=True)
