@@ -322,7 +322,9 @@ class Driver:
         s.losses = {k: o.loss for k, o in sorted(self.outcomes.items()) if not o.skipped}
         s.rewards = {k: o.reward_mean for k, o in sorted(self.outcomes.items()) if not o.skipped}
         s.skipped = {k: o.skip_reason for k, o in sorted(self.outcomes.items()) if o.skipped}
-        s.steps_done = len(self.outcomes)
+        # Progress of the run (a resumed run counts the steps its checkpoint already holds).
+        start = self.hello.start_step if self.hello is not None else 0
+        s.steps_done = max(self.outcomes, default=start - 1) + 1
         s.policy_version = max((o.policy_version for o in self.outcomes.values()), default=s.policy_version)
         s.checkpoints = sorted({o.checkpoint for o in self.outcomes.values() if o.checkpoint})
 

@@ -106,7 +106,7 @@ class RunSummary:
 
     run_id: str
     status: str  # "finished" | "cancelled" | "failed"
-    steps_done: int
+    steps_done: int  # the run's progress: steps behind it, including those a resumed checkpoint holds
     policy_version: int
     losses: dict[int, float] = field(default_factory=dict)
     rewards: dict[int, float] = field(default_factory=dict)
