@@ -167,20 +167,34 @@ class RayHead:
 
     def wait_for_job_agent(self, timeout: float = 60.0) -> None:
         """The job server answers before its agent can take jobs ("No available agent"): submit a no-op until
-        one is accepted, so callers can submit at once."""
-        from ray.job_submission import JobSubmissionClient
+        one is accepted, so callers can submit at once. Plain HTTP with a timeout on every request: Ray's
+        JobSubmissionClient has none, and on a loaded machine a read can hang forever."""
+        import json
+        import urllib.error
+        import urllib.request
 
-        client = JobSubmissionClient(self.dashboard_url)
         deadline = time.monotonic() + timeout
-        while True:
+        body = json.dumps({"entrypoint": "true"}).encode()
+        last = ""
+        job_id = None
+        while job_id is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"Ray job agent never accepted a job within {timeout:.0f}s: {last}")
+            req = urllib.request.Request(f"{self.dashboard_url}/api/jobs/", data=body, method="POST",
+                                         headers={"Content-Type": "application/json"})
             try:
-                job = client.submit_job(entrypoint="true")
-                break
-            except RuntimeError as e:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"Ray job agent never accepted a job: {e}") from e
+                with urllib.request.urlopen(req, timeout=15) as r:
+                    job_id = json.loads(r.read())["submission_id"]
+            except (urllib.error.URLError, OSError, KeyError, ValueError) as e:
+                last = str(e)
                 time.sleep(1.0)
-        while not client.get_job_status(job).is_terminal() and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.dashboard_url}/api/jobs/{job_id}", timeout=15) as r:
+                    if json.loads(r.read()).get("status") in ("SUCCEEDED", "FAILED", "STOPPED"):
+                        return
+            except (urllib.error.URLError, OSError, ValueError):
+                pass
             time.sleep(0.3)
 
     def _our_pids(self) -> list[int]:
