@@ -16,7 +16,8 @@ import torch
 from flowbp_core.world.assets import ASSETS_DIR, load_checkpoint
 
 BASE_CHECKPOINT = ASSETS_DIR / "base" / "transformer.safetensors"
-BASE_REGENERATE = "python -m flowbp_core.world.train_base --out flowbp_core/world/assets/base"
+BASE_REGENERATE = ("python -m flowbp_core.world.train_base --out /tmp/world_base && "
+                   "python -m flowbp_core.world.publish base /tmp/world_base")
 DEFAULT_GUIDANCE = 4.0
 DEFAULT_STEPS = 20
 
@@ -27,8 +28,8 @@ class BaseModelConfig:
     patch_size: int = 4
     in_channels: int = 3
     out_channels: int = 3
-    num_layers: int = 6
-    attention_head_dim: int = 64
+    num_layers: int = 4
+    attention_head_dim: int = 32
     num_attention_heads: int = 4
     joint_attention_dim: int = 384  # MiniLM hidden size
     pooled_projection_dim: int = 384

@@ -24,7 +24,8 @@ from flowbp_core.world.recogniser import COL_IDX, POS_IDX, SHP_IDX, Recogniser, 
 from flowbp_core.world.spec import PromptSpec
 
 RECOGNISER_CHECKPOINT = ASSETS_DIR / "recogniser" / "recogniser.safetensors"
-RECOGNISER_REGENERATE = "python -m flowbp_core.world.train_reward --out flowbp_core/world/assets/recogniser"
+RECOGNISER_REGENERATE = ("python -m flowbp_core.world.train_reward --out /tmp/world_rec && "
+                         "python -m flowbp_core.world.publish recogniser /tmp/world_rec")
 
 
 @lru_cache(maxsize=65536)

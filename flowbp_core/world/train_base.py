@@ -1,6 +1,7 @@
 """Train the embedded base model with the rectified-flow loss, by wall-clock budget.
 
-    python -m flowbp_core.world.train_base --out flowbp_core/world/assets/base [--minutes 30] [--resume]
+    python -m flowbp_core.world.train_base --out /tmp/world_base [--minutes 48] [--resume]
+    python -m flowbp_core.world.publish base /tmp/world_base      # into the committed assets
 
 Data: captions of the training split (held-out combinations never appear), encoded once by MiniLM; every
 step renders fresh scenes for the batch's captions, so the model never sees the same image twice. Loss:
@@ -33,12 +34,12 @@ from flowbp_core.world.text import MiniLMEncoder
 def _args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="output folder (transformer.safetensors, log, state)")
-    p.add_argument("--minutes", type=float, default=30.0, help="wall-clock training budget")
+    p.add_argument("--minutes", type=float, default=48.0, help="wall-clock training budget")
     p.add_argument("--max-steps", type=int, default=1_000_000)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--lr", type=float, default=4e-4)
-    p.add_argument("--warmup", type=int, default=150)
-    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--ema", type=float, default=0.995)
     p.add_argument("--seed", type=int, default=0, help="data and init seed")
     p.add_argument("--pool", type=int, default=6000, help="number of training captions")
     p.add_argument("--layers", type=int, default=BaseModelConfig.num_layers)
@@ -46,7 +47,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--head-dim", type=int, default=BaseModelConfig.attention_head_dim)
     p.add_argument("--patch", type=int, default=BaseModelConfig.patch_size)
     p.add_argument("--ckpt-minutes", type=float, default=4.0)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared CPU; 0: torch default)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/train_state.pt")
     p.add_argument("--no-autocast", action="store_true")
     return p.parse_args(argv)

@@ -1,6 +1,7 @@
 """Train the attribute recogniser behind the "world_attributes" reward on rendered scenes.
 
-    python -m flowbp_core.world.train_reward --out flowbp_core/world/assets/recogniser [--minutes 6]
+    python -m flowbp_core.world.train_reward --out /tmp/world_rec [--minutes 20] [--init ckpt]
+    python -m flowbp_core.world.publish recogniser /tmp/world_rec
 
 Scenes: 1-3 random objects (and 5 % empty backgrounds, and scenes drawn from prompt specs so that three
 objects of one kind are common), with random Gaussian blur, pixel noise and brightness jitter so that the
