@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from flowbp_core.config import (BackboneSpec, CheckpointSpec, EvalSpec, LoRASpec, MethodSpec, PromptSource,
-                                RewardSpec, RunConfig, RuntimeSpec, SamplingSpec, ServedRewardSpec, TrainSpec)
+                                RewardSpec, RewardTerm, RunConfig, RuntimeSpec, SamplingSpec, ServedRewardSpec, TrainSpec)
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,7 @@ class DemoSettings:
     seeds: int
     lr: float
     rank: int
+    aesthetic: float = 0.0  # weight of the weight-free crispness term in the reward
 
 
 FULL = DemoSettings(steps=120, batch=8, n_steps=20, per_task=12, seeds=2, lr=1e-3, rank=8)
@@ -55,7 +56,8 @@ def demo_config(s: DemoSettings, out_root: Path, run_id: str, seed: int = 0) -> 
         # `served.num_cpus` sizes the driver's end-of-run score deployment (the Ray runtime always deploys one):
         # with the rollout worker (0.5) and the learner (1) it must fit the local Ray's 2 CPUs, or the learner
         # group never gets its CPU and the run hangs.
-        reward=RewardSpec(loss="hinge", clip=-0.05, served=ServedRewardSpec(num_cpus=0.25)),
+        reward=RewardSpec(terms=[RewardTerm(name="world_attributes", kwargs={"aesthetic_weight": s.aesthetic})],
+                          loss="hinge", clip=-0.05, served=ServedRewardSpec(num_cpus=0.25)),
         sampling=SamplingSpec(n_steps=s.n_steps),
         train=TrainSpec(steps=s.steps, batch_size=s.batch, lr=s.lr, seed=seed, prompts=PromptSource(set="world_train")),
         checkpoint=CheckpointSpec(dir=str(out_root), every=s.steps, keep=1, resume=False),
@@ -208,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None, help="alignment steps (default 120, quick 3)")
     p.add_argument("--out", type=Path, default=Path("runs"), help="runs root folder")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=None, help="LoRA learning rate")
+    p.add_argument("--aesthetic", type=float, default=None, help="weight of the crispness term in the reward")
     a = p.parse_args(argv)
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     settings = QUICK if a.quick else FULL
@@ -215,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
         if a.steps < 1:
             p.error(f"--steps={a.steps}: must be >= 1")
         settings = DemoSettings(**{**settings.__dict__, "steps": a.steps})
+    for name in ("lr", "aesthetic"):
+        if getattr(a, name) is not None:
+            settings = DemoSettings(**{**settings.__dict__, name: getattr(a, name)})
     runtime = a.runtime
     if runtime == "auto":
         runtime = "core" if a.quick or not ray_available() else "ray"
