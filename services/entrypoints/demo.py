@@ -41,7 +41,7 @@ class DemoSettings:
     aesthetic: float = 0.0  # weight of the weight-free crispness term in the reward
 
 
-FULL = DemoSettings(steps=120, batch=8, n_steps=20, per_task=12, seeds=2, lr=1e-3, rank=8)
+FULL = DemoSettings(steps=60, batch=8, n_steps=20, per_task=12, seeds=2, lr=1e-3, rank=8)
 QUICK = DemoSettings(steps=3, batch=4, n_steps=10, per_task=2, seeds=1, lr=1e-3, rank=4)
 
 
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runtime", choices=("auto", "ray", "core"), default="auto",
                    help="ray: the Ray runtime on a local loopback cluster; core: the single-process loop "
                         "(auto: ray when installed, core for --quick)")
-    p.add_argument("--steps", type=int, default=None, help="alignment steps (default 120, quick 3)")
+    p.add_argument("--steps", type=int, default=None, help="alignment steps (default 60, quick 3)")
     p.add_argument("--out", type=Path, default=Path("runs"), help="runs root folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=None, help="LoRA learning rate")
@@ -293,6 +293,10 @@ def main(argv: list[str] | None = None) -> int:
         first = sum(r["reward"] for r in rows[:k]) / k
         last = sum(r["reward"] for r in rows[-k:]) / k
         print(f"training reward: {first:.3f} (first {k} steps) -> {last:.3f} (last {k} steps)")
+        if last > first and summary["delta_overall"] < 5.0:
+            print("note: the reward rose but the held-out judge did not follow: the policy is learning what fools "
+                  "the recogniser (texture, bloated objects) more than what the judge checks. This is the reward "
+                  "hacking the judge exists to expose; see flowbp_core/world/README.md.")
     print(f"run folder: {run_dir}  ({summary['wall_seconds']:.0f} s)")
     for name in ("metrics.jsonl", "reward_curve.png", "before_after.png", "demo_summary.json"):
         print(f"  {name}")
