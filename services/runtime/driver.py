@@ -235,15 +235,35 @@ class Driver:
                 next_submit += 1
             self.telemetry.queue(len(inflight))
             # 2. offer finished rollouts to the learner, in step order
+            weights_lost = False
             for item in inflight:
                 if item.offered:
                     continue
                 ready, _ = ray.wait(item.stats_refs, num_returns=len(item.stats_refs), timeout=0)
                 if len(ready) < len(item.stats_refs):
                     break
-                self._record_rollout(ray.get(item.stats_refs))
+                try:
+                    stats = ray.get(item.stats_refs)
+                except ray.exceptions.ObjectLostError as e:
+                    # The weights this rollout was told to load were published (ray.put) by a learner that has
+                    # died since: their owner is gone, so the rollout cannot run. The learner group is being
+                    # restarted from its newest checkpoint; wait for it and redo the steps from there.
+                    log.warning("rollout of step %d lost its weights (%s): waiting for the learner to restart",
+                                item.step, type(e).__name__)
+                    weights_lost = True
+                    break
+                self._record_rollout(stats)
                 ray.get(self.board.offer.remote(LearnerWork(item.step, tuple(item.cache_refs), item.policy_version)))
                 item.offered = True
+            if weights_lost:
+                current = self._wait_hello(generation, thread)
+                self.telemetry.event("learner_restart", generation=current.generation, start_step=current.start_step,
+                                     resumed_from=current.resumed_from)
+                self._rewind(current)
+                weights, generation = current.weights, current.generation
+                next_submit = next_learn = current.start_step
+                inflight.clear()
+                continue
             # 3. wait for whichever comes first: a learner outcome or the next rollout to finish. The outcome
             # poll stays outstanding across iterations, so a finished rollout is offered at once (no bubble).
             if outcome_fut is None:
