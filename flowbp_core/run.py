@@ -256,17 +256,34 @@ def train_loop(cfg: RunConfig, *, run_dir: Path | None = None, comp: RunComponen
     return out
 
 
+@dataclass
+class FullState:
+    """What a checkpoint holds, as full tensors: given by a caller whose live model is sharded (the FSDP learner
+    gathers it on every rank, then rank 0 saves); read from the live objects otherwise."""
+    trainable: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    ema: dict[str, torch.Tensor] | None
+    lora_export: dict[str, torch.Tensor] | None = None
+
+
 def save(comp: RunComponents, run_dir: Path, step: int, policy_version: int, optimizer, ema: EMA | None,
-         res: StepResult | None = None) -> Path:
+         res: StepResult | None = None, full: FullState | None = None) -> Path:
     exporter = getattr(comp.backbone, "export", None)
 
     def write_export(tmp: Path) -> None:
-        if exporter is not None and comp.cfg.backbone.finetune == "lora":
+        if exporter is None or comp.cfg.backbone.finetune != "lora":
+            return
+        if full is not None:
+            from flowbp_core.export import export_backbone
+
+            export_backbone(comp.backbone, str(tmp / "lora"), gathered=full.lora_export)
+        else:
             exporter(str(tmp / "lora"))
 
     state = CheckpointState(step=step, policy_version=policy_version,
-                            trainable=comp.backbone.trainable_state_dict(),
-                            optimizer=optimizer.state_dict(), ema=ema.state_dict() if ema else None,
+                            trainable=full.trainable if full else comp.backbone.trainable_state_dict(),
+                            optimizer=full.optimizer if full else optimizer.state_dict(),
+                            ema=(full.ema if full else ema.state_dict()) if ema else None,
                             config=comp.cfg.to_dict(), torch_rng=torch.get_rng_state(),
                             metrics={"loss": res.loss, "reward_mean": res.reward_mean} if res else {})
     return save_checkpoint(run_dir, state, keep=comp.cfg.checkpoint.keep, extra_writer=write_export)

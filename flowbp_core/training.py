@@ -193,7 +193,9 @@ def train_step(
         return skipped("non_finite_loss")
     loss.backward()
     t3 = time.perf_counter()
-    grads = [p.grad for p in params if p.grad is not None]
+    # This rank's part of each gradient: under FSDP a gradient is a shard (DTensor) and the learner combines
+    # the ranks' norms itself; unsharded tensors are used whole.
+    grads = [getattr(p.grad, "to_local", lambda g=p.grad: g)() for p in params if p.grad is not None]
     if grads:
         grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
     else:

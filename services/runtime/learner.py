@@ -6,6 +6,10 @@ build the method's endpoint, score it, step the optimizer (and EMA), publish wei
   model in DDP because the methods call the transformer several times per step (K re-forwards), which DDP's
   one-forward-one-backward bucketing does not allow without `find_unused_parameters` gymnastics. The result is
   what DDP computes. Backend: gloo on CPU, nccl on GPU (Ray Train sets the process group up).
+- `runtime.strategy: fsdp` shards the transformer over the ranks instead (`sharding.py`, PyTorch's FSDP2):
+  its backward reduce-scatters the mean gradient, so the all-reduce above is skipped; checkpoints, exports
+  and weight publishes gather full tensors on every rank (collectives) and rank 0 writes them, so an FSDP
+  checkpoint is the same file a single process writes, and resumes under either strategy.
 - A non-finite reward/loss/gradient on any rank skips the step on every rank (the skip flag is all-reduced),
   and `train.max_bad_steps` in a row end the run with that reason. A skipped step writes no checkpoint.
 - On (re)start, every rank loads the newest complete checkpoint of the run; rank 0 then says hello with a new
@@ -26,7 +30,7 @@ from flowbp_core import checkpoint as ckpt
 from flowbp_core.cache import TrajectoryCache
 from flowbp_core.config import RunConfig
 from flowbp_core.training import EMA, BadStepGuard, NonFiniteStreak
-from services.runtime import components, weight_sync
+from services.runtime import components, sharding, weight_sync
 from services.runtime.board import STOP
 from services.runtime.payloads import LearnerHello, StepOutcome
 
@@ -78,7 +82,11 @@ def _apply_update(params, optimizer, grad_clip, ema) -> None:
 
 class LearnerRank:
     """One rank's state and step logic (no Ray Train inside, so a test can drive it in-process). The parts and
-    the step are flowbp_core.run's (`build_components`, `learner_step`, `save`), as in the single-process loop."""
+    the step are flowbp_core.run's (`build_components`, `learner_step`, `save`), as in the single-process loop.
+
+    Start-up order matters under FSDP: the newest complete checkpoint is loaded into the whole model first (its
+    tensors are full), then the transformer is sharded, and only then are the optimizer and EMA built over the
+    (sharded) parameters and given their saved state, sharded the same way."""
 
     def __init__(self, cfg: RunConfig, run_id: str, rank: int = 0, world: int = 1, served_app: str | None = None):
         from flowbp_core.run import build_components, make_optimizer
@@ -87,11 +95,8 @@ class LearnerRank:
         # build_components seeds torch with train.seed: every rank (and every restart) builds the same LoRA init.
         self.comp = build_components(cfg, with_reward=cfg.reward.placement == "colocated", trainable=True)
         self.backbone = self.comp.backbone
-        self.params = self.backbone.trainable_parameters()
         self.score, self.client = components.build_score(cfg, self.comp, served_app)
-        self.optimizer = make_optimizer(cfg, self.params)
         t = cfg.train
-        self.ema = EMA(self.params, t.ema_decay) if t.ema_decay is not None else None
         self.guard = BadStepGuard(t.max_bad_steps)
         self.run_dir = Path(cfg.checkpoint.dir).absolute() / run_id
         backend = cfg.runtime.weight_sync
@@ -101,24 +106,43 @@ class LearnerRank:
         self.step = 0
         self.version = 0
         self.resumed_from: str | None = None
-
-    def resume(self) -> None:
-        path = ckpt.latest_complete(self.run_dir) if self.cfg.checkpoint.resume else None
-        if path is not None:
-            st = ckpt.load_checkpoint(path)
-            self.backbone.load_trainable_state_dict(st.trainable)
-            if st.optimizer is not None:
-                self.optimizer.load_state_dict(st.optimizer)
-            if self.ema is not None and st.ema is not None:
-                self.ema.load_state_dict(st.ema)
-            self.step, self.version, self.resumed_from = st.step, st.policy_version, str(path)
         dist = _dist()
-        if dist is not None:  # identical start on every rank whatever each one built
-            for p in self.params:
-                dist.broadcast(p.data, src=0)
+        self.sharded = cfg.runtime.strategy == "fsdp" and dist is not None
 
-    def publish(self, generation: int):
-        return self.sync.publish(self.backbone.trainable_state_dict(), self.version, generation)
+        state = self._load_newest()
+        if dist is not None:  # identical start on every rank whatever each one built
+            for p in self.backbone.trainable_parameters():
+                dist.broadcast(p.data, src=0)
+        if self.sharded:
+            self.fsdp_units = sharding.shard_transformer(self.backbone.transformer)
+        self.params = self.backbone.trainable_parameters()
+        self.optimizer = make_optimizer(cfg, self.params)
+        self.ema = EMA(self.params, t.ema_decay) if t.ema_decay is not None else None
+        if state is not None:
+            if state.optimizer is not None:
+                self.optimizer.load_state_dict(state.optimizer)
+                sharding.shard_optimizer_state(self.optimizer)
+            if self.ema is not None and state.ema is not None:
+                self.ema.load_state_dict({f"ema.{i}": sharding.place_like(state.ema[f"ema.{i}"].float(), s)
+                                          for i, s in enumerate(self.ema.shadow)})
+
+    def _load_newest(self):
+        path = ckpt.latest_complete(self.run_dir) if self.cfg.checkpoint.resume else None
+        if path is None:
+            return None
+        st = ckpt.load_checkpoint(path)
+        self.backbone.load_trainable_state_dict(st.trainable)
+        self.step, self.version, self.resumed_from = st.step, st.policy_version, str(path)
+        return st
+
+    def full_trainable_state(self) -> dict[str, torch.Tensor]:
+        """The trainable weights as full tensors. Collective when sharded: call it on every rank."""
+        return sharding.gather_state(self.backbone.trainable_state_dict())
+
+    def publish(self, generation: int, state: dict[str, torch.Tensor] | None = None):
+        """Publish weights (rank 0). Under FSDP pass `state`, gathered by `full_trainable_state` on every rank."""
+        return self.sync.publish(state if state is not None else self.backbone.trainable_state_dict(), self.version,
+                                 generation)
 
     def fetch(self, work) -> tuple[TrajectoryCache, float]:
         t0 = time.perf_counter()
@@ -150,23 +174,46 @@ class LearnerRank:
             dist.all_reduce(stats)
             res.loss, res.reward_mean = float(stats[0] / self.world), float(stats[1] / self.world)
             if not res.skipped:
-                for p in self.params:
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p)
-                    dist.all_reduce(p.grad)
-                    p.grad.div_(self.world)
-                res.grad_norm = float(torch.linalg.vector_norm(
-                    torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in self.params])))
+                if self.sharded:
+                    # FSDP's backward already reduce-scattered the mean gradient: each rank holds its shard.
+                    sq = torch.zeros((), dtype=torch.float64)
+                    for p in self.params:
+                        if p.grad is not None:
+                            sq += sharding.local(p.grad).double().pow(2).sum()
+                    dist.all_reduce(sq)
+                    res.grad_norm = float(sq.sqrt())
+                else:
+                    for p in self.params:
+                        if p.grad is None:
+                            p.grad = torch.zeros_like(p)
+                        dist.all_reduce(p.grad)
+                        p.grad.div_(self.world)
+                    res.grad_norm = float(torch.linalg.vector_norm(
+                        torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in self.params])))
                 _apply_update(self.params, self.optimizer, self.cfg.train.grad_clip, self.ema)
         if not res.skipped:
             self.version += 1
         self.guard.observe(res)  # may raise NonFiniteStreak
         return res
 
-    def save(self, step: int, res=None) -> str:
-        from flowbp_core.run import save
+    def save(self, step: int, res=None) -> str | None:
+        """Write a checkpoint (rank 0; returns its path, None on other ranks). Under FSDP every rank must call
+        it: the full tensors are gathered on all ranks first."""
+        from flowbp_core.backbones import lora as lora_mod
+        from flowbp_core.run import FullState, save
 
-        return str(save(self.comp, self.run_dir, step, self.version, self.optimizer, self.ema, res))
+        full = None
+        if self.sharded:
+            transformer = self.backbone.transformer
+            full = FullState(
+                trainable=self.full_trainable_state(),
+                optimizer=sharding.gather_tree(self.optimizer.state_dict()),
+                ema=sharding.gather_state(self.ema.state_dict()) if self.ema is not None else None,
+                lora_export=(sharding.gather_state(lora_mod.lora_state_for_diffusers(transformer))
+                             if lora_mod.has_lora(transformer) else None))
+        if self.rank != 0:
+            return None
+        return str(save(self.comp, self.run_dir, step, self.version, self.optimizer, self.ema, res, full=full))
 
 
 def learner_loop(config: dict) -> None:
@@ -178,16 +225,16 @@ def learner_loop(config: dict) -> None:
     cfg = RunConfig.model_validate_json(config["cfg_json"])
     board = config["board"]
     torch.set_num_threads(max(1, int(cfg.runtime.learner_num_cpus)))
-    lr = LearnerRank(cfg, config["run_id"], rank, world, config.get("served_app"))
-    lr.resume()
+    lr = LearnerRank(cfg, config["run_id"], rank, world, config.get("served_app"))  # resumes, shards if FSDP
     generation = ray.get(board.next_generation.remote()) if rank == 0 else 0
     dist = _dist()
     if dist is not None:
         g = torch.tensor([generation])
         dist.broadcast(g, src=0)
         generation = int(g.item())
+    state = lr.full_trainable_state()  # every rank: a collective under FSDP
     if rank == 0:
-        weights = lr.publish(generation)
+        weights = lr.publish(generation, state)
         ray.get(board.say_hello.remote(LearnerHello(generation, lr.step, lr.version, weights, (os.getpid(),),
                                                     lr.resumed_from)))
     cp = cfg.checkpoint
@@ -214,13 +261,14 @@ def learner_loop(config: dict) -> None:
             return
         step += 1
         ckpt_path = None
-        if not res.skipped and (step % cp.every == 0 or step == cfg.train.steps) and rank == 0:
-            ckpt_path = lr.save(step, res)
+        if not res.skipped and (step % cp.every == 0 or step == cfg.train.steps):
+            ckpt_path = lr.save(step, res)  # every rank (FSDP gathers); rank 0 writes
         if dist is not None:
             dist.barrier()  # nobody runs ahead of a checkpoint being written
+        state = lr.full_trainable_state() if not res.skipped else None  # every rank: a collective under FSDP
         if rank == 0:
             t0 = time.perf_counter()
-            weights = lr.publish(generation) if not res.skipped else None
+            weights = lr.publish(generation, state) if state is not None else None
             phases = {"transfer": transfer_s, **{k: v for k, v in res.timings.items()}}
             if weights is not None:
                 phases["sync"] = time.perf_counter() - t0
