@@ -86,9 +86,9 @@ def shard_bounds(batch: int, parts: int) -> list[tuple[int, int]]:
 class Driver:
     def __init__(self, cfg: RunConfig, run_id: str | None = None, cancel_event: threading.Event | None = None,
                  hello_timeout_s: float = 600.0):
-        if cfg.runtime.strategy != "ddp":
-            raise ConfigError("runtime.strategy", cfg.runtime.strategy,
-                              "'ddp' (FSDP is not implemented in the Ray runtime yet)")
+        if cfg.runtime.strategy == "fsdp" and cfg.runtime.learners < 2:
+            raise ConfigError("runtime.strategy", "fsdp", "'ddp' with runtime.learners=1 (FSDP shards the model "
+                              "over the learner ranks: set runtime.learners >= 2 to use it)")
         self.cfg = cfg
         self.run_id = run_id or cfg.run_id or f"run-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         self.cancel_event = cancel_event or threading.Event()
@@ -250,6 +250,7 @@ class Driver:
                     # restarted from its newest checkpoint; wait for it and redo the steps from there.
                     log.warning("rollout of step %d lost its weights (%s): waiting for the learner to restart",
                                 item.step, type(e).__name__)
+                    self.telemetry.event("rollout_weights_lost", step=item.step, generation=generation)
                     weights_lost = True
                     break
                 self._record_rollout(stats)

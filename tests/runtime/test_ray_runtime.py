@@ -73,15 +73,18 @@ def test_runtime_matches_single_process_loop(baseline, tmp_path):
     assert ref == pytest.approx([s.losses[i] for i in range(4)], rel=1e-5, abs=1e-7)
 
 
-def test_two_learner_ranks_match_one(baseline, tmp_path):
-    """2 learner ranks (gloo, gradient all-reduce) + 1 rollout worker + colocated reward reproduce the baseline
-    (1 rank, 2 rollout workers, served reward): the batch split and the placement do not change the update."""
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_learner_ranks_match_one(baseline, tmp_path, strategy):
+    """2 learner ranks (gloo; gradient all-reduce, or FSDP-sharded transformer) + 1 rollout worker + colocated
+    reward reproduce the baseline (1 rank, 2 rollout workers, served reward): the batch split, the sharding and
+    the placement do not change the update."""
     from services.runtime.driver import Driver
 
     _, _, base = baseline
-    cfg = tiny_cfg(tmp_path, "ddp", train={"steps": 4},
+    cfg = tiny_cfg(tmp_path, strategy, train={"steps": 4},
                    reward={"terms": [{"name": "saturation"}], "loss": "neg_mean", "placement": "colocated"},
-                   runtime={"rollout_workers": 1, "learners": 2, "rollout_num_cpus": 0.25, "learner_num_cpus": 0.5})
+                   runtime={"rollout_workers": 1, "learners": 2, "rollout_num_cpus": 0.25, "learner_num_cpus": 0.5,
+                            "strategy": strategy})
     s = Driver(cfg).run()
     assert s.status == "finished", s.failure
     assert [s.losses[i] for i in range(4)] == pytest.approx([base.losses[i] for i in range(4)], rel=1e-5, abs=1e-7)
@@ -109,10 +112,12 @@ def test_rollout_and_learner_killed_run_resumes_exactly(baseline, tmp_path):
     t.join(timeout=400)
     assert not t.is_alive(), "run did not finish"
     s = box["summary"]
-    assert s.status == "finished", s.failure
-    assert s.learner_generations == 2
+    timeline = [{k: e.get(k) for k in ("event", "step", "generation", "start_step", "resumed_from") if k in e}
+                 for e in _events(drv.run_dir) if e["event"] != "queue"]
+    assert s.status == "finished", (s.failure, timeline)
+    assert s.learner_generations == 2, timeline
     assert s.rollout_retries >= 1
-    assert sorted(s.losses) == [0, 1, 2, 3]
+    assert sorted(s.losses) == [0, 1, 2, 3], timeline
     assert [s.losses[i] for i in range(4)] == pytest.approx([base.losses[i] for i in range(4)], rel=1e-6, abs=1e-8)
     restart = [e for e in _events(drv.run_dir) if e["event"] == "learner_restart"]
     assert len(restart) == 1 and restart[0]["resumed_from"].endswith("step_2")
