@@ -257,6 +257,9 @@ class Driver:
                 ray.get(self.board.offer.remote(LearnerWork(item.step, tuple(item.cache_refs), item.policy_version)))
                 item.offered = True
             if weights_lost:
+                # An outcome poll still outstanding was answered with the old generation's hello: drop it (its
+                # outcomes, if any, come back from the board on the next poll, which asks from `seen`).
+                outcome_fut = None
                 current = self._wait_hello(generation, thread)
                 self.telemetry.event("learner_restart", generation=current.generation, start_step=current.start_step,
                                      resumed_from=current.resumed_from)
@@ -280,7 +283,10 @@ class Driver:
             new, current = ray.get(outcome_fut)
             outcome_fut = None
             seen += len(new)
-            if current is not None and current.generation != generation:
+            # Only a newer generation rewinds: a poll answered before a restart we already followed still carries
+            # the dead generation's hello, and rewinding to it would redo finished steps with weights whose owner
+            # is gone (a CI run did exactly that).
+            if current is not None and current.generation > generation:
                 log.warning("learner restarted (generation %d): resuming at step %d", current.generation,
                             current.start_step)
                 self.telemetry.event("learner_restart", generation=current.generation, start_step=current.start_step,
