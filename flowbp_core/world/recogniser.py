@@ -32,9 +32,26 @@ POS_IDX = {p: i for i, p in enumerate(POSITIONS)}
 class RecogniserConfig:
     width: int = 32
     feature: int = 256
+    # Gaussian blur (sigma, pixels) applied inside the model before the first convolution; 0 = none. It makes
+    # the reward blind to the patch-period textures (4 px) that alignment otherwise learns to paint to fool a
+    # CNN, at the cost of some fine shape detail (a 4-px period keeps exp(-2 pi^2 sigma^2 / 16) of its
+    # amplitude: 6 % at sigma 1.5).
+    input_blur: float = 0.0
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of [B, C, H, W] with reflect padding (radius ceil(3 sigma)); differentiable."""
+    r = max(1, int(np.ceil(3.0 * sigma)))
+    t = torch.arange(-r, r + 1, dtype=x.dtype, device=x.device)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = k / k.sum()
+    c = x.shape[1]
+    x = nn.functional.pad(x, (r, r, r, r), mode="reflect")
+    x = nn.functional.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    return nn.functional.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
 
 
 class Recogniser(nn.Module):
@@ -55,6 +72,8 @@ class Recogniser(nn.Module):
         self.head = nn.Linear(cfg.feature, n_out)
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.cfg.input_blur > 0:
+            images = gaussian_blur(images, self.cfg.input_blur)
         # Centre the input: the recogniser sees images in [0, 1] like every Reward.
         h = self.head(self.fc(self.body(images * 2.0 - 1.0)))
         b = images.shape[0]
@@ -86,6 +105,20 @@ def scene_labels(scenes: list[Scene]) -> dict[str, torch.Tensor]:
         "colour_count": torch.from_numpy(np.minimum(pair.sum(2), 3)),
         "pair_pos": torch.from_numpy(pos),
     }
+
+
+def detected_labels(images: np.ndarray) -> dict[str, torch.Tensor]:
+    """Targets for generated images [N, 3, H, W] in [0, 1]: what the analytic detector finds in them (colour
+    masks, components, fill ratio, centroid), in the format of `scene_labels`. Used to teach the recogniser the
+    generator's own artefacts (train_reward --generated); the judge's per-prompt checks are not involved."""
+    from flowbp_core.world.judge import detect
+    from flowbp_core.world.scenes import SceneObject
+
+    scenes = []
+    for img in images:
+        objs = tuple(SceneObject(shape=d.shape, colour=d.colour, x=d.x, y=d.y, size=0.0) for d in detect(img))
+        scenes.append(Scene(objects=objs, background="gray", size=int(img.shape[-1])))
+    return scene_labels(scenes)
 
 
 def recogniser_loss(out: dict[str, torch.Tensor], lab: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -6,6 +6,11 @@
 Scenes: 1-3 random objects (and 5 % empty backgrounds, and scenes drawn from prompt specs so that three
 objects of one kind are common), with random Gaussian blur, pixel noise and brightness jitter so that the
 recogniser also reads a generator's soft samples. Reports per-head accuracy on a fixed validation set.
+
+`--generated POOL [POOL ...]` (files of `sample_pool`) mixes the generator's own images into every batch
+(`--generated-frac` of it), labelled by what the detector finds in them (`recogniser.detected_labels`): the
+generator's artefacts then carry their true content instead of whatever the render-trained recogniser reads
+into them, which is what alignment otherwise exploits. 10 % of each pool is held out for validation.
 """
 
 from __future__ import annotations
@@ -70,6 +75,35 @@ def accuracy(model: Recogniser, x: torch.Tensor, lab: dict[str, torch.Tensor]) -
     return acc
 
 
+def _jsonable(v):
+    if isinstance(v, Path):
+        return str(v)
+    if isinstance(v, list):
+        return [_jsonable(x) for x in v]
+    return v
+
+
+def load_generated(paths: list[Path], seed: int):
+    """((images, labels) to train on, (images, labels) held out): images float in [0, 1], labels from the
+    detector, 10 % of every pool held out."""
+    from safetensors.torch import load_file
+
+    from flowbp_core.world.recogniser import detected_labels
+
+    xs = []
+    for path in paths:
+        if not path.exists():
+            raise FileNotFoundError(f"--generated {path}: no such file (make one with python -m "
+                                    "flowbp_core.world.sample_pool --out {path})")
+        xs.append(load_file(str(path))["images"].float() / 255.0)
+    x = torch.cat(xs)
+    lab = detected_labels(x.numpy())
+    perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))
+    n_val = max(1, x.shape[0] // 10)
+    va, tr = perm[:n_val], perm[n_val:]
+    return (x[tr], {k: v[tr] for k, v in lab.items()}), (x[va], {k: v[va] for k, v in lab.items()})
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True)
@@ -80,7 +114,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--init", type=Path, default=None, help="continue from this recogniser checkpoint")
+    p.add_argument("--input-blur", type=float, default=None,
+                   help="Gaussian sigma the model applies to its input (default: the --init model's, else 0)")
+    p.add_argument("--generated", type=Path, nargs="*", default=[], help="sample_pool files of generator images")
+    p.add_argument("--generated-frac", type=float, default=0.5, help="share of each batch from --generated")
     a = p.parse_args(argv)
+    if not 0.0 <= a.generated_frac < 1.0:
+        p.error(f"--generated-frac={a.generated_frac}: must be in [0, 1)")
     if a.threads:
         torch.set_num_threads(a.threads)
     a.out.mkdir(parents=True, exist_ok=True)
@@ -96,19 +136,35 @@ def main(argv: list[str] | None = None) -> int:
         model, _ = load_recogniser(a.init)
         model.requires_grad_(True).train()
         cfg = model.cfg
+    if a.input_blur is not None:
+        if not 0.0 <= a.input_blur <= 4.0:
+            p.error(f"--input-blur={a.input_blur}: allowed range is [0, 4] pixels")
+        cfg = RecogniserConfig(**{**cfg.as_dict(), "input_blur": a.input_blur})
+        model.cfg = cfg  # the blur is a config switch: the weights carry over
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=1e-4)
     val_rng = np.random.default_rng(10_000 + a.seed)
     val_scenes = make_batch(1024, val_rng, pool)
     val_x = augment(torch.from_numpy(render_batch(val_scenes)), torch.Generator().manual_seed(10_000))
     val_lab = scene_labels(val_scenes)
+    gen_train = gen_val = None
+    if a.generated:
+        gen_train, gen_val = load_generated(a.generated, a.seed)
+        print(json.dumps({"generated_train": int(gen_train[0].shape[0]), "generated_val": int(gen_val[0].shape[0])}),
+              flush=True)
+    n_gen = int(round(a.batch * a.generated_frac)) if gen_train is not None else 0
     log_path = a.out / "recogniser_log.jsonl"
     log = open(log_path, "w")
     start, step, losses = time.time(), 0, []
     budget = a.minutes * 60
     while step < a.max_steps and time.time() - start < budget:
-        scenes = make_batch(a.batch, rng, pool)
+        scenes = make_batch(a.batch - n_gen, rng, pool)
         x = augment(torch.from_numpy(render_batch(scenes)), g)
-        loss = recogniser_loss(model(x), scene_labels(scenes))
+        lab = scene_labels(scenes)
+        if n_gen:
+            idx = torch.randint(gen_train[0].shape[0], (n_gen,), generator=g)
+            x = torch.cat([x, gen_train[0][idx]])
+            lab = {k: torch.cat([lab[k], gen_train[1][k][idx]]) for k in lab}
+        loss = recogniser_loss(model(x), lab)
         # cosine decay over the time budget: the schedule must end when the clock does
         frac = min(1.0, (time.time() - start) / budget)
         for pg in opt.param_groups:
@@ -122,16 +178,20 @@ def main(argv: list[str] | None = None) -> int:
             model.eval()
             rec = {"step": step, "loss": round(float(np.mean(losses[-100:])), 4), "elapsed_min": round((time.time() - start) / 60, 2),
                    **{f"val_{k}": round(v, 4) for k, v in accuracy(model, val_x, val_lab).items()}}
+            if gen_val is not None:
+                rec.update({f"genval_{k}": round(v, 4) for k, v in accuracy(model, *gen_val).items()})
             model.train()
             log.write(json.dumps(rec) + "\n")
             log.flush()
             print(json.dumps(rec), flush=True)
     model.eval()
     final = accuracy(model, val_x, val_lab)
+    if gen_val is not None:
+        final.update({f"generated_{k}": v for k, v in accuracy(model, *gen_val).items()})
     command = "python -m flowbp_core.world.train_reward " + " ".join(sys.argv[1:] if argv is None else argv)
     digest = save_checkpoint(
         dict(model.state_dict()), a.out / "recogniser.safetensors",
-        config={"model": cfg.as_dict(), "train": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}},
+        config={"model": cfg.as_dict(), "train": {k: _jsonable(v) for k, v in vars(a).items()}},
         data_seed=a.seed, command=command,
         extra={"steps": step, "train_minutes": round((time.time() - start) / 60, 2), "val_accuracy": {k: round(v, 4) for k, v in final.items()}},
     )

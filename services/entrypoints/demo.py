@@ -39,10 +39,18 @@ class DemoSettings:
     lr: float
     rank: int
     aesthetic: float = 0.0  # weight of the weight-free crispness term in the reward
+    recogniser: str | None = None  # reward checkpoint (default: the committed one)
 
 
 FULL = DemoSettings(steps=60, batch=8, n_steps=20, per_task=12, seeds=2, lr=1e-3, rank=8)
 QUICK = DemoSettings(steps=3, batch=4, n_steps=10, per_task=2, seeds=1, lr=1e-3, rank=4)
+
+
+def _reward_kwargs(s: DemoSettings) -> dict:
+    kw: dict = {"aesthetic_weight": s.aesthetic}
+    if s.recogniser:
+        kw["checkpoint"] = s.recogniser
+    return kw
 
 
 def demo_config(s: DemoSettings, out_root: Path, run_id: str, seed: int = 0) -> RunConfig:
@@ -56,7 +64,7 @@ def demo_config(s: DemoSettings, out_root: Path, run_id: str, seed: int = 0) -> 
         # `served.num_cpus` sizes the driver's end-of-run score deployment (the Ray runtime always deploys one):
         # with the rollout worker (0.5) and the learner (1) it must fit the local Ray's 2 CPUs, or the learner
         # group never gets its CPU and the run hangs.
-        reward=RewardSpec(terms=[RewardTerm(name="world_attributes", kwargs={"aesthetic_weight": s.aesthetic})],
+        reward=RewardSpec(terms=[RewardTerm(name="world_attributes", kwargs=_reward_kwargs(s))],
                           loss="hinge", clip=-0.05, served=ServedRewardSpec(num_cpus=0.25)),
         sampling=SamplingSpec(n_steps=s.n_steps),
         train=TrainSpec(steps=s.steps, batch_size=s.batch, lr=s.lr, seed=seed, prompts=PromptSource(set="world_train")),
@@ -212,14 +220,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=None, help="LoRA learning rate")
     p.add_argument("--aesthetic", type=float, default=None, help="weight of the crispness term in the reward")
+    p.add_argument("--recogniser", type=Path, default=None,
+                   help="reward checkpoint (recogniser.safetensors; default: the committed one)")
     a = p.parse_args(argv)
+    if a.recogniser is not None:
+        if not a.recogniser.is_file():
+            p.error(f"--recogniser={a.recogniser}: no such file (train one with python -m "
+                    "flowbp_core.world.train_reward)")
+        a.recogniser = str(a.recogniser.absolute())
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     settings = QUICK if a.quick else FULL
     if a.steps is not None:
         if a.steps < 1:
             p.error(f"--steps={a.steps}: must be >= 1")
         settings = DemoSettings(**{**settings.__dict__, "steps": a.steps})
-    for name in ("lr", "aesthetic"):
+    for name in ("lr", "aesthetic", "recogniser"):
         if getattr(a, name) is not None:
             settings = DemoSettings(**{**settings.__dict__, name: getattr(a, name)})
     runtime = a.runtime
