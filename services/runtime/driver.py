@@ -261,12 +261,9 @@ class Driver:
                 # outcomes, if any, come back from the board on the next poll, which asks from `seen`).
                 outcome_fut = None
                 current = self._wait_hello(generation, thread)
-                self.telemetry.event("learner_restart", generation=current.generation, start_step=current.start_step,
-                                     resumed_from=current.resumed_from)
-                self._rewind(current)
+                self._follow_restart(current, inflight)
                 weights, generation = current.weights, current.generation
                 next_submit = next_learn = current.start_step
-                inflight.clear()
                 continue
             # 3. wait for whichever comes first: a learner outcome or the next rollout to finish. The outcome
             # poll stays outstanding across iterations, so a finished rollout is offered at once (no bubble).
@@ -287,14 +284,9 @@ class Driver:
             # the dead generation's hello, and rewinding to it would redo finished steps with weights whose owner
             # is gone (a CI run did exactly that).
             if current is not None and current.generation > generation:
-                log.warning("learner restarted (generation %d): resuming at step %d", current.generation,
-                            current.start_step)
-                self.telemetry.event("learner_restart", generation=current.generation, start_step=current.start_step,
-                                     resumed_from=current.resumed_from)
-                self._rewind(current)
+                self._follow_restart(current, inflight)
                 weights, generation = current.weights, current.generation
                 next_submit = next_learn = current.start_step
-                inflight.clear()
                 continue
             for o in new:
                 if o.generation != generation:
@@ -316,6 +308,14 @@ class Driver:
                 raise RunFailed(f"learner group ended at step {next_learn} of {total}: {self._fit_error!r}")
         self.summary.status = "finished"
         self.summary.samples_per_second = samples / max(time.perf_counter() - t_first, 1e-9)
+
+    def _follow_restart(self, hello: LearnerHello, inflight: deque) -> None:
+        """A new learner generation: log it, rewind to the step it resumed at, drop what was in flight."""
+        log.warning("learner restarted (generation %d): resuming at step %d", hello.generation, hello.start_step)
+        self.telemetry.event("learner_restart", generation=hello.generation, start_step=hello.start_step,
+                             resumed_from=hello.resumed_from)
+        self._rewind(hello)
+        inflight.clear()
 
     def _rewind(self, hello: LearnerHello) -> None:
         self.hello = hello
