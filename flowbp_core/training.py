@@ -122,6 +122,11 @@ class StepResult:
         return json.dumps(asdict(self))
 
 
+def local_part(t: torch.Tensor) -> torch.Tensor:
+    """This process's part of a tensor: the local shard of a sharded one (a DTensor, under FSDP), else itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def _finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t).all())
 
@@ -193,9 +198,9 @@ def train_step(
         return skipped("non_finite_loss")
     loss.backward()
     t3 = time.perf_counter()
-    # This rank's part of each gradient: under FSDP a gradient is a shard (DTensor) and the learner combines
-    # the ranks' norms itself; unsharded tensors are used whole.
-    grads = [getattr(p.grad, "to_local", lambda g=p.grad: g)() for p in params if p.grad is not None]
+    # This rank's part of each gradient: under FSDP a gradient is a shard and the learner combines the ranks'
+    # norms itself.
+    grads = [local_part(p.grad) for p in params if p.grad is not None]
     if grads:
         grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
     else:

@@ -29,7 +29,7 @@ import torch
 from flowbp_core import checkpoint as ckpt
 from flowbp_core.cache import TrajectoryCache
 from flowbp_core.config import RunConfig
-from flowbp_core.training import EMA, BadStepGuard, NonFiniteStreak
+from flowbp_core.training import EMA, BadStepGuard, NonFiniteStreak, local_part
 from services.runtime import components, sharding, weight_sync
 from services.runtime.board import STOP
 from services.runtime.payloads import LearnerHello, StepOutcome
@@ -114,7 +114,7 @@ class LearnerRank:
             for p in self.backbone.trainable_parameters():
                 dist.broadcast(p.data, src=0)
         if self.sharded:
-            self.fsdp_units = sharding.shard_transformer(self.backbone.transformer)
+            sharding.shard_transformer(self.backbone.transformer)
         self.params = self.backbone.trainable_parameters()
         self.optimizer = make_optimizer(cfg, self.params)
         self.ema = EMA(self.params, t.ema_decay) if t.ema_decay is not None else None
@@ -139,10 +139,9 @@ class LearnerRank:
         """The trainable weights as full tensors. Collective when sharded: call it on every rank."""
         return sharding.gather_state(self.backbone.trainable_state_dict())
 
-    def publish(self, generation: int, state: dict[str, torch.Tensor] | None = None):
-        """Publish weights (rank 0). Under FSDP pass `state`, gathered by `full_trainable_state` on every rank."""
-        return self.sync.publish(state if state is not None else self.backbone.trainable_state_dict(), self.version,
-                                 generation)
+    def publish(self, generation: int, state: dict[str, torch.Tensor]):
+        """Publish weights (rank 0): `state` is `full_trainable_state()`, gathered on every rank."""
+        return self.sync.publish(state, self.version, generation)
 
     def fetch(self, work) -> tuple[TrajectoryCache, float]:
         t0 = time.perf_counter()
@@ -179,7 +178,7 @@ class LearnerRank:
                     sq = torch.zeros((), dtype=torch.float64)
                     for p in self.params:
                         if p.grad is not None:
-                            sq += sharding.local(p.grad).double().pow(2).sum()
+                            sq += local_part(p.grad).double().pow(2).sum()
                     dist.all_reduce(sq)
                     res.grad_norm = float(sq.sqrt())
                 else:
@@ -196,9 +195,10 @@ class LearnerRank:
         self.guard.observe(res)  # may raise NonFiniteStreak
         return res
 
-    def save(self, step: int, res=None) -> str | None:
+    def save(self, step: int, res=None, trainable: dict[str, torch.Tensor] | None = None) -> str | None:
         """Write a checkpoint (rank 0; returns its path, None on other ranks). Under FSDP every rank must call
-        it: the full tensors are gathered on all ranks first."""
+        it: the full tensors are gathered on all ranks first. `trainable`: `full_trainable_state()` when the
+        caller gathered it already (the learner loop publishes the same tensors)."""
         from flowbp_core.backbones import lora as lora_mod
         from flowbp_core.run import FullState, save
 
@@ -206,7 +206,7 @@ class LearnerRank:
         if self.sharded:
             transformer = self.backbone.transformer
             full = FullState(
-                trainable=self.full_trainable_state(),
+                trainable=trainable if trainable is not None else self.full_trainable_state(),
                 optimizer=sharding.gather_tree(self.optimizer.state_dict()),
                 ema=sharding.gather_state(self.ema.state_dict()) if self.ema is not None else None,
                 lora_export=(sharding.gather_state(lora_mod.lora_state_for_diffusers(transformer))
@@ -261,11 +261,11 @@ def learner_loop(config: dict) -> None:
             return
         step += 1
         ckpt_path = None
-        if not res.skipped and (step % cp.every == 0 or step == cfg.train.steps):
-            ckpt_path = lr.save(step, res)  # every rank (FSDP gathers); rank 0 writes
+        state = lr.full_trainable_state() if not res.skipped else None  # every rank: a collective under FSDP
+        if state is not None and (step % cp.every == 0 or step == cfg.train.steps):
+            ckpt_path = lr.save(step, res, trainable=state)  # every rank (FSDP gathers the rest); rank 0 writes
         if dist is not None:
             dist.barrier()  # nobody runs ahead of a checkpoint being written
-        state = lr.full_trainable_state() if not res.skipped else None  # every rank: a collective under FSDP
         if rank == 0:
             t0 = time.perf_counter()
             weights = lr.publish(generation, state) if state is not None else None

@@ -95,8 +95,3 @@ def shard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
             for k, v in list(state.items()):
                 if isinstance(v, torch.Tensor) and not is_sharded(v) and tuple(v.shape) == tuple(p.shape):
                     state[k] = place_like(v.to(p.dtype), p)
-
-
-def local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's part of a tensor (the whole tensor when it is not sharded)."""
-    return t.to_local() if is_sharded(t) else t
