@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from tqdm import tqdm
 
 from flowbp_core.cache import CacheNeeds
 from flowbp_core.sampling import rollout
@@ -30,13 +31,13 @@ def noise_for(backbone, n_prompts: int, seed: int) -> torch.Tensor:
 
 @torch.no_grad()
 def generate(backbone, prompts: list[str], seed: int, n_steps: int | None = None, guidance=None,
-             batch_size: int = 64) -> torch.Tensor:
-    """Images [B, 3, H, W] in [0, 1] for `prompts` (noise per index from `seed`)."""
+             batch_size: int = 64, noise: torch.Tensor | None = None, progress: bool = False) -> torch.Tensor:
+    """Images [B, 3, H, W] in [0, 1] for `prompts` (noise per index from `seed`, unless `noise` is given)."""
     steps = n_steps or backbone.preset.n_steps
     sigmas = backbone.schedule(steps).sigmas
-    noise = noise_for(backbone, len(prompts), seed).to(backbone.device)
+    noise = (noise if noise is not None else noise_for(backbone, len(prompts), seed)).to(backbone.device)
     out = []
-    for a in range(0, len(prompts), batch_size):
+    for a in tqdm(range(0, len(prompts), batch_size), desc="sampling", unit="batch", disable=not progress):
         chunk = prompts[a : a + batch_size]
         cond = backbone.encode_prompts(chunk)
         cache = rollout(backbone.bind(cond, guidance), noise[a : a + batch_size], sigmas, needs=_KEEP_NOTHING)

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 from flowbp_core.world.data import prompt_pool
+from flowbp_core.world.evaluate import generate
 
 
 def load_policy(checkpoint: Path | None):
@@ -67,24 +67,12 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [it.text for it in items][: a.n]
     shape = bb.latent_shape(1)[1:]
     gen = torch.Generator().manual_seed(50_000 + a.seed)  # far from the evaluation seeds
-    sigmas = bb.schedule(bb.preset.n_steps).sigmas
-    from flowbp_core.cache import CacheNeeds
-    from flowbp_core.sampling import rollout
-
-    keep = CacheNeeds(states=frozenset(), velocities=frozenset())
-    out, t0 = [], time.perf_counter()
-    with torch.no_grad():
-        for s in range(0, len(prompts), a.batch):
-            chunk = prompts[s : s + a.batch]
-            noise = torch.randn((len(chunk), *shape), generator=gen)
-            cache = rollout(bb.bind(bb.encode_prompts(chunk), None), noise, sigmas, needs=keep)
-            img = bb.decode(cache.final).float().clamp(0, 1)
-            out.append((img * 255).round().to(torch.uint8))
-            done = s + len(chunk)
-            print(f"\r{done}/{len(prompts)} images, {time.perf_counter() - t0:.0f}s", end="", file=sys.stderr, flush=True)
-    print(file=sys.stderr)
+    noise = torch.cat([torch.randn((len(prompts[s : s + a.batch]), *shape), generator=gen)
+                       for s in range(0, len(prompts), a.batch)])
+    t0 = time.perf_counter()
+    images = generate(bb, prompts, seed=0, batch_size=a.batch, noise=noise, progress=True)
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"images": torch.cat(out)}, str(a.out),
+    save_file({"images": (images.clamp(0, 1) * 255).round().to(torch.uint8)}, str(a.out),
               metadata={"prompts": json.dumps(prompts), "policy": str(a.policy or "base"), "seed": str(a.seed)})
     print(json.dumps({"out": str(a.out), "n": len(prompts), "seconds": round(time.perf_counter() - t0, 1)}))
     return 0
