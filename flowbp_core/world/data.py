@@ -1,12 +1,15 @@
-"""Prompt pools drawn from the grammar: (spec, caption) pairs for one split, deterministic by seed."""
+"""Prompt pools drawn from the grammar: (spec, caption) pairs for one split, deterministic by seed; and the
+base model's training batches (rendered scenes for a pool's captions), deterministic by (seed, step)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
 import numpy as np
+import torch
 
 from flowbp_core.world.captions import caption
+from flowbp_core.world.scenes import render_batch, sample_scene
 from flowbp_core.world.spec import BACKGROUNDS, TASKS, PromptSpec, specs_for_split
 
 _BG_NAMES = tuple(BACKGROUNDS)
@@ -47,3 +50,54 @@ def heldout_prompts(n_per_task: int = 8, seed: int = 1234) -> list[PromptItem]:
 def train_prompts(n: int = 64, seed: int = 7) -> list[PromptItem]:
     """Alignment prompts: training-split combinations only (the held-out split measures generalisation)."""
     return prompt_pool("train", n, seed=seed, background_prob=0.0)
+
+
+@dataclass
+class Batch:
+    """One step's training data, drawn on the CPU (in a render worker when there are any)."""
+
+    index: torch.Tensor  # [B] caption indices into the pool
+    drop: torch.Tensor  # [B] bool: caption replaced by "" (for classifier-free guidance)
+    x: torch.Tensor  # [B, 3, 32, 32] images in [-1, 1]
+    noise: torch.Tensor  # [B, 3, 32, 32]
+    sigma: torch.Tensor  # [B] logit-normal(0, 1)
+
+
+def draw_batch(pool, seed: int, step: int, batch: int) -> Batch:
+    rng = np.random.default_rng([seed, step])
+    idx = rng.integers(len(pool), size=batch)
+    scenes = [sample_scene(pool[i].spec, rng) for i in idx]
+    x = torch.from_numpy(render_batch(scenes)) * 2.0 - 1.0
+    drop = torch.from_numpy(rng.random(batch) < 0.1)
+    sigma = torch.sigmoid(torch.from_numpy(rng.standard_normal(batch)).float())
+    noise = torch.from_numpy(rng.standard_normal(x.shape)).float()
+    return Batch(torch.from_numpy(idx), drop, x, noise, sigma)
+
+
+class _BatchStream(torch.utils.data.IterableDataset):
+    """Batches for steps start, start+1, ...; worker w of W draws the steps congruent to w mod W, and the
+    DataLoader interleaves workers round-robin, so the order is the steps' order."""
+
+    def __init__(self, pool, seed: int, start: int, batch: int) -> None:
+        self.pool, self.seed, self.start, self.batch = pool, seed, start, batch
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        w, n = (info.id, info.num_workers) if info else (0, 1)
+        step = self.start + w
+        while True:
+            yield draw_batch(self.pool, self.seed, step, self.batch)
+            step += n
+
+
+def batch_stream(pool, seed: int, start: int, batch: int, workers: int):
+    """The base model's training batches for steps start, start+1, ... (endless); `workers` > 0 renders them
+    in that many processes, with the same result."""
+    if workers == 0:
+        step = start
+        while True:
+            yield draw_batch(pool, seed, step, batch)
+            step += 1
+    loader = torch.utils.data.DataLoader(_BatchStream(pool, seed, start, batch), batch_size=None,
+                                         num_workers=workers, prefetch_factor=4, persistent_workers=False)
+    yield from loader

