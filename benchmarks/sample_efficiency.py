@@ -275,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--n-steps", type=int, default=None, help="sampling steps N")
     p.add_argument("--eval-every", type=int, default=None)
+    p.add_argument("--eval-per-task", type=int, default=None, help="held-out prompts per task for the judge")
+    p.add_argument("--eval-seeds", type=int, default=None, help="noise seeds per held-out prompt")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "sample_efficiency")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--seed-list", default=None,
@@ -287,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     s = Settings(**asdict(QUICK)) if a.quick else Settings()
-    for name in ("seeds", "steps", "batch", "n_steps", "eval_every"):
+    for name in ("seeds", "steps", "batch", "n_steps", "eval_every", "eval_per_task", "eval_seeds"):
         v = getattr(a, name)
         if v is not None:
             if v < 1:

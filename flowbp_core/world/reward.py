@@ -20,6 +20,7 @@ from torch import Tensor
 
 from flowbp_core.world.assets import ASSETS_DIR, load_checkpoint
 from flowbp_core.world.captions import parse
+from flowbp_core.world.data import prompt_pool
 from flowbp_core.world.recogniser import COL_IDX, POS_IDX, SHP_IDX, Recogniser, RecogniserConfig
 from flowbp_core.world.spec import PromptSpec
 
@@ -85,23 +86,55 @@ class WorldAttributeReward(torch.nn.Module):
 
     name = "world_attributes"
 
-    def __init__(self, checkpoint: str | Path | None = None, aesthetic_weight: float = 0.0) -> None:
+    def __init__(self, checkpoint: str | Path | None = None, aesthetic_weight: float = 0.0,
+                 smoothing_sigma: float = 0.0, smoothing_samples: int = 4, contrastive_negatives: int = 0) -> None:
         super().__init__()
         if not (0.0 <= float(aesthetic_weight) <= 10.0):
             raise ValueError(f"reward.aesthetic_weight={aesthetic_weight!r}: allowed range is [0, 10]")
+        if not (0.0 <= float(smoothing_sigma) <= 0.5):
+            raise ValueError(f"reward.smoothing_sigma={smoothing_sigma!r}: allowed range is [0, 0.5]")
+        if not (1 <= int(smoothing_samples) <= 64):
+            raise ValueError(f"reward.smoothing_samples={smoothing_samples!r}: allowed range is 1..64")
         self.model, self.meta = load_recogniser(Path(checkpoint) if checkpoint else None)
         self.aesthetic_weight = float(aesthetic_weight)
+        self.smoothing_sigma, self.smoothing_samples = float(smoothing_sigma), int(smoothing_samples)
+        if not (0 <= int(contrastive_negatives) <= 512):
+            raise ValueError(f"reward.contrastive_negatives={contrastive_negatives!r}: allowed range is 0..512")
+        # fixed negatives, the same for every call: training-split prompts, all tasks in equal shares, by task
+        self.negatives: dict[str, list[PromptSpec]] = {}
+        for it in prompt_pool("train", int(contrastive_negatives), seed=4242, background_prob=0.0):
+            self.negatives.setdefault(it.spec.task, []).append(it.spec)
 
     def train(self, mode: bool = True) -> "WorldAttributeReward":  # noqa: ARG002 - always frozen
         return super().train(False)
 
     def attributes(self, images: Tensor, prompts: list[str]) -> Tensor:
-        out = self.model(images.float())
-        rows = []
-        for b, p in enumerate(prompts):
-            terms = attribute_logprobs(out, b, _spec(p))
-            rows.append(torch.stack(terms).mean())
-        return torch.stack(rows)
+        x, k = images.float(), 1
+        if self.smoothing_sigma > 0:
+            # Randomised smoothing: E over Gaussian pixel noise. A perturbation that fools the recogniser only in
+            # a thin set around the image (a fine texture) earns little under noise. The noise is seeded by the
+            # images' contents, so the same batch gets the same reward (a resumed run repeats itself).
+            seed = int(x.detach().double().mul(1e4).sum().item()) % (2**62)
+            g = torch.Generator(device=x.device).manual_seed(seed)
+            k = self.smoothing_samples
+            noise = torch.randn((k, *x.shape), generator=g, device=x.device)
+            x = (x.unsqueeze(0) + self.smoothing_sigma * noise).flatten(0, 1)
+        out = self.model(x)
+        specs = [_spec(p) for p in prompts]
+        n = len(specs)
+        rows = [self._score(out, j * n + b, specs[b]) for j in range(k) for b in range(n)]
+        return torch.stack(rows).view(k, n).mean(0)
+
+    def _score(self, out: dict[str, Tensor], i: int, spec: PromptSpec) -> Tensor:
+        pos = torch.stack(attribute_logprobs(out, i, spec)).mean()
+        negs = [torch.stack(attribute_logprobs(out, i, s)).mean() for s in self.negatives.get(spec.task, ()) if s != spec]
+        if not negs:
+            return pos
+        # log P(this prompt | image) among it and the negatives of its task: a change that raises every prompt's
+        # score (a background tint or texture the recogniser over-reads) cancels out; only what tells the prompt
+        # apart from the others is rewarded. Same task only: "a circle" is not wrong because "a red circle"
+        # also holds, but "two red circles" is wrong when "three red circles" holds.
+        return pos - torch.logsumexp(torch.stack([pos, *negs]), 0)
 
     def forward(self, images: Tensor, prompts: list[str]) -> Tensor:
         if images.ndim != 4 or images.shape[1] != 3:

@@ -40,6 +40,8 @@ class DemoSettings:
     rank: int
     aesthetic: float = 0.0  # weight of the weight-free crispness term in the reward
     recogniser: str | None = None  # reward checkpoint (default: the committed one)
+    smoothing: float = 0.0  # reward's randomised-smoothing noise sigma (0: off)
+    contrastive: int = 0  # reward's negative prompts (0: the plain attribute log-probability)
 
 
 FULL = DemoSettings(steps=60, batch=8, n_steps=20, per_task=12, seeds=2, lr=1e-3, rank=8)
@@ -50,6 +52,10 @@ def _reward_kwargs(s: DemoSettings) -> dict:
     kw: dict = {"aesthetic_weight": s.aesthetic}
     if s.recogniser:
         kw["checkpoint"] = s.recogniser
+    if s.smoothing:
+        kw["smoothing_sigma"] = s.smoothing
+    if s.contrastive:
+        kw["contrastive_negatives"] = s.contrastive
     return kw
 
 
@@ -222,7 +228,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--aesthetic", type=float, default=None, help="weight of the crispness term in the reward")
     p.add_argument("--recogniser", type=Path, default=None,
                    help="reward checkpoint (recogniser.safetensors; default: the committed one)")
+    p.add_argument("--smoothing", type=float, default=None,
+                   help="randomised smoothing of the reward: pixel-noise sigma in [0, 0.5] (0: off)")
+    p.add_argument("--contrastive", type=int, default=None,
+                   help="reward as log P(prompt | image) against this many fixed negative prompts (0: off)")
     a = p.parse_args(argv)
+    if a.contrastive is not None and not 0 <= a.contrastive <= 512:
+        p.error(f"--contrastive={a.contrastive}: allowed range is 0..512")
+    if a.smoothing is not None and not 0.0 <= a.smoothing <= 0.5:
+        p.error(f"--smoothing={a.smoothing}: allowed range is [0, 0.5]")
     if a.recogniser is not None:
         if not a.recogniser.is_file():
             p.error(f"--recogniser={a.recogniser}: no such file (train one with python -m "
@@ -234,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.steps < 1:
             p.error(f"--steps={a.steps}: must be >= 1")
         settings = DemoSettings(**{**settings.__dict__, "steps": a.steps})
-    for name in ("lr", "aesthetic", "recogniser"):
+    for name in ("lr", "aesthetic", "recogniser", "smoothing", "contrastive"):
         if getattr(a, name) is not None:
             settings = DemoSettings(**{**settings.__dict__, name: getattr(a, name)})
     runtime = a.runtime
