@@ -42,6 +42,7 @@ class DemoSettings:
     recogniser: str | None = None  # reward checkpoint (default: the committed one)
     smoothing: float = 0.0  # reward's randomised-smoothing noise sigma (0: off)
     contrastive: int = 0  # reward's negative prompts (0: the plain attribute log-probability)
+    base: str | None = None  # base model checkpoint (default: the committed one)
 
 
 FULL = DemoSettings(steps=60, batch=8, n_steps=20, per_task=12, seeds=2, lr=1e-3, rank=8)
@@ -62,7 +63,8 @@ def _reward_kwargs(s: DemoSettings) -> dict:
 def demo_config(s: DemoSettings, out_root: Path, run_id: str, seed: int = 0) -> RunConfig:
     return RunConfig(
         run_id=run_id,
-        backbone=BackboneSpec(name="embedded", device="cpu", finetune="lora", lora=LoRASpec(rank=s.rank)),
+        backbone=BackboneSpec(name="embedded", pretrained=s.base, device="cpu", finetune="lora",
+                              lora=LoRASpec(rank=s.rank)),
         # The paper's SD3.5 preset (K=4, late_bias=1, gamma=0.5): the embedded model is an SD3 transformer.
         method=MethodSpec(name="flowbp_sparse", preset="sd35"),
         # The reward is a mean log-probability (<= 0). The hinge stops pushing samples the recogniser is already
@@ -230,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="reward checkpoint (recogniser.safetensors; default: the committed one)")
     p.add_argument("--smoothing", type=float, default=None,
                    help="randomised smoothing of the reward: pixel-noise sigma in [0, 0.5] (0: off)")
+    p.add_argument("--base", type=Path, default=None,
+                   help="base model (a train_base output folder or its transformer.safetensors; default: the "
+                        "committed one)")
     p.add_argument("--contrastive", type=int, default=None,
                    help="reward as log P(prompt | image) against this many fixed negative prompts (0: off)")
     a = p.parse_args(argv)
@@ -242,13 +247,19 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--recogniser={a.recogniser}: no such file (train one with python -m "
                     "flowbp_core.world.train_reward)")
         a.recogniser = str(a.recogniser.absolute())
+    if a.base is not None:
+        f = a.base / "transformer.safetensors" if a.base.is_dir() else a.base
+        if not f.is_file():
+            p.error(f"--base={a.base}: no transformer.safetensors there (train one with python -m "
+                    "flowbp_core.world.train_base)")
+        a.base = str(f.absolute())
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     settings = QUICK if a.quick else FULL
     if a.steps is not None:
         if a.steps < 1:
             p.error(f"--steps={a.steps}: must be >= 1")
         settings = DemoSettings(**{**settings.__dict__, "steps": a.steps})
-    for name in ("lr", "aesthetic", "recogniser", "smoothing", "contrastive"):
+    for name in ("lr", "aesthetic", "recogniser", "smoothing", "contrastive", "base"):
         if getattr(a, name) is not None:
             settings = DemoSettings(**{**settings.__dict__, name: getattr(a, name)})
     runtime = a.runtime

@@ -32,6 +32,28 @@ def test_demo_rejects_bad_steps(tmp_path, capsys):
     assert "--steps=0" in capsys.readouterr().err
 
 
+def test_demo_rejects_bad_reward_and_base_options_by_name(tmp_path, capsys):
+    import pytest
+
+    from services.entrypoints import demo
+
+    for args, needle in ((["--smoothing", "0.9"], "--smoothing=0.9"), (["--contrastive", "-2"], "--contrastive=-2"),
+                         (["--base", str(tmp_path / "nope")], "no transformer.safetensors")):
+        with pytest.raises(SystemExit) as e:
+            demo.main(["--quick", "--out", str(tmp_path)] + args)
+        assert e.value.code == 2 and needle in capsys.readouterr().err
+
+
+def test_demo_config_carries_the_chosen_base_and_reward_options(tmp_path):
+    from services.entrypoints import demo
+
+    s = demo.DemoSettings(**{**demo.QUICK.__dict__, "base": "/x/transformer.safetensors", "smoothing": 0.1,
+                             "contrastive": 24})
+    cfg = demo.demo_config(s, tmp_path, "r")
+    assert cfg.backbone.pretrained == "/x/transformer.safetensors"
+    assert cfg.reward.terms[0].kwargs == {"aesthetic_weight": 0.0, "smoothing_sigma": 0.1, "contrastive_negatives": 24}
+
+
 def test_sample_efficiency_quick_writes_table_and_plot(tmp_path):
     out = tmp_path / "se"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sample_efficiency.py"), "--quick",
