@@ -28,8 +28,8 @@ class BaseModelConfig:
     patch_size: int = 4
     in_channels: int = 3
     out_channels: int = 3
-    num_layers: int = 4
-    attention_head_dim: int = 32
+    num_layers: int = 6
+    attention_head_dim: int = 64
     num_attention_heads: int = 4
     joint_attention_dim: int = 384  # MiniLM hidden size
     pooled_projection_dim: int = 384

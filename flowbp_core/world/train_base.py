@@ -1,6 +1,6 @@
 """Train the embedded base model with the rectified-flow loss, by wall-clock budget.
 
-    python -m flowbp_core.world.train_base --out /tmp/world_base [--minutes 48] [--resume]
+    python -m flowbp_core.world.train_base --out /tmp/world_base [--minutes 30] [--resume]   # 30 min, 2 cores
     python -m flowbp_core.world.publish base /tmp/world_base      # into the committed assets
 
 Data: captions of the training split (held-out combinations never appear), encoded once by MiniLM; every
@@ -36,9 +36,9 @@ from flowbp_core.world.text import MiniLMEncoder
 def _args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="output folder (transformer.safetensors, log, state)")
-    p.add_argument("--minutes", type=float, default=48.0, help="wall-clock training budget")
+    p.add_argument("--minutes", type=float, default=30.0, help="wall-clock training budget")
     p.add_argument("--max-steps", type=int, default=1_000_000)
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--ema", type=float, default=0.995)
@@ -49,7 +49,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--head-dim", type=int, default=BaseModelConfig.attention_head_dim)
     p.add_argument("--patch", type=int, default=BaseModelConfig.patch_size)
     p.add_argument("--ckpt-minutes", type=float, default=4.0)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared CPU; 0: torch default)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (the committed run: 2 on a quiet 2-core machine; "
+                                                         "1 is faster on a shared CPU; 0: torch default)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/train_state.pt")
     p.add_argument("--no-autocast", action="store_true")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
