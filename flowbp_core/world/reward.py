@@ -7,7 +7,9 @@ Attributes per task: single_object - "at least one <shape>"; two_objects - both 
 position - that, and "a <colour> <shape> in <region>"; colour_attr - both colour-shape pairs present.
 r <= 0, and r = 0 means the recogniser is sure everything asked for is there. The optional aesthetic term
 is weight-free: it penalises muddy half-saturated pixels (soft, blended edges), 0 for a crisp image.
-Registered as "world_attributes".
+Two optional defences against reward hacking: randomised smoothing (`smoothing_sigma`) and a contrastive form
+(`contrastive_negatives`: log P(prompt | image) against same-task negative prompts). Registered as
+"world_attributes".
 """
 
 from __future__ import annotations
@@ -102,8 +104,9 @@ class WorldAttributeReward(torch.nn.Module):
             raise ValueError(f"reward.contrastive_negatives={contrastive_negatives!r}: allowed range is 0..512")
         # fixed negatives, the same for every call: training-split prompts, all tasks in equal shares, by task
         self.negatives: dict[str, list[PromptSpec]] = {}
-        for it in prompt_pool("train", int(contrastive_negatives), seed=4242, background_prob=0.0):
-            self.negatives.setdefault(it.spec.task, []).append(it.spec)
+        if contrastive_negatives:
+            for it in prompt_pool("train", int(contrastive_negatives), seed=4242, background_prob=0.0):
+                self.negatives.setdefault(it.spec.task, []).append(it.spec)
 
     def train(self, mode: bool = True) -> "WorldAttributeReward":  # noqa: ARG002 - always frozen
         return super().train(False)
