@@ -93,11 +93,8 @@ class _BatchStream(torch.utils.data.IterableDataset):
 def batch_stream(pool, seed: int, start: int, batch: int, workers: int):
     """The base model's training batches for steps start, start+1, ... (endless); `workers` > 0 renders them
     in that many processes, with the same result."""
+    stream = _BatchStream(pool, seed, start, batch)
     if workers == 0:
-        step = start
-        while True:
-            yield draw_batch(pool, seed, step, batch)
-            step += 1
-    loader = torch.utils.data.DataLoader(_BatchStream(pool, seed, start, batch), batch_size=None,
-                                         num_workers=workers, prefetch_factor=4, persistent_workers=False)
-    yield from loader
+        return iter(stream)  # outside a DataLoader it draws every step itself
+    return iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers, prefetch_factor=4,
+                                            persistent_workers=False))

@@ -26,6 +26,10 @@ from flowbp_core.world.data import prompt_pool
 from flowbp_core.world.recogniser import COL_IDX, POS_IDX, SHP_IDX, Recogniser, RecogniserConfig
 from flowbp_core.world.spec import PromptSpec
 
+# bounds of the reward's options (the demo checks its flags against the same numbers before loading anything)
+SMOOTHING_SIGMA_MAX = 0.5
+CONTRASTIVE_NEGATIVES_MAX = 512
+
 RECOGNISER_CHECKPOINT = ASSETS_DIR / "recogniser" / "recogniser.safetensors"
 RECOGNISER_REGENERATE = ("python -m flowbp_core.world.train_reward --out /tmp/world_rec && "
                          "python -m flowbp_core.world.publish recogniser /tmp/world_rec")
@@ -93,15 +97,16 @@ class WorldAttributeReward(torch.nn.Module):
         super().__init__()
         if not (0.0 <= float(aesthetic_weight) <= 10.0):
             raise ValueError(f"reward.aesthetic_weight={aesthetic_weight!r}: allowed range is [0, 10]")
-        if not (0.0 <= float(smoothing_sigma) <= 0.5):
-            raise ValueError(f"reward.smoothing_sigma={smoothing_sigma!r}: allowed range is [0, 0.5]")
+        if not (0.0 <= float(smoothing_sigma) <= SMOOTHING_SIGMA_MAX):
+            raise ValueError(f"reward.smoothing_sigma={smoothing_sigma!r}: allowed range is [0, {SMOOTHING_SIGMA_MAX}]")
         if not (1 <= int(smoothing_samples) <= 64):
             raise ValueError(f"reward.smoothing_samples={smoothing_samples!r}: allowed range is 1..64")
         self.model, self.meta = load_recogniser(Path(checkpoint) if checkpoint else None)
         self.aesthetic_weight = float(aesthetic_weight)
         self.smoothing_sigma, self.smoothing_samples = float(smoothing_sigma), int(smoothing_samples)
-        if not (0 <= int(contrastive_negatives) <= 512):
-            raise ValueError(f"reward.contrastive_negatives={contrastive_negatives!r}: allowed range is 0..512")
+        if not (0 <= int(contrastive_negatives) <= CONTRASTIVE_NEGATIVES_MAX):
+            raise ValueError(f"reward.contrastive_negatives={contrastive_negatives!r}: allowed range is "
+                             f"0..{CONTRASTIVE_NEGATIVES_MAX}")
         # fixed negatives, the same for every call: training-split prompts, all tasks in equal shares, by task
         self.negatives: dict[str, list[PromptSpec]] = {}
         if contrastive_negatives:

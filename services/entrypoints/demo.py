@@ -238,10 +238,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--contrastive", type=int, default=None,
                    help="reward as log P(prompt | image) against this many fixed negative prompts (0: off)")
     a = p.parse_args(argv)
-    if a.contrastive is not None and not 0 <= a.contrastive <= 512:
-        p.error(f"--contrastive={a.contrastive}: allowed range is 0..512")
-    if a.smoothing is not None and not 0.0 <= a.smoothing <= 0.5:
-        p.error(f"--smoothing={a.smoothing}: allowed range is [0, 0.5]")
+    from flowbp_core.world.reward import CONTRASTIVE_NEGATIVES_MAX, SMOOTHING_SIGMA_MAX
+
+    if a.contrastive is not None and not 0 <= a.contrastive <= CONTRASTIVE_NEGATIVES_MAX:
+        p.error(f"--contrastive={a.contrastive}: allowed range is 0..{CONTRASTIVE_NEGATIVES_MAX}")
+    if a.smoothing is not None and not 0.0 <= a.smoothing <= SMOOTHING_SIGMA_MAX:
+        p.error(f"--smoothing={a.smoothing}: allowed range is [0, {SMOOTHING_SIGMA_MAX}]")
     if a.recogniser is not None:
         if not a.recogniser.is_file():
             p.error(f"--recogniser={a.recogniser}: no such file (train one with python -m "

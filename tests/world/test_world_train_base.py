@@ -4,11 +4,9 @@ resume continues the stream where it stopped (each step's batch is seeded by (se
 import itertools
 
 import pytest
-
 import torch
 
-from flowbp_core.world.data import prompt_pool
-from flowbp_core.world.data import batch_stream
+from flowbp_core.world.data import batch_stream, prompt_pool
 
 
 def _take(stream, n):
@@ -31,7 +29,6 @@ def test_workers_and_resume_give_the_same_batches():
 
 
 def test_bad_device_and_workers_are_refused_by_name(capsys):
-
     from flowbp_core.world.train_base import main
 
     for args, needle in ((["--device", "tpu"], "--device 'tpu'"), (["--workers", "-1"], "--workers -1")):
@@ -41,7 +38,6 @@ def test_bad_device_and_workers_are_refused_by_name(capsys):
 
 
 def test_minilm_path_override_is_checked(tmp_path, monkeypatch):
-
     from flowbp_core.world import text
 
     monkeypatch.setenv("FLOWBP_MINILM_PATH", str(tmp_path))
