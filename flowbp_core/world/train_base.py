@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -87,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     state_path = a.out / "train_state.pt"
     log_path = a.out / "train_log.jsonl"
     if a.resume and state_path.is_file():
-        st = torch.load(state_path, weights_only=False)
+        st = torch.load(state_path, weights_only=False, map_location="cpu")  # resumable on another device
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
         ema = {k: v.to(dev) for k, v in st["ema"].items()}
