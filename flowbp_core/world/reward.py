@@ -7,9 +7,9 @@ Attributes per task: single_object - "at least one <shape>"; two_objects - both 
 position - that, and "a <colour> <shape> in <region>"; colour_attr - both colour-shape pairs present.
 r <= 0, and r = 0 means the recogniser is sure everything asked for is there. The optional aesthetic term
 is weight-free: it penalises muddy half-saturated pixels (soft, blended edges), 0 for a crisp image.
-Two optional defences against reward hacking: randomised smoothing (`smoothing_sigma`) and a contrastive form
-(`contrastive_negatives`: log P(prompt | image) against same-task negative prompts). Registered as
-"world_attributes".
+Three optional defences against reward hacking: randomised smoothing (`smoothing_sigma`), a contrastive form
+(`contrastive_negatives`: log P(prompt | image) against same-task negative prompts) and a low-pass on the pixel
+gradient (`gradient_blur`: the value is unchanged). Registered as "world_attributes".
 """
 
 from __future__ import annotations
@@ -23,12 +23,13 @@ from torch import Tensor
 from flowbp_core.world.assets import ASSETS_DIR, load_checkpoint
 from flowbp_core.world.captions import parse
 from flowbp_core.world.data import prompt_pool
-from flowbp_core.world.recogniser import COL_IDX, POS_IDX, SHP_IDX, Recogniser, RecogniserConfig
+from flowbp_core.world.recogniser import COL_IDX, POS_IDX, SHP_IDX, Recogniser, RecogniserConfig, gaussian_blur
 from flowbp_core.world.spec import PromptSpec
 
 # bounds of the reward's options (the demo checks its flags against the same numbers before loading anything)
 SMOOTHING_SIGMA_MAX = 0.5
 CONTRASTIVE_NEGATIVES_MAX = 512
+GRADIENT_BLUR_MAX = 4.0
 
 RECOGNISER_CHECKPOINT = ASSETS_DIR / "recogniser" / "recogniser.safetensors"
 RECOGNISER_REGENERATE = ("python -m flowbp_core.world.train_reward --out /tmp/world_rec && "
@@ -93,7 +94,8 @@ class WorldAttributeReward(torch.nn.Module):
     name = "world_attributes"
 
     def __init__(self, checkpoint: str | Path | None = None, aesthetic_weight: float = 0.0,
-                 smoothing_sigma: float = 0.0, smoothing_samples: int = 4, contrastive_negatives: int = 0) -> None:
+                 smoothing_sigma: float = 0.0, smoothing_samples: int = 4, contrastive_negatives: int = 0,
+                 gradient_blur: float = 0.0) -> None:
         super().__init__()
         if not (0.0 <= float(aesthetic_weight) <= 10.0):
             raise ValueError(f"reward.aesthetic_weight={aesthetic_weight!r}: allowed range is [0, 10]")
@@ -101,6 +103,9 @@ class WorldAttributeReward(torch.nn.Module):
             raise ValueError(f"reward.smoothing_sigma={smoothing_sigma!r}: allowed range is [0, {SMOOTHING_SIGMA_MAX}]")
         if not (1 <= int(smoothing_samples) <= 64):
             raise ValueError(f"reward.smoothing_samples={smoothing_samples!r}: allowed range is 1..64")
+        if not (0.0 <= float(gradient_blur) <= GRADIENT_BLUR_MAX):
+            raise ValueError(f"reward.gradient_blur={gradient_blur!r}: allowed range is [0, {GRADIENT_BLUR_MAX}] pixels")
+        self.gradient_blur = float(gradient_blur)
         self.model, self.meta = load_recogniser(Path(checkpoint) if checkpoint else None)
         self.aesthetic_weight = float(aesthetic_weight)
         self.smoothing_sigma, self.smoothing_samples = float(smoothing_sigma), int(smoothing_samples)
@@ -118,6 +123,13 @@ class WorldAttributeReward(torch.nn.Module):
 
     def attributes(self, images: Tensor, prompts: list[str]) -> Tensor:
         x, k = images.float(), 1
+        if self.gradient_blur > 0:
+            # Low-pass the gradient, not the image: the recogniser reads the true pixels, but the pixel gradient it
+            # sends back is blurred (the blur is linear and symmetric, so this is its adjoint), so alignment is
+            # pushed only towards changes wider than ~sigma (where an object is, its extent) and never towards the
+            # few-pixel textures a CNN's raw input gradient is full of.
+            low = gaussian_blur(x, self.gradient_blur)
+            x = x.detach() + (low - low.detach())
         if self.smoothing_sigma > 0:
             # Randomised smoothing: E over Gaussian pixel noise. A perturbation that fools the recogniser only in
             # a thin set around the image (a fine texture) earns little under noise. The noise is seeded by the

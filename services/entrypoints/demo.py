@@ -41,6 +41,7 @@ class DemoSettings:
     aesthetic: float = 0.0  # weight of the weight-free crispness term in the reward
     recogniser: str | None = None  # reward checkpoint (default: the committed one)
     smoothing: float = 0.0  # reward's randomised-smoothing noise sigma (0: off)
+    gradient_blur: float = 0.0  # sigma (pixels) of the low-pass on the reward's pixel gradient (0: off)
     contrastive: int = 0  # reward's negative prompts (0: the plain attribute log-probability)
     base: str | None = None  # base model checkpoint (default: the committed one)
 
@@ -55,6 +56,8 @@ def _reward_kwargs(s: DemoSettings) -> dict:
         kw["checkpoint"] = s.recogniser
     if s.smoothing:
         kw["smoothing_sigma"] = s.smoothing
+    if s.gradient_blur:
+        kw["gradient_blur"] = s.gradient_blur
     if s.contrastive:
         kw["contrastive_negatives"] = s.contrastive
     return kw
@@ -232,18 +235,23 @@ def main(argv: list[str] | None = None) -> int:
                    help="reward checkpoint (recogniser.safetensors; default: the committed one)")
     p.add_argument("--smoothing", type=float, default=None,
                    help="randomised smoothing of the reward: pixel-noise sigma in [0, 0.5] (0: off)")
+    p.add_argument("--gradient-blur", type=float, default=None,
+                   help="low-pass the reward's pixel gradient with a Gaussian of this sigma in pixels, in [0, 4] "
+                        "(0: off)")
     p.add_argument("--base", type=Path, default=None,
                    help="base model (a train_base output folder or its transformer.safetensors; default: the "
                         "committed one)")
     p.add_argument("--contrastive", type=int, default=None,
                    help="reward as log P(prompt | image) against this many fixed negative prompts (0: off)")
     a = p.parse_args(argv)
-    from flowbp_core.world.reward import CONTRASTIVE_NEGATIVES_MAX, SMOOTHING_SIGMA_MAX
+    from flowbp_core.world.reward import CONTRASTIVE_NEGATIVES_MAX, GRADIENT_BLUR_MAX, SMOOTHING_SIGMA_MAX
 
     if a.contrastive is not None and not 0 <= a.contrastive <= CONTRASTIVE_NEGATIVES_MAX:
         p.error(f"--contrastive={a.contrastive}: allowed range is 0..{CONTRASTIVE_NEGATIVES_MAX}")
     if a.smoothing is not None and not 0.0 <= a.smoothing <= SMOOTHING_SIGMA_MAX:
         p.error(f"--smoothing={a.smoothing}: allowed range is [0, {SMOOTHING_SIGMA_MAX}]")
+    if a.gradient_blur is not None and not 0.0 <= a.gradient_blur <= GRADIENT_BLUR_MAX:
+        p.error(f"--gradient-blur={a.gradient_blur}: allowed range is [0, {GRADIENT_BLUR_MAX}]")
     if a.recogniser is not None:
         if not a.recogniser.is_file():
             p.error(f"--recogniser={a.recogniser}: no such file (train one with python -m "
@@ -261,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.steps < 1:
             p.error(f"--steps={a.steps}: must be >= 1")
         settings = DemoSettings(**{**settings.__dict__, "steps": a.steps})
-    for name in ("lr", "aesthetic", "recogniser", "smoothing", "contrastive", "base"):
+    for name in ("lr", "aesthetic", "recogniser", "smoothing", "gradient_blur", "contrastive", "base"):
         if getattr(a, name) is not None:
             settings = DemoSettings(**{**settings.__dict__, name: getattr(a, name)})
     runtime = a.runtime

@@ -105,3 +105,32 @@ def test_two_step_alignment_raises_the_reward_on_its_batch(reward):
         assert not res.skipped and res.grad_norm > 0
     after = batch_reward()
     assert after > before, (before, after)
+
+
+def test_gradient_blur_keeps_the_reward_and_low_passes_its_pixel_gradient(reward):
+    from flowbp_core.world.recogniser import gaussian_blur
+
+    rng = np.random.default_rng(4)
+    pool = prompt_pool("heldout", 6, seed=8)
+    prompts = [p.text for p in pool]
+    base = torch.from_numpy(render_batch([sample_scene(p.spec, rng) for p in pool]))
+    plain_x, blur_x = base.clone().requires_grad_(True), base.clone().requires_grad_(True)
+    plain = reward(plain_x, prompts)
+    lowpass = rewards.build("world_attributes", gradient_blur=1.5)
+    blurred = lowpass(blur_x, prompts)
+    assert torch.allclose(plain, blurred, atol=1e-5)  # the recogniser reads the true pixels
+    plain.sum().backward()
+    blurred.sum().backward()
+    # the gradient is the blur's adjoint applied to the plain gradient (the symmetric kernel is its own adjoint
+    # away from the reflect-padded border)
+    want = gaussian_blur(plain_x.grad, 1.5)
+    inner = (slice(None), slice(None), slice(6, -6), slice(6, -6))
+    assert torch.allclose(blur_x.grad[inner], want[inner], atol=1e-4 * float(want.abs().max()))
+
+    def patch_period_energy(g):  # the 4-px-period part of the gradient: what paints a patch grid
+        f = torch.fft.rfft2(g).abs()
+        return float(f[..., 8, :].sum() + f[..., :, 8].sum())
+
+    assert patch_period_energy(blur_x.grad) < 0.2 * patch_period_energy(plain_x.grad)
+    with pytest.raises(ValueError, match="gradient_blur"):
+        rewards.build("world_attributes", gradient_blur=5.0)

@@ -38,6 +38,7 @@ def test_demo_rejects_bad_reward_and_base_options_by_name(tmp_path, capsys):
     from services.entrypoints import demo
 
     for args, needle in ((["--smoothing", "0.9"], "--smoothing=0.9"), (["--contrastive", "-2"], "--contrastive=-2"),
+                         (["--gradient-blur", "9"], "--gradient-blur=9.0"),
                          (["--base", str(tmp_path / "nope")], "no transformer.safetensors")):
         with pytest.raises(SystemExit) as e:
             demo.main(["--quick", "--out", str(tmp_path)] + args)
@@ -48,10 +49,11 @@ def test_demo_config_carries_the_chosen_base_and_reward_options(tmp_path):
     from services.entrypoints import demo
 
     s = demo.DemoSettings(**{**demo.QUICK.__dict__, "base": "/x/transformer.safetensors", "smoothing": 0.1,
-                             "contrastive": 24})
+                             "contrastive": 24, "gradient_blur": 1.5})
     cfg = demo.demo_config(s, tmp_path, "r")
     assert cfg.backbone.pretrained == "/x/transformer.safetensors"
-    assert cfg.reward.terms[0].kwargs == {"aesthetic_weight": 0.0, "smoothing_sigma": 0.1, "contrastive_negatives": 24}
+    assert cfg.reward.terms[0].kwargs == {"aesthetic_weight": 0.0, "smoothing_sigma": 0.1, "contrastive_negatives": 24,
+                                            "gradient_blur": 1.5}
 
 
 def test_sample_efficiency_quick_writes_table_and_plot(tmp_path):

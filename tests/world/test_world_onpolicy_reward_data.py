@@ -108,3 +108,34 @@ def test_train_reward_records_input_blur_and_the_reward_loads_it(tmp_path, capsy
     with pytest.raises(SystemExit):
         main(["--out", str(out), "--max-steps", "1", "--input-blur", "-1"])
     assert "--input-blur=-1.0" in capsys.readouterr().err
+
+
+def test_adversarial_examples_stay_in_the_ball_and_raise_the_loss():
+    from flowbp_core.world.recogniser import recogniser_loss
+    from flowbp_core.world.reward import load_recogniser
+    from flowbp_core.world.train_reward import adversarial
+
+    model, _ = load_recogniser()
+    rng = np.random.default_rng(2)
+    scenes = [sample_free_scene(rng) for _ in range(8)]
+    x = torch.from_numpy(render_batch(scenes))
+    lab = scene_labels(scenes)
+    x_adv = adversarial(model, x, lab, eps=1.0, steps=3)
+    assert not x_adv.requires_grad and bool(((x_adv >= 0) & (x_adv <= 1)).all())
+    assert float((x_adv - x).flatten(1).norm(dim=1).max()) <= 1.0 + 1e-4
+    with torch.no_grad():
+        assert float(recogniser_loss(model(x_adv), lab)) > float(recogniser_loss(model(x), lab)) + 0.1
+
+
+def test_train_reward_adversarial_training_logs_accuracy_under_attack(tmp_path, capsys):
+    from flowbp_core.world.train_reward import main
+
+    out = tmp_path / "rec"
+    assert main(["--out", str(out), "--max-steps", "1", "--batch", "4", "--threads", "1",
+                 "--adversarial-eps", "0.5", "--adversarial-steps", "2"]) == 0
+    assert (out / "recogniser.safetensors").exists()
+    for bad in (["--adversarial-eps", "-1"], ["--adversarial-eps", "1", "--adversarial-steps", "0"]):
+        with pytest.raises(SystemExit):
+            main(["--out", str(out), "--max-steps", "1", *bad])
+    err = capsys.readouterr().err
+    assert "--adversarial-eps=-1.0" in err and "--adversarial-steps=0" in err
