@@ -64,7 +64,7 @@ def adversarial(model: Recogniser, x: torch.Tensor, lab: dict[str, torch.Tensor]
     themselves ("perceptually aligned gradients", Santurkar et al. 2019), which is what alignment needs.
     """
     was_training = model.training
-    model.eval()  # the attack must not move batch statistics
+    model.eval()  # attack the model as it is used (no training-mode layer behaviour while searching)
     alpha = 2.5 * eps / steps
     delta = torch.zeros_like(x)
     for _ in range(steps):
