@@ -105,13 +105,12 @@ class WorldAttributeReward(torch.nn.Module):
             raise ValueError(f"reward.smoothing_samples={smoothing_samples!r}: allowed range is 1..64")
         if not (0.0 <= float(gradient_blur) <= GRADIENT_BLUR_MAX):
             raise ValueError(f"reward.gradient_blur={gradient_blur!r}: allowed range is [0, {GRADIENT_BLUR_MAX}] pixels")
-        self.gradient_blur = float(gradient_blur)
-        self.model, self.meta = load_recogniser(Path(checkpoint) if checkpoint else None)
-        self.aesthetic_weight = float(aesthetic_weight)
-        self.smoothing_sigma, self.smoothing_samples = float(smoothing_sigma), int(smoothing_samples)
         if not (0 <= int(contrastive_negatives) <= CONTRASTIVE_NEGATIVES_MAX):
             raise ValueError(f"reward.contrastive_negatives={contrastive_negatives!r}: allowed range is "
                              f"0..{CONTRASTIVE_NEGATIVES_MAX}")
+        self.model, self.meta = load_recogniser(Path(checkpoint) if checkpoint else None)
+        self.aesthetic_weight, self.gradient_blur = float(aesthetic_weight), float(gradient_blur)
+        self.smoothing_sigma, self.smoothing_samples = float(smoothing_sigma), int(smoothing_samples)
         # fixed negatives, the same for every call: training-split prompts, all tasks in equal shares, by task
         self.negatives: dict[str, list[PromptSpec]] = {}
         if contrastive_negatives:

@@ -203,10 +203,12 @@ def main(argv: list[str] | None = None) -> int:
             x = torch.cat([x, gen_train[0][idx]])
             lab = {k: torch.cat([lab[k], gen_train[1][k][idx]]) for k in lab}
         if a.adversarial_eps > 0:
-            # half clean, half worst case: the clean half keeps the accuracy on renders and samples
-            h = x.shape[0] // 2
-            x = torch.cat([x[:h], adversarial(model, x[h:], {k: v[h:] for k, v in lab.items()},
-                                              a.adversarial_eps, a.adversarial_steps)])
+            # every other image is replaced by its worst case: renders come first and the generator's samples
+            # last, so alternating (not a front/back split) attacks half of each and keeps half of each clean
+            adv = torch.arange(x.shape[0]) % 2 == 1
+            x = x.clone()
+            x[adv] = adversarial(model, x[adv], {k: v[adv] for k, v in lab.items()}, a.adversarial_eps,
+                                 a.adversarial_steps)
         loss = recogniser_loss(model(x), lab)
         # cosine decay over the time budget: the schedule must end when the clock does
         frac = min(1.0, (time.time() - start) / budget)
