@@ -1,6 +1,6 @@
 """Copy a finished training run into the committed assets, re-hashed, with its provenance.
 
-    python -m flowbp_core.world.publish base <train_out_dir> [--weights ema|raw]
+    python -m flowbp_core.world.publish base <train_out_dir> [--weights ema|raw] [--note "trained on ..."]
     python -m flowbp_core.world.publish recogniser <train_out_dir>
 
 `train_base` saves EMA weights as it goes; on a short run the EMA can lag the raw weights, so `--weights raw`
@@ -21,7 +21,7 @@ from flowbp_core.world.assets import ASSETS_DIR, load_checkpoint, save_checkpoin
 from flowbp_core.world.text import MAX_TOKENS
 
 
-def publish_base(src: Path, weights: str, dst_dir: Path) -> str:
+def publish_base(src: Path, weights: str, dst_dir: Path, note: str = "") -> str:
     tensors, meta = load_checkpoint(src / "transformer.safetensors", regenerate=f"(training output in {src})")
     if weights == "raw":
         state = torch.load(src / "train_state.pt", weights_only=False, map_location="cpu")
@@ -36,6 +36,8 @@ def publish_base(src: Path, weights: str, dst_dir: Path) -> str:
                           "steps": 20}
     extra = {k: meta[k] for k in ("steps", "train_minutes", "params", "final_loss_ema") if k in meta}
     extra["published_weights"] = weights
+    if note:  # what the command line does not say, e.g. the machine it ran on
+        extra["note"] = note
     digest = save_checkpoint(tensors, dst_dir / "transformer.safetensors", config=config,
                              data_seed=int(meta["data_seed"]), command=meta["command"], extra=extra)
     shutil.copy(src / "train_log.jsonl", dst_dir / "train_log.jsonl")
@@ -57,10 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("src", type=Path)
     p.add_argument("--weights", choices=("ema", "raw"), default="ema")
     p.add_argument("--dst", type=Path, default=None)
+    p.add_argument("--note", default="", help="provenance kept in the metadata (e.g. the machine it trained on)")
     a = p.parse_args(argv)
     dst = a.dst or ASSETS_DIR / a.what
     dst.mkdir(parents=True, exist_ok=True)
-    digest = publish_base(a.src, a.weights, dst) if a.what == "base" else publish_recogniser(a.src, dst)
+    digest = publish_base(a.src, a.weights, dst, a.note) if a.what == "base" else publish_recogniser(a.src, dst)
     print(f"published {a.what} to {dst} (sha256 {digest})")
     return 0
 

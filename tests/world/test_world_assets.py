@@ -100,3 +100,7 @@ def test_publish_base_rehashes_and_records_provenance(tmp_path):
     assert float(tensors["w"][0, 0]) == 2.0 and meta["published_weights"] == "raw" and meta["data_seed"] == "5"
     assert meta["config"]["text"]["max_tokens"] == 16 and (dst / "train_log.jsonl").is_file()
     assert json.loads(manifest_path(dst / "transformer.safetensors").read_text())["sha256"] == file_sha256(dst / "transformer.safetensors")
+    assert "note" not in meta
+    publish_base(src, "ema", dst, note="trained on a lent GPU")
+    _, meta = load_checkpoint(dst / "transformer.safetensors", regenerate="x")
+    assert meta["note"] == "trained on a lent GPU" and meta["published_weights"] == "ema"
