@@ -1,6 +1,8 @@
 """Train the embedded base model with the rectified-flow loss, by wall-clock budget.
 
     python -m flowbp_core.world.train_base --out /tmp/world_base [--minutes 30] [--resume]   # 30 min, 2 cores
+    python -m flowbp_core.world.train_base --out /tmp/world_base --device cuda --workers 6 --batch 1024 \
+        --lr 1.5e-3 --ema 0.999 --minutes 4 --ckpt-minutes 100          # the committed base (one H100)
     python -m flowbp_core.world.publish base /tmp/world_base      # into the committed assets
 
 Data: captions of the training split (held-out combinations never appear), encoded once by MiniLM; every
