@@ -346,9 +346,12 @@ def main(argv: list[str] | None = None) -> int:
         last = sum(r["reward"] for r in rows[-k:]) / k
         print(f"training reward: {first:.3f} (first {k} steps) -> {last:.3f} (last {k} steps)")
         if last > first and summary["delta_overall"] < 5.0:
-            print("note: the reward rose but the held-out judge did not follow: the policy is learning what fools "
-                  "the recogniser (texture, bloated objects) more than what the judge checks. This is the reward "
-                  "hacking the judge exists to expose; see flowbp_core/world/README.md.")
+            # what the policy learns instead depends on the base (a patch grid on the CPU-trained one; extra
+            # objects and flipped shapes on the committed one): the README has each, with the runs
+            print("note: the reward rose but the held-out judge did not follow: what raises the recogniser's "
+                  "score is not all what the judge checks (on the committed base: extra objects on one-object "
+                  "prompts, circles the judge reads as triangles). Exposing that is the judge's job; compare the "
+                  "rows of before_after.png, and see flowbp_core/world/README.md.")
     print(f"run folder: {run_dir}  ({summary['wall_seconds']:.0f} s)")
     for name in ("metrics.jsonl", "reward_curve.png", "before_after.png", "demo_summary.json"):
         print(f"  {name}")
