@@ -229,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="ray: the Ray runtime on a local loopback cluster; core: the single-process loop "
                         "(auto: ray when installed, core for --quick)")
     p.add_argument("--steps", type=int, default=None, help="alignment steps (default 60, quick 3)")
+    p.add_argument("--sampling-steps", type=int, default=None,
+                   help="Euler steps of every rollout and of the judge's samples, 2..100 (default 20, quick 10)")
     p.add_argument("--out", type=Path, default=Path("runs"), help="runs root folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=None, help="LoRA learning rate")
@@ -271,6 +273,10 @@ def main(argv: list[str] | None = None) -> int:
         if a.steps < 1:
             p.error(f"--steps={a.steps}: must be >= 1")
         settings = DemoSettings(**{**settings.__dict__, "steps": a.steps})
+    if a.sampling_steps is not None:
+        if not 2 <= a.sampling_steps <= 100:
+            p.error(f"--sampling-steps={a.sampling_steps}: allowed range is 2..100")
+        settings = DemoSettings(**{**settings.__dict__, "n_steps": a.sampling_steps})
     for name in ("lr", "aesthetic", "recogniser", "smoothing", "gradient_blur", "contrastive", "base"):
         if getattr(a, name) is not None:
             settings = DemoSettings(**{**settings.__dict__, name: getattr(a, name)})
