@@ -231,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="ray: the Ray runtime on a local loopback cluster; core: the single-process loop "
                         "(auto: ray when installed, core for --quick)")
     p.add_argument("--steps", type=int, default=None, help="alignment steps (default 60, quick 3)")
+    p.add_argument("--batch", type=int, default=None, help="prompts per alignment step, 1..256 (default 8, quick 4)")
     p.add_argument("--sampling-steps", type=int, default=None,
                    help="Euler steps of every rollout and of the judge's samples, 2..100 (default 10)")
     p.add_argument("--out", type=Path, default=Path("runs"), help="runs root folder")
@@ -275,6 +276,10 @@ def main(argv: list[str] | None = None) -> int:
         if a.steps < 1:
             p.error(f"--steps={a.steps}: must be >= 1")
         settings = DemoSettings(**{**settings.__dict__, "steps": a.steps})
+    if a.batch is not None:
+        if not 1 <= a.batch <= 256:
+            p.error(f"--batch={a.batch}: allowed range is 1..256")
+        settings = DemoSettings(**{**settings.__dict__, "batch": a.batch})
     if a.sampling_steps is not None:
         if not 2 <= a.sampling_steps <= 100:
             p.error(f"--sampling-steps={a.sampling_steps}: allowed range is 2..100")

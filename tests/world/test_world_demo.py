@@ -40,6 +40,7 @@ def test_demo_rejects_bad_reward_and_base_options_by_name(tmp_path, capsys):
     for args, needle in ((["--smoothing", "0.9"], "--smoothing=0.9"), (["--contrastive", "-2"], "--contrastive=-2"),
                          (["--gradient-blur", "9"], "--gradient-blur=9.0"),
                          (["--sampling-steps", "1"], "--sampling-steps=1: allowed range is 2..100"),
+                         (["--batch", "0"], "--batch=0: allowed range is 1..256"),
                          (["--base", str(tmp_path / "nope")], "no transformer.safetensors")):
         with pytest.raises(SystemExit) as e:
             demo.main(["--quick", "--out", str(tmp_path)] + args)
