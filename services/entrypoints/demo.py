@@ -46,10 +46,10 @@ class DemoSettings:
     base: str | None = None  # base model checkpoint (default: the committed one)
 
 
-# 10 sampling steps, lr 3e-4, 60 steps (world README, "Alignment on it"): sampled in 10 steps the committed base
-# scores 59.7 (68.1 in 20) and alignment lifts it (+6.2 / +3.5 over two seeds, +2.8 at 120 steps); in 20 steps
-# it has little a LoRA can fix and the judge fell (-1.4 / -2.8; lr 1e-3 -8.3). 10 steps is also what
-# benchmarks/sample_efficiency.py samples with.
+# 10 sampling steps, lr 3e-4, 60 steps (world README, "Alignment on it"): sampled in 10 steps the committed
+# base scores 59.7 (68.1 in 20) and alignment lifts it (Ray demo +9.0; core loop +6.2 / +3.5, +2.8 at 120
+# steps); in 20 steps it has little a LoRA can fix and the judge fell (-1.4 / -2.8; lr 1e-3 -8.3). 10 steps is
+# also what benchmarks/sample_efficiency.py samples with.
 FULL = DemoSettings(steps=60, batch=8, n_steps=10, per_task=12, seeds=2, lr=3e-4, rank=8)
 QUICK = DemoSettings(steps=3, batch=4, n_steps=10, per_task=2, seeds=1, lr=1e-3, rank=4)
 
