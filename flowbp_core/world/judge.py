@@ -2,10 +2,16 @@
 
 It shares nothing with the reward (no learned weights): pixels with chroma above a threshold are objects;
 each gets the palette colour of nearest hue (hue survives anti-aliasing against a neutral background);
-4-connected components of one colour are objects; a component's fill ratio (area / bounding box area)
-tells its shape (triangle ~0.5, circle ~0.79, square ~1.0) and its centroid its position. Each prompt is
-then checked the way GenEval checks its six tasks, and the score is the mean of the per-task accuracies,
-in points of 100. A diversity score (mean pairwise distance between samples of the same prompt) exposes
+4-connected components of one colour are objects; a component's shape is the world shape (circle, square,
+upward triangle, as the renderer draws them) whose best-placed template overlaps its mask most (IoU), or
+"unknown" when none overlaps it well (merged objects, blobs, bars), and its centroid gives its position.
+Each prompt is then checked the way GenEval checks its six tasks, and the score is the mean of the per-task
+accuracies, in points of 100.
+
+Why templates and not a fill ratio (area / bounding-box area, the first version): one stray edge pixel grows
+a 9-pixel box by 11 %, so a generator's clearly drawn squares read 0.79-0.89 and were called circles, and its
+circles 0.62-0.66 and were called triangles. Ground truth blurred by a 1-pixel Gaussian scored 70 with the fill
+ratio and scores 95 with templates (tests/world/test_world_truth.py). A diversity score (mean pairwise distance between samples of the same prompt) exposes
 reward hacking that collapses the output.
 """
 
@@ -19,12 +25,16 @@ import numpy as np
 import torch
 
 from flowbp_core.world.captions import parse
-from flowbp_core.world.spec import COLOURS, TASKS, PromptSpec
+from flowbp_core.world.scenes import SceneObject, signed_distance
+from flowbp_core.world.spec import COLOURS, SHAPES, TASKS, PromptSpec
 
 CHROMA_MIN = 0.25
 MIN_AREA = 12  # pixels; the smallest rendered object covers ~32
-_FILL_TRIANGLE_MAX = 0.66
-_FILL_SQUARE_MIN = 0.89
+# Below this best template IoU a component is no world shape. Every ground-truth object, sharp or blurred by a
+# 1-pixel Gaussian, fits its own template at >= 0.82; what falls under 0.7 in a generator's samples is two
+# objects merged into one component, a bar or a shapeless blob.
+SHAPE_IOU_MIN = 0.7
+UNKNOWN_SHAPE = "unknown"
 
 
 def _hue_deg(rgb: np.ndarray) -> np.ndarray:
@@ -47,7 +57,7 @@ class DetectedObject:
     x: float
     y: float
     area: int
-    fill: float
+    shape_iou: float  # overlap with the best-fitting template of `shape` (of the best shape when unknown)
 
 
 def position_ok(x: float, y: float, position: str, size: int = 32) -> bool:
@@ -65,12 +75,37 @@ def position_ok(x: float, y: float, position: str, size: int = 32) -> bool:
     raise ValueError(f"position={position!r}")
 
 
-def _shape_of(fill: float) -> str:
-    if fill < _FILL_TRIANGLE_MAX:
-        return "triangle"
-    if fill >= _FILL_SQUARE_MIN:
-        return "square"
-    return "circle"
+# Template fits tried per shape: sizes around the one the area implies, centres around the centroid (the search
+# absorbs the size and half-pixel offset a generator's soft edges leave; 5 x 3 x 3 fits per shape).
+_FIT_SCALES = (0.85, 0.925, 1.0, 1.075, 1.15)
+_FIT_SHIFTS = (-0.5, 0.0, 0.5)
+# Half extent s of each shape from its area: circle pi s^2, square (1.8 s)^2, triangle (base 2s, height 2s) 2 s^2.
+_SIZE_FROM_AREA = {"circle": lambda a: math.sqrt(a / math.pi), "square": lambda a: math.sqrt(a) / 1.8,
+                   "triangle": lambda a: math.sqrt(a / 2.0)}
+
+
+def _shape_of(ys: np.ndarray, xs: np.ndarray, h: int, w: int) -> tuple[str, float]:
+    """(shape, IoU) of the world shape whose best-fitting template overlaps this component's pixels most."""
+    y0, y1 = max(0, int(ys.min()) - 4), min(h, int(ys.max()) + 5)
+    x0, x1 = max(0, int(xs.min()) - 4), min(w, int(xs.max()) + 5)
+    mask = np.zeros((y1 - y0, x1 - x0), dtype=bool)
+    mask[ys - y0, xs - x0] = True
+    py, px = np.meshgrid(np.arange(y0, y1) + 0.5, np.arange(x0, x1) + 0.5, indexing="ij")
+    cx, cy = float(xs.mean()) + 0.5, float(ys.mean()) + 0.5
+    best_shape, best_iou = UNKNOWN_SHAPE, 0.0
+    for shape in SHAPES:
+        s0 = _SIZE_FROM_AREA[shape](len(ys))
+        for k in _FIT_SCALES:
+            size = s0 * k
+            # the triangle's centroid lies a third of its half height below its box centre
+            oy = size / 3.0 if shape == "triangle" else 0.0
+            for dx in _FIT_SHIFTS:
+                for dy in _FIT_SHIFTS:
+                    t = signed_distance(SceneObject(shape, "red", cx + dx, cy - oy + dy, size), px, py) < 0.0
+                    iou = float((t & mask).sum()) / float((t | mask).sum())
+                    if iou > best_iou:
+                        best_shape, best_iou = shape, iou
+    return (best_shape if best_iou >= SHAPE_IOU_MIN else UNKNOWN_SHAPE), best_iou
 
 
 def detect(image: np.ndarray) -> list[DetectedObject]:
@@ -105,13 +140,11 @@ def detect(image: np.ndarray) -> list[DetectedObject]:
             area = len(ys)
             if area < MIN_AREA:
                 continue
-            bw = max(xs) - min(xs) + 1
-            bh = max(ys) - min(ys) + 1
-            fill = area / float(bw * bh)
+            shape, iou = _shape_of(np.asarray(ys), np.asarray(xs), h, w)
             out.append(
                 DetectedObject(
-                    colour=_PALETTE_NAMES[lab], shape=_shape_of(fill), x=float(np.mean(xs)) + 0.5, y=float(np.mean(ys)) + 0.5,
-                    area=area, fill=fill,
+                    colour=_PALETTE_NAMES[lab], shape=shape, x=float(np.mean(xs)) + 0.5, y=float(np.mean(ys)) + 0.5,
+                    area=area, shape_iou=iou,
                 )
             )
     return out
@@ -179,6 +212,29 @@ def evaluate(images, prompts: list[str] | list[PromptSpec]) -> JudgeReport:
     return JudgeReport(overall=overall, per_task=per_task, n=len(specs), correct=correct)
 
 
+def paired_delta_interval(base: list[bool], aligned: list[bool], tasks: list[str], n_boot: int = 2000,
+                          level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """A bootstrap interval for (aligned - base) overall score, in points, of two judgements of the same samples.
+
+    The samples are resampled in pairs (one sample's base and aligned verdicts travel together, so the shared
+    prompt and noise cancel) and within each task (the overall score is a mean of per-task accuracies). One
+    sample moves its task by 100 / (samples of that task) points: on a few hundred samples a gain of a few points
+    can be noise, and this says how much."""
+    if not (len(base) == len(aligned) == len(tasks)):
+        raise ValueError(f"paired_delta_interval: {len(base)} base, {len(aligned)} aligned, {len(tasks)} tasks")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"paired_delta_interval: level={level} must be in (0, 1)")
+    rng = np.random.default_rng(seed)
+    diff = np.asarray(aligned, dtype=np.float64) - np.asarray(base, dtype=np.float64)
+    per_task = [diff[[i for i, t in enumerate(tasks) if t == task]] for task in TASKS if task in tasks]
+    boot = np.zeros(n_boot)
+    for d in per_task:
+        boot += d[rng.integers(len(d), size=(n_boot, len(d)))].mean(1)
+    boot *= 100.0 / len(per_task)
+    lo, hi = np.quantile(boot, [(1.0 - level) / 2.0, (1.0 + level) / 2.0])
+    return float(lo), float(hi)
+
+
 def diversity(images, groups: list[int]) -> float:
     """Mean pairwise RMS pixel distance between images that share a group id (same prompt, other seeds).
 
@@ -202,4 +258,5 @@ def diversity(images, groups: list[int]) -> float:
     return float(np.mean(vals))
 
 
-__all__ = ["detect", "check", "evaluate", "diversity", "position_ok", "DetectedObject", "JudgeReport", "math"]
+__all__ = ["detect", "check", "evaluate", "diversity", "paired_delta_interval", "position_ok", "DetectedObject", "JudgeReport", "SHAPE_IOU_MIN",
+           "UNKNOWN_SHAPE"]

@@ -109,14 +109,16 @@ def scene_labels(scenes: list[Scene]) -> dict[str, torch.Tensor]:
 
 def detected_labels(images: np.ndarray) -> dict[str, torch.Tensor]:
     """Targets for generated images [N, 3, H, W] in [0, 1]: what the analytic detector finds in them (colour
-    masks, components, fill ratio, centroid), in the format of `scene_labels`. Used to teach the recogniser the
-    generator's own artefacts (train_reward --generated); the judge's per-prompt checks are not involved."""
-    from flowbp_core.world.judge import detect
+    masks, components, shape templates, centroid), in the format of `scene_labels`. Used to teach the recogniser
+    the generator's own artefacts (train_reward --generated); the judge's per-prompt checks are not involved.
+    A component of no world shape (merged objects, a blob) is left out: it is none of the objects counted."""
+    from flowbp_core.world.judge import UNKNOWN_SHAPE, detect
     from flowbp_core.world.scenes import SceneObject
 
     scenes = []
     for img in images:
-        objs = tuple(SceneObject(shape=d.shape, colour=d.colour, x=d.x, y=d.y, size=0.0) for d in detect(img))
+        objs = tuple(SceneObject(shape=d.shape, colour=d.colour, x=d.x, y=d.y, size=0.0) for d in detect(img)
+                     if d.shape != UNKNOWN_SHAPE)
         scenes.append(Scene(objects=objs, background="gray", size=int(img.shape[-1])))
     return scene_labels(scenes)
 

@@ -58,7 +58,7 @@ class Scene:
     spec: PromptSpec | None = field(default=None, compare=False)
 
 
-def _sdf(obj: SceneObject, px: np.ndarray, py: np.ndarray) -> np.ndarray:
+def signed_distance(obj: SceneObject, px: np.ndarray, py: np.ndarray) -> np.ndarray:
     """Signed distance (pixels, negative inside) of `obj` at pixel centres (px, py)."""
     dx, dy = px - obj.x, py - obj.y
     s = obj.size
@@ -91,7 +91,7 @@ def render(scene: Scene) -> np.ndarray:
     for obj in scene.objects:
         if obj.colour not in COLOURS:
             raise ValueError(f"colour={obj.colour!r} is not one of {tuple(COLOURS)}")
-        cover = np.clip(0.5 - _sdf(obj, px, py), 0.0, 1.0).astype(np.float32)
+        cover = np.clip(0.5 - signed_distance(obj, px, py), 0.0, 1.0).astype(np.float32)
         col = np.asarray(COLOURS[obj.colour], dtype=np.float32)[:, None, None]
         img = img * (1.0 - cover) + col * cover
     return img
