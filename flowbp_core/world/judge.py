@@ -10,9 +10,11 @@ accuracies, in points of 100.
 
 Why templates and not a fill ratio (area / bounding-box area, the first version): one stray edge pixel grows
 a 9-pixel box by 11 %, so a generator's clearly drawn squares read 0.79-0.89 and were called circles, and its
-circles 0.62-0.66 and were called triangles. Ground truth blurred by a 1-pixel Gaussian scored 70 with the fill
-ratio and scores 95 with templates (tests/world/test_world_truth.py). A diversity score (mean pairwise distance between samples of the same prompt) exposes
-reward hacking that collapses the output.
+circles 0.62-0.66 and were called triangles. Ground truth blurred by a 1-pixel Gaussian scored about 70 with
+the fill ratio and scores about 90 with templates (tests/world/test_world_truth.py).
+
+A diversity score (mean pairwise distance between samples of the same prompt) exposes reward hacking that
+collapses the output.
 """
 
 from __future__ import annotations
