@@ -68,3 +68,12 @@ def test_sample_efficiency_quick_writes_table_and_plot(tmp_path):
     assert {r["method"] for r in data["rows"]} == {"flowbp_sparse", "refl"}
     assert all(r["saved_mb"] > 0 and r["step_s_mean"] > 0 for r in data["rows"])
     assert out.with_suffix(".png").stat().st_size > 0 and "| flowbp_sparse |" in out.with_suffix(".md").read_text()
+
+
+def test_demos_started_in_the_same_second_get_their_own_run_folders(tmp_path):
+    from services.entrypoints import demo
+
+    a = demo.new_run_dir(tmp_path / "runs", "demo-20261201-120000")
+    b = demo.new_run_dir(tmp_path / "runs", "demo-20261201-120000")
+    assert a.is_dir() and b.is_dir() and a != b
+    assert (a.name, b.name) == ("demo-20261201-120000", "demo-20261201-120000-2")
