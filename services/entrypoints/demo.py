@@ -371,6 +371,8 @@ def main(argv: list[str] | None = None) -> int:
           f"({summary['delta_overall']:+.1f}{ci})")
     if base.report.diversity is not None:
         print(f"  {'diversity':<14}{base.report.diversity:8.3f}{aligned.report.diversity:9.3f}")
+    if delta_ci and delta_ci[0] <= 0.0 <= delta_ci[1]:
+        print("  (the interval includes 0: on these samples this run's change is within the judge's noise)")
     if rows:
         k = max(1, len(rows) // 10)
         first = sum(r["reward"] for r in rows[:k]) / k
