@@ -316,7 +316,6 @@ def main(argv: list[str] | None = None) -> int:
     from flowbp_core.checkpoint import latest_complete, load_checkpoint
     from flowbp_core.run import build_components
     from flowbp_core.world.data import heldout_prompts
-    from flowbp_core.world.captions import parse as parse_spec
     from flowbp_core.world.evaluate import judge_backbone
     from flowbp_core.world.judge import paired_delta_interval
     from flowbp_core.world.spec import TASKS
@@ -347,13 +346,13 @@ def main(argv: list[str] | None = None) -> int:
     before_after_png(base.images[:n_grid], aligned.images[:n_grid], base.prompts[:n_grid],
                      base.report.correct[:n_grid], aligned.report.correct[:n_grid], run_dir / "before_after.png")
     ckpt = latest_complete(run_dir)
-    tasks = [parse_spec(p).task for p in base.prompts]
-    delta_ci = paired_delta_interval(base.report.correct, aligned.report.correct, tasks) if len(tasks) >= 24 else None
+    delta_ci = paired_delta_interval(base.report.correct, aligned.report.correct,
+                                     [it.spec.task for it in items] * settings.seeds)  # images are seed-major
     summary = {
         "run_id": run_id, "runtime": runtime, "settings": settings.__dict__,
         "base": base.as_dict(), "aligned": aligned.as_dict(),
         "delta_overall": aligned.report.overall - base.report.overall,
-        "delta_overall_95ci": list(delta_ci) if delta_ci else None,
+        "delta_overall_95ci": list(delta_ci),
         "reward_first": rows[0]["reward"] if rows else None, "reward_last": rows[-1]["reward"] if rows else None,
         "lora": str(ckpt / "lora") if ckpt is not None and (ckpt / "lora").exists() else None,
         "wall_seconds": round(time.perf_counter() - t_start, 1),
@@ -366,12 +365,11 @@ def main(argv: list[str] | None = None) -> int:
     for t in TASKS:
         if t in base.report.per_task:
             print(f"  {t:<14}{base.report.per_task[t]:8.1f}{aligned.report.per_task.get(t, float('nan')):9.1f}")
-    ci = f", 95 % interval {delta_ci[0]:+.1f} .. {delta_ci[1]:+.1f}" if delta_ci else ""
     print(f"  {'overall':<14}{base.report.overall:8.1f}{aligned.report.overall:9.1f}   "
-          f"({summary['delta_overall']:+.1f}{ci})")
+          f"({summary['delta_overall']:+.1f}, 95 % interval {delta_ci[0]:+.1f} .. {delta_ci[1]:+.1f})")
     if base.report.diversity is not None:
         print(f"  {'diversity':<14}{base.report.diversity:8.3f}{aligned.report.diversity:9.3f}")
-    if delta_ci and delta_ci[0] <= 0.0 <= delta_ci[1]:
+    if delta_ci[0] <= 0.0 <= delta_ci[1]:
         print("  (the interval includes 0: on these samples this run's change is within the judge's noise)")
     if rows:
         k = max(1, len(rows) // 10)
