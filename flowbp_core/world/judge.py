@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from flowbp_core.world.captions import parse
-from flowbp_core.world.scenes import SceneObject, signed_distance
+from flowbp_core.world.scenes import SQUARE_HALF_SIDE, SceneObject, signed_distance
 from flowbp_core.world.spec import COLOURS, SHAPES, TASKS, PromptSpec
 
 CHROMA_MIN = 0.25
@@ -81,8 +81,10 @@ def position_ok(x: float, y: float, position: str, size: int = 32) -> bool:
 # absorbs the size and half-pixel offset a generator's soft edges leave; 5 x 3 x 3 fits per shape).
 _FIT_SCALES = (0.85, 0.925, 1.0, 1.075, 1.15)
 _FIT_SHIFTS = (-0.5, 0.0, 0.5)
-# Half extent s of each shape from its area: circle pi s^2, square (1.8 s)^2, triangle (base 2s, height 2s) 2 s^2.
-_SIZE_FROM_AREA = {"circle": lambda a: math.sqrt(a / math.pi), "square": lambda a: math.sqrt(a) / 1.8,
+# Half extent s of each shape from its area, as the renderer draws them: circle pi s^2, square
+# (2 SQUARE_HALF_SIDE s)^2, triangle (base 2s, height 2s) 2 s^2.
+_SIZE_FROM_AREA = {"circle": lambda a: math.sqrt(a / math.pi),
+                   "square": lambda a: math.sqrt(a) / (2.0 * SQUARE_HALF_SIDE),
                    "triangle": lambda a: math.sqrt(a / 2.0)}
 
 
@@ -260,5 +262,5 @@ def diversity(images, groups: list[int]) -> float:
     return float(np.mean(vals))
 
 
-__all__ = ["detect", "check", "evaluate", "diversity", "paired_delta_interval", "position_ok", "DetectedObject", "JudgeReport", "SHAPE_IOU_MIN",
-           "UNKNOWN_SHAPE"]
+__all__ = ["detect", "check", "evaluate", "diversity", "paired_delta_interval", "position_ok", "DetectedObject",
+           "JudgeReport", "SHAPE_IOU_MIN", "UNKNOWN_SHAPE"]

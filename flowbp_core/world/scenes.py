@@ -35,6 +35,9 @@ _REGION_BOX: dict[str, tuple[float, float, float, float]] = {
     "centre": (0.44, 0.56, 0.44, 0.56),
 }
 _SIZE_RANGE = (4.0, 5.5)  # half extent in pixels
+# A square's half side, as a fraction of its half extent: slightly smaller than the bounding box so the three
+# shapes have similar areas (the judge sizes its square template from this too).
+SQUARE_HALF_SIDE = 0.9
 _GAP = 2.0  # minimum pixels between two objects' bounding boxes, so that components never merge
 
 
@@ -65,8 +68,7 @@ def signed_distance(obj: SceneObject, px: np.ndarray, py: np.ndarray) -> np.ndar
     if obj.shape == "circle":
         return np.sqrt(dx * dx + dy * dy) - s
     if obj.shape == "square":
-        # Slightly smaller than the bounding box so the three shapes have similar areas.
-        return np.maximum(np.abs(dx), np.abs(dy)) - 0.9 * s
+        return np.maximum(np.abs(dx), np.abs(dy)) - SQUARE_HALF_SIDE * s
     if obj.shape == "triangle":
         # Upward isosceles triangle with base 2s at y + s and apex at y - s: the intersection of three
         # half-planes; the max of their normalised distances is exact inside and a good AA ramp outside.
