@@ -53,12 +53,17 @@ def late_biased(
 
 
 def evenly_spaced(last: int, k: int, generator: torch.Generator) -> list[int]:
-    """k indices in [0, last] with stride floor((last+1)/k) and a random start in [0, stride) (DRTune)."""
+    """k indices in [0, last] with stride floor(T/k), T = last+1, and a start uniform in [0, T-1-(k-1)*stride]
+    (DRTune, as the reference draws them): `last` itself is trained whenever the start takes its largest value."""
     _check_gen(generator)
-    if k < 1 or k > last + 1:
-        raise ConfigError("k", k, f"an integer in [1, {last + 1}]")
-    stride = (last + 1) // k
-    start = int(torch.randint(0, stride, (1,), generator=generator))
+    total = last + 1
+    if k < 1 or k > total:
+        raise ConfigError("k", k, f"an integer in [1, {total}]")
+    if k == total:
+        return list(range(total))
+    stride = total // k
+    max_start = total - 1 - (k - 1) * stride
+    start = int(torch.randint(0, max_start + 1, (1,), generator=generator))
     return [start + m * stride for m in range(k)]
 
 
@@ -121,11 +126,11 @@ def sample_jk(
 ) -> tuple[int, int]:
     """Anchors (k, j) with 0 <= k < j < N (forward indices).
 
-    uniform: two distinct reverse indices uniform in [min_idx, max_idx), sorted.
-    dirichlet: p ~ Dir(a_A, a_B, a_C) splits the n = max_idx - min_idx reverse steps into three segments of
-    lengths round(p*n) (fixed to sum to n, each >= 1); j_rev = L_A + min_idx, k_rev = L_A + L_B + min_idx.
-    max_j_rev caps j_rev, moving the overflow into segment C. tail_ratio rho restricts both anchors to the final
-    ceil(rho*N) steps.
+    uniform: two distinct reverse indices uniform in [min_idx, max_idx), sorted; with max_j_rev, j_rev uniform in
+    [min_idx, min(max_j_rev, max_idx - 2)] and then k_rev uniform in (j_rev, max_idx) (the reference's cap).
+    dirichlet: p ~ Dir(a_A, a_B, a_C) splits the n = max_idx - min_idx reverse steps into three segments
+    (`dirichlet_lengths`); j_rev = L_A + min_idx, k_rev = L_A + L_B + min_idx. max_j_rev caps j_rev, moving the
+    overflow into segment C. tail_ratio rho restricts both anchors to the final ceil(rho*N) steps.
     """
     _check_gen(generator)
     if mode not in JK_MODES:
@@ -136,24 +141,13 @@ def sample_jk(
         raise ConfigError("min_idx", min_idx, "an integer >= 1 (reverse index 0 is the clean sample)")
     n = hi - min_idx
     if mode == "uniform":
-        if n < 2:
-            raise ConfigError("n_steps", n_steps, "at least 2 eligible steps for two anchors")
-        pick = torch.randperm(n, generator=generator)[:2] + min_idx
-        j_rev, k_rev = sorted(int(p) for p in pick)
+        j_rev, k_rev = _uniform_revs(n, min_idx, hi, max_j_rev, n_steps, generator)
     else:
         if n < 3:
             raise ConfigError("n_steps", n_steps, "at least 3 eligible steps for dirichlet anchors")
         if len(dirichlet_alphas) != 3:
             raise ConfigError("dirichlet", list(dirichlet_alphas), "three concentrations (a_A, a_B, a_C)")
-        p = dirichlet(dirichlet_alphas, generator)
-        lens = [max(1, round(x * n)) for x in p]
-        # fix the rounding so the three lengths sum to n, taking from / giving to the largest segment
-        while sum(lens) != n:
-            m = max(range(3), key=lambda t: lens[t])
-            if sum(lens) > n:
-                lens[m] -= 1
-            else:
-                lens[min(range(3), key=lambda t: lens[t])] += 1
+        lens = dirichlet_lengths(dirichlet(dirichlet_alphas, generator), n)
         j_rev = lens[0] + min_idx
         if max_j_rev is not None and j_rev > max_j_rev:
             over = min(j_rev - max_j_rev, lens[0] - 1)
@@ -164,3 +158,34 @@ def sample_jk(
     k, j = n_steps - k_rev, n_steps - j_rev
     assert 0 <= k < j < n_steps, (k, j, n_steps)
     return k, j
+
+
+def _uniform_revs(n: int, lo: int, hi: int, max_j_rev: int | None, n_steps: int,
+                  generator: torch.Generator) -> tuple[int, int]:
+    """(j_rev, k_rev) for uniform anchors in [lo, hi); a cap on j_rev draws j first, then k above it."""
+    if n < 2:
+        raise ConfigError("n_steps", n_steps, "at least 2 eligible steps for two anchors")
+    if max_j_rev is None:
+        pick = torch.randperm(n, generator=generator)[:2] + lo
+        j_rev, k_rev = sorted(int(p) for p in pick)
+        return j_rev, k_rev
+    j_hi = min(int(max_j_rev), hi - 2)
+    if j_hi < lo:
+        raise ConfigError("max_j_rev", max_j_rev, f"an integer in [{lo}, {hi - 2}] for uniform anchors here")
+    j_rev = int(torch.randint(lo, j_hi + 1, (1,), generator=generator))
+    k_rev = int(torch.randint(j_rev + 1, hi, (1,), generator=generator))
+    return j_rev, k_rev
+
+
+def dirichlet_lengths(p: Sequence[float], n: int) -> list[int]:
+    """Segment lengths round(p*n) repaired as the reference does: the deficit goes to argmax(p), every length
+    is clamped to >= 1, and what the clamp added comes off argmax(lengths) (first index on ties)."""
+    lens = [round(x * n) for x in p]
+    lens[_argmax(p)] += n - sum(lens)
+    lens = [max(1, x) for x in lens]
+    lens[_argmax(lens)] += n - sum(lens)
+    return lens
+
+
+def _argmax(xs: Sequence[float]) -> int:
+    return max(range(len(xs)), key=lambda t: (xs[t], -t))
