@@ -33,6 +33,13 @@ def weighted_loss(per_sample: torch.Tensor, weights: torch.Tensor | None = None)
     return (weights.detach().to(per_sample.dtype) * per_sample).mean()
 
 
+def scaled(loss: LossFn, factor: float) -> LossFn:
+    """`loss` times a constant (the CFG gradient compensation 1/g); factor 1 returns `loss` itself."""
+    if factor == 1.0:
+        return loss
+    return lambda r: factor * loss(r)
+
+
 _LOSSES = {"hinge": hinge, "neg_mean": neg_mean}
 
 

@@ -105,11 +105,22 @@ def build_reward(spec: RewardSpec, device: torch.device | str = "cpu"):
     return reward
 
 
-def guidance_for(cfg: RunConfig, backbone) -> GuidanceConfig:
+def guidance_for(cfg: RunConfig, backbone, method=None) -> GuidanceConfig:
+    """The backbone's guidance at the configured scale, with the method's say on the negative branch's gradient
+    (`method.guidance`); the rollout runs without gradient, so the same config serves rollout and learner."""
     base = backbone.preset.guidance
-    if cfg.sampling.guidance_scale is None:
-        return base
-    return GuidanceConfig(mode=base.mode, scale=cfg.sampling.guidance_scale, detach_negative=base.detach_negative)
+    if cfg.sampling.guidance_scale is not None:
+        base = GuidanceConfig(mode=base.mode, scale=cfg.sampling.guidance_scale, detach_negative=base.detach_negative)
+    return base if method is None or not hasattr(method, "guidance") else method.guidance(base)
+
+
+def loss_for(cfg: RunConfig, method, guidance: GuidanceConfig):
+    """The configured per-sample loss, times the method's loss scale (1/g for CFG gradient compensation)."""
+    from .losses import build_loss, scaled
+
+    loss_kw = {"clip": cfg.reward.clip} if cfg.reward.loss == "hinge" else {}
+    loss = build_loss(cfg.reward.loss, **loss_kw)
+    return scaled(loss, method.loss_scale(guidance)) if hasattr(method, "loss_scale") else loss
 
 
 def n_steps_for(cfg: RunConfig, backbone) -> int:
@@ -142,18 +153,16 @@ class RunComponents:
 
 def build_components(cfg: RunConfig, *, device: torch.device | None = None, with_reward: bool = True,
                      trainable: bool = True) -> RunComponents:
-    from .losses import build_loss
-
     device = device or resolve_device(cfg.backbone.device)
     torch.manual_seed(cfg.train.seed)
     backbone = build_backbone(cfg, device, trainable=trainable)
     method = methods.build(cfg.method.name, backbone=cfg.method_preset(), **cfg.method.params)
     prompts = PromptSampler(load_prompts(cfg.train.prompts), cfg.train.batch_size, cfg.train.seed)
     reward = build_reward(cfg.reward, device) if with_reward else None
-    loss_kw = {"clip": cfg.reward.clip} if cfg.reward.loss == "hinge" else {}
-    return RunComponents(cfg=cfg, backbone=backbone, method=method, guidance=guidance_for(cfg, backbone),
+    guidance = guidance_for(cfg, backbone, method)
+    return RunComponents(cfg=cfg, backbone=backbone, method=method, guidance=guidance,
                          n_steps=n_steps_for(cfg, backbone), device=device, prompts=prompts, reward=reward,
-                         loss_fn=build_loss(cfg.reward.loss, **loss_kw))
+                         loss_fn=loss_for(cfg, method, guidance))
 
 
 @torch.no_grad()

@@ -48,13 +48,16 @@ class Plan:
     """What one learner step will do, sampled once per step (same generator seed -> same plan on every rank).
 
     Surrogate methods fill `segments`; the chained references set `chain_start` (backprop through the true Euler
-    chain from that step on). `renoise` > 0 adds DRaFT-LV's re-noised copies of the last step.
+    chain from that step on) and optionally `chain_active` (the chain steps whose velocity carries gradient; the
+    others add their cached velocity, so their factor is the identity; None = every step from chain_start).
+    `renoise` > 0 adds DRaFT-LV's re-noised copies of the last step.
     """
 
     method: str
     n_steps: int
     segments: tuple[SegmentPlan, ...] = ()
     chain_start: int | None = None
+    chain_active: tuple[int, ...] | None = None
     anchors: tuple[int, int] | None = None
     gamma: float = 0.0
     rescale: str = "global"
@@ -66,19 +69,29 @@ class Plan:
     @property
     def active(self) -> list[int]:
         if self.chain_start is not None:
-            return list(range(self.chain_start, self.n_steps))
+            return list(self.chain_steps)
         return sorted({m for s in self.segments for m in s.active_nodes})
+
+    @property
+    def chain_steps(self) -> tuple[int, ...]:
+        """The grad-carrying steps of a chain plan (empty for a surrogate plan)."""
+        if self.chain_start is None:
+            return ()
+        if self.chain_active is None:
+            return tuple(range(self.chain_start, self.n_steps))
+        return self.chain_active
 
     @property
     def jacobian_factors(self) -> int:
         """The most state-Jacobian factors on any gradient path, from the plan's structure alone.
 
-        A chain from step a has N-a-1 (every step but the first sees a grad-carrying input). A surrogate gets one
+        A chain has one per grad-carrying step after its first (from step a with every step active: N-a-1;
+        inactive steps add a cached velocity and contribute the identity). A surrogate gets one
         per bridged segment whose incoming state already carries gradient (some earlier segment has an active
         node) and whose bridge is open (alpha > 0); the re-noised copies of DRaFT-LV use detached inputs.
         """
         if self.chain_start is not None:
-            return max(self.n_steps - self.chain_start - 1, 0)
+            return max(len(self.chain_steps) - 1, 0)
         depth, grad_in = 0, False
         for seg in self.segments:
             if seg.bridge_alpha > 0 and grad_in and seg.start in seg.active_nodes:
@@ -90,7 +103,8 @@ class Plan:
     def needs(self) -> CacheNeeds:
         """Exactly the cached states / velocities the endpoint reads (the rollout keeps nothing else)."""
         if self.chain_start is not None:
-            return CacheNeeds(frozenset({self.chain_start}) - {0}, frozenset())
+            idle = frozenset(range(self.chain_start, self.n_steps)) - set(self.chain_steps)
+            return CacheNeeds(frozenset({self.chain_start}) - {0}, idle)
         states: set[int] = set()
         vels: set[int] = set()
         for i, seg in enumerate(self.segments):
@@ -129,7 +143,9 @@ class Plan:
             for s in d.pop("segments")
         )
         anchors = d.pop("anchors")
-        return Plan(segments=segs, anchors=None if anchors is None else tuple(anchors), **d)
+        chain_active = d.pop("chain_active", None)
+        return Plan(segments=segs, anchors=None if anchors is None else tuple(anchors),
+                    chain_active=None if chain_active is None else tuple(chain_active), **d)
 
 
 @dataclass

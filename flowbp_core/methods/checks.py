@@ -30,3 +30,10 @@ def one_of(name: str, value: Any, allowed: Sequence[Any]) -> None:
 def k_within(k: int, n_steps: int, field: str = "k") -> None:
     if k > n_steps:
         raise ConfigError(f"method.{field}", k, f"an integer in [1, N={n_steps}] (at most the number of steps)")
+
+
+def boolean(name: str, value: Any, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, bool):
+        raise ConfigError(f"method.{name}", value, "true or false" + (" (or unset)" if allow_none else ""))

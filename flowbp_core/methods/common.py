@@ -2,11 +2,35 @@
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 import torch
 
 from flowbp_core.cache import CacheNeeds, TrajectoryCache
+from flowbp_core.guidance import GuidanceConfig
+from flowbp_core.methods import checks
 from flowbp_core.methods.base import Diagnostics, Endpoint, Plan, VelocityFn
 from flowbp_core.methods.engine import SurrogateResult, per_sample_mean_abs, run_surrogate
+
+
+@dataclass(frozen=True)
+class GuidanceParams:
+    """What a method changes in the guidance its re-forwards use and in its loss (algorithms.md 2.5).
+
+    Attributes:
+        detach_negative (bool | None): None keeps the backbone's setting; False runs the negative CFG branch with
+            gradient (its input and its weights); True runs it under no_grad on a detached input.
+        cfg_grad_norm_compensate (bool): divide the loss by the true-CFG scale g when g > 1 (the reference's
+            `cfg_grad_norm_compensate`); it changes the step only where the gradient-norm clip engages.
+    """
+
+    detach_negative: bool | None = None
+    cfg_grad_norm_compensate: bool = False
+
+    def validate_guidance(self) -> None:
+        checks.boolean("detach_negative", self.detach_negative, allow_none=True)
+        checks.boolean("cfg_grad_norm_compensate", self.cfg_grad_norm_compensate)
 
 
 def default_generator(cache: TrajectoryCache) -> torch.Generator:
@@ -26,6 +50,17 @@ class EngineMethod:
     """A method = a plan sampler; the endpoint is the engine's. Subclasses implement `plan`."""
 
     name: str = "engine"
+    params: GuidanceParams
+
+    def guidance(self, base: GuidanceConfig) -> GuidanceConfig:
+        """The guidance the learner re-forwards with: the backbone's, with this method's detach_negative if set."""
+        override = getattr(self.params, "detach_negative", None)
+        return base if override is None else dataclasses.replace(base, detach_negative=override)
+
+    def loss_scale(self, guidance: GuidanceConfig) -> float:
+        """1/g under true CFG with g > 1 when the method compensates the CFG-amplified gradient, else 1."""
+        on = getattr(self.params, "cfg_grad_norm_compensate", False)
+        return 1.0 / guidance.scale if on and guidance.mode == "true" and guidance.scale > 1.0 else 1.0
 
     def plan(self, n_steps: int, generator: torch.Generator) -> Plan:  # pragma: no cover - abstract
         raise NotImplementedError

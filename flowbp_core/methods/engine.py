@@ -140,19 +140,26 @@ def run_surrogate(plan: Plan, cache: TrajectoryCache, velocity: VelocityFn) -> S
 
 
 def run_chain(
-    cache: TrajectoryCache, velocity: VelocityFn, start: int, *, checkpoint: bool = True
+    cache: TrajectoryCache, velocity: VelocityFn, start: int, *, checkpoint: bool = True,
+    active: tuple[int, ...] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Backprop through the true Euler chain z_{i+1} = z_i + h_i v(z_i) for i >= start, inputs carrying grad.
 
-    With checkpoint=True each step saves only its input and is recomputed in backward (per-step
+    `active` (None = every step) names the steps whose velocity carries gradient; any other step adds its cached
+    velocity, the value the rollout computed there, so its factor in the chain rule is the identity. With
+    checkpoint=True each active step saves only its input and is recomputed in backward (per-step
     checkpointing, O(K) boundary latents). Returns (pinned endpoint, raw chain end).
     """
     dtype = cache.noise.dtype
     cdt = compute_dtype(cache)
     sig = [float(s) for s in cache.sigmas.cpu()]
+    grad_steps = set(range(start, cache.n_steps)) if active is None else set(active)
     z = cache.state(start).detach().to(cdt)
     for i in range(start, cache.n_steps):
         h, s = sig[i + 1] - sig[i], sig[i]
+        if i not in grad_steps:
+            z = euler_add(z, h, cache.velocity(i).to(cdt))
+            continue
 
         def step(zz: torch.Tensor, h: float = h, s: float = s) -> torch.Tensor:
             return euler_add(zz, h, velocity(zz.to(dtype), s).to(cdt))

@@ -13,7 +13,7 @@ import torch
 from flowbp_core.cache import TrajectoryCache
 from flowbp_core.methods import checks
 from flowbp_core.methods.base import Endpoint, Plan, SegmentPlan, VelocityFn
-from flowbp_core.methods.common import EngineMethod
+from flowbp_core.methods.common import EngineMethod, GuidanceParams
 from flowbp_core.methods.engine import compute_dtype, per_sample_mean_abs, run_surrogate
 from flowbp_core.methods.registry import make_params, register
 from flowbp_core.samplers import evenly_spaced
@@ -25,11 +25,12 @@ def _leap(s: int, n: int, active: bool) -> SegmentPlan:
 
 # ---- ReFL ------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class ReFLParams:
+class ReFLParams(GuidanceParams):
     last_n: int = 11  # rev ~ U{1..last_n}, g = N - rev (refl_last_n_steps)
     n_steps: int | None = None
 
     def validate(self) -> None:
+        self.validate_guidance()
         checks.integer("last_n", self.last_n, 1)
         if self.n_steps is not None:
             checks.k_within(self.last_n, self.n_steps, "last_n")
@@ -53,13 +54,14 @@ def build_refl(backbone: str | None, **overrides) -> ReFL:
 
 # ---- DRTune ------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class DRTuneParams:
+class DRTuneParams(GuidanceParams):
     k: int = 3  # training steps, evenly spaced in [0, s]
     stop_frac: float = 0.4  # early stop s = N - r, r ~ U{1..round(stop_frac N)}
     gamma: float = 0.0
     n_steps: int | None = None
 
     def validate(self) -> None:
+        self.validate_guidance()
         checks.integer("k", self.k, 1)
         checks.in_range("stop_frac", self.stop_frac, 0.0, 1.0, low_open=True)
         checks.in_range("gamma", self.gamma, 0.0, 1.0)
@@ -97,10 +99,11 @@ def build_drtune(backbone: str | None, **overrides) -> DRTune:
 
 # ---- DRaFT-LV ------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class DraftLVParams:
+class DraftLVParams(GuidanceParams):
     n: int = 2  # re-noised copies of the last step
 
     def validate(self) -> None:
+        self.validate_guidance()
         checks.integer("n", self.n, 0)
 
 

@@ -57,8 +57,9 @@ def make_params(cls: type[P], preset: dict[str, Any], overrides: dict[str, Any])
         if key not in known:
             raise ConfigError(f"method.{key}", value, f"a parameter of this method: one of {sorted(known)}")
     merged = {**preset, **overrides}
-    if "dirichlet" in merged and merged["dirichlet"] is not None:
-        merged["dirichlet"] = tuple(float(x) for x in merged["dirichlet"])
+    for key in ("dirichlet", "trunc_range"):  # lists from YAML / JSON become the tuples the params hold
+        if merged.get(key) is not None:
+            merged[key] = tuple(float(x) for x in merged[key])
     params = cls(**merged)
     validate = getattr(params, "validate", None)
     if validate is not None:

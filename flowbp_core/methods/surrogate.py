@@ -16,7 +16,7 @@ import torch
 
 from flowbp_core.methods import checks
 from flowbp_core.methods.base import Plan, SegmentPlan
-from flowbp_core.methods.common import EngineMethod
+from flowbp_core.methods.common import EngineMethod, GuidanceParams
 from flowbp_core.methods.registry import make_params, register
 from flowbp_core.quadrature import SUPPORT_MODES, WEIGHT_SCHEMES, select_active_supports, support_indices
 from flowbp_core.samplers import DEFAULT_DIRICHLET, JK_MODES, late_biased, sample_jk, split_budget, tail_start
@@ -28,7 +28,7 @@ RESCALE_SCOPES = ("global", "segment")
 
 
 @dataclass(frozen=True)
-class SurrogateParams:
+class SurrogateParams(GuidanceParams):
     reward_input: str = "sample"
     anchors: str = "none"
     weights: str = "euler"
@@ -40,7 +40,7 @@ class SurrogateParams:
     beta: float = 0.25  # backward scale of non-start active supports (grad_support_scale)
     support_mode: str = "midpoint"
     max_active_supports: int = 2
-    lam: float = 1.0  # Euler/Lagrange blend (anchor_lambda)
+    lam: float = 1.0  # Euler/Lagrange blend of the first leap (anchor_lambda); later leaps are unblended
     tau: float = 0.1  # trajectory-similarity floor
     sample_weight: str = "ones"
     jk_mode: str = "uniform"
@@ -52,6 +52,7 @@ class SurrogateParams:
     n_steps: int | None = None  # if given, K <= N is checked at construction
 
     def validate(self) -> None:
+        self.validate_guidance()
         checks.one_of("reward_input", self.reward_input, REWARD_INPUTS)
         checks.one_of("anchors", self.anchors, ANCHOR_MODES)
         checks.one_of("weights", self.weights, WEIGHT_SCHEMES)
@@ -129,7 +130,7 @@ class SurrogateMethod(EngineMethod):
                     active=tuple(act),
                     bridge_alpha=p.alpha if idx > 0 else 0.0,
                     pin=True,
-                    lam=p.lam if p.weights != "euler" else 1.0,
+                    lam=p.lam if p.weights != "euler" and idx == 0 else 1.0,  # lam blends the first leap only
                     window=window,
                 )
             )
@@ -220,11 +221,13 @@ LAGRANGE = {
     None: dict(_LAG_COMMON, alpha=0.1, tau=0.2, gamma=0.0, max_j_rev=10),
     "sd35": dict(_LAG_COMMON, alpha=0.1, tau=0.2, gamma=0.0, max_j_rev=10),
     "flux1": dict(_LAG_COMMON, alpha=0.1, tau=0.2, gamma=0.5),
-    "flux2": dict(_LAG_COMMON, alpha=0.1, tau=0.1, gamma=0.0, tail_ratio=0.7),
+    # the FLUX.2 Lagrange config leaves cfg_grad_norm_compensate at its default, true (train_flowbp_flux2.py)
+    "flux2": dict(_LAG_COMMON, alpha=0.1, tau=0.1, gamma=0.0, tail_ratio=0.7, cfg_grad_norm_compensate=True),
 }
 _LEAP = dict(anchors="kj", weights="lagrange", order=1, support_mode="start", alpha=0.3, tau=0.1,
              jk_mode="uniform", sample_weight="traj_sim", rescale="segment")
 LEAPALIGN = {b: dict(_LEAP) for b in (None, "sd35", "flux1", "flux2")}
+LEAPALIGN["sd35"]["detach_negative"] = False  # sd3_5_leapalign.yaml: cfg_detach_neg false, both branches carry grad
 
 
 def _factory(name: str, presets: dict, fixed: dict):
