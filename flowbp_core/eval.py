@@ -297,6 +297,7 @@ def load_backbone(name: str, pretrained: str | None, checkpoint: str | None, *, 
 def generate(backbone, prompts: Sequence[str], *, batch_size: int, steps: int | None, seed: int,
              guidance_scale: float | None = None) -> Iterator[tuple[Tensor, list[str], list[int]]]:
     """Yield (images in [0,1], prompts, indices) batch by batch: rollout without gradients, decode, nothing kept."""
+    from flowbp_core.backbones.base import eval_schedule
     from flowbp_core.cache import CacheNeeds
     from flowbp_core.guidance import GuidanceConfig
     from flowbp_core.sampling import rollout
@@ -305,7 +306,7 @@ def generate(backbone, prompts: Sequence[str], *, batch_size: int, steps: int | 
     g = backbone.preset.guidance
     if guidance_scale is not None:
         g = GuidanceConfig(mode=g.mode, scale=guidance_scale, detach_negative=g.detach_negative)
-    sigmas = backbone.schedule(n_steps).sigmas
+    sigmas = eval_schedule(backbone, n_steps).sigmas
     nothing = CacheNeeds(states=frozenset(), velocities=frozenset())
     shape = backbone.latent_shape(1)[1:]
     for start in range(0, len(prompts), batch_size):

@@ -14,7 +14,9 @@ import torch
 
 from flowbp_core.errors import ConfigError
 
-SCHEDULE_KINDS = ("linear", "sd3", "flux1", "flux2")
+SCHEDULE_KINDS = ("linear", "sd3", "sd3_pipeline", "flux1", "flux2")
+# the training grid of diffusers' FlowMatchEulerDiscreteScheduler: timesteps 1..1000
+NUM_TRAIN_TIMESTEPS = 1000
 
 # FLUX.1 `calculate_shift` defaults (diffusers FluxPipeline).
 FLUX1_BASE_SEQ = 256
@@ -128,6 +130,18 @@ def validate_sigmas(sigmas: torch.Tensor, field: str = "sigmas") -> None:
         raise ConfigError(f"{field}[0]", float(s[0]), "a value in (0, 1]")
 
 
+def sd3_pipeline_sigmas(n: int, shift: float) -> torch.Tensor:
+    """The SD3 pipeline's default spacing (it passes no sigmas): linspace(1, shifted 1/1000, n), shifted again.
+
+    diffusers' scheduler spaces the timesteps between its shifted training-grid ends and then applies the shift
+    to them; this is the schedule the reference evaluates SD3.5 with (its trainers pass linspace(1, 1/n, n)).
+    """
+    if not isinstance(n, int) or n < 1:
+        raise ConfigError("n_steps", n, "an integer >= 1")
+    low = float(static_shift(torch.tensor([1.0 / NUM_TRAIN_TIMESTEPS], dtype=torch.float64), shift)[0])
+    return static_shift(torch.linspace(1.0, low, n, dtype=torch.float64), shift)
+
+
 def _with_terminal(sig: torch.Tensor) -> torch.Tensor:
     return torch.cat([sig, torch.zeros(1, dtype=torch.float64)])
 
@@ -135,7 +149,8 @@ def _with_terminal(sig: torch.Tensor) -> torch.Tensor:
 def make_schedule(kind: str, n_steps: int, *, shift: float = 3.0, image_seq_len: int | None = None) -> Schedule:
     """Build the schedule a backbone family samples with.
 
-    linear: base sigmas, timesteps x1000. sd3: static shift (default 3.0), timesteps x1000.
+    linear: base sigmas, timesteps x1000. sd3: static shift (default 3.0), timesteps x1000. sd3_pipeline: the
+    SD3 pipeline's default spacing (`sd3_pipeline_sigmas`), timesteps x1000.
     flux1: dynamic shift with mu = flux1_mu(L), timesteps = sigma. flux2: dynamic shift with the empirical
     mu(L, N), timesteps = sigma. L (`image_seq_len`, packed image tokens) defaults to 1024 (512x512).
     """
@@ -149,6 +164,8 @@ def make_schedule(kind: str, n_steps: int, *, shift: float = 3.0, image_seq_len:
         return Schedule(_with_terminal(base), 1000.0)
     if kind == "sd3":
         return Schedule(_with_terminal(static_shift(base, shift)), 1000.0)
+    if kind == "sd3_pipeline":
+        return Schedule(_with_terminal(sd3_pipeline_sigmas(n_steps, shift)), 1000.0)
     if kind == "flux1":
         return Schedule(_with_terminal(dynamic_shift(base, flux1_mu(seq))), 1.0)
     return Schedule(_with_terminal(dynamic_shift(base, flux2_empirical_mu(seq, n_steps))), 1.0)

@@ -124,6 +124,12 @@ _BUILTIN_MODULES = {
 }
 
 
+def eval_schedule(backbone: Any, n_steps: int) -> Schedule:
+    """The schedule evaluation samples with: the family's pipeline spacing where it differs from training's."""
+    own = getattr(backbone, "eval_schedule", None)
+    return own(n_steps) if own is not None else backbone.schedule(n_steps)
+
+
 def register(name: str) -> Callable[[type], type]:
     """Class decorator: make a backbone family buildable by `name`."""
 

@@ -86,6 +86,10 @@ class SD3Backbone(DiffusersBackbone):
     def schedule(self, n_steps: int | None = None) -> Schedule:
         return make_schedule("sd3", n_steps or self.preset.n_steps, shift=self.shift)
 
+    def eval_schedule(self, n_steps: int | None = None) -> Schedule:
+        """The SD3 pipeline's own spacing, which the reference evaluates SD3.5 with (training passes linspace)."""
+        return make_schedule("sd3_pipeline", n_steps or self.preset.n_steps, shift=self.shift)
+
     def _forward(self, x, sigma, states, pooled, distilled_scale):
         if pooled is None:
             raise ValueError("SD3 needs a pooled text embedding: its text encoder returned pooled=None")

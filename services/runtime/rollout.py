@@ -81,6 +81,7 @@ class RolloutCore:
     def evaluate(self, req: RolloutRequest, score_app: str, offset: int = 0) -> list[float]:
         """Sample `req.prompts` with the request's weights (keeping no trajectory), decode, and score them on
         the score-only reward deployment `score_app`. Returns one score per prompt."""
+        from flowbp_core.backbones.base import eval_schedule
         from flowbp_core.cache import CacheNeeds
         from services.reward_serve.client import ServedRewardClient
 
@@ -90,7 +91,7 @@ class RolloutCore:
         n = self.cfg.sampling.eval_n_steps or self.n_steps
         noise = self.noise(req.seed, req.step, offset, len(prompts), req.total_batch)
         cache = cached_rollout(self.backbone.bind(cond, self.guidance), noise,
-                               self.backbone.schedule(n).sigmas, cond=cond, prompts=prompts,
+                               eval_schedule(self.backbone, n).sigmas, cond=cond, prompts=prompts,
                                needs=CacheNeeds(frozenset(), frozenset()))
         images = self.backbone.decode(cache.final.to(self.backbone.dtype))
         client = ServedRewardClient(score_app, kind="images")
