@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from flowbp_core.errors import ConfigError
+from flowbp_core.presets import eval_steps as paper_eval_steps
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 PROMPT_SETS = {"hpdv2": DATA_DIR / "hpdv2_eval_prompts.txt", "geneval": DATA_DIR / "geneval_metadata.jsonl"}
@@ -245,10 +246,19 @@ def evaluate_images(batches: Iterable[tuple[Tensor, list[str], list[int]]], rewa
 
 
 # ----------------------------------------------------------------------------------------------- generation
+def ema_by_name(names: list[str], ema: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A checkpoint's EMA shadow (`ema.<i>`, in trainable-parameter order) keyed by the trainable weights' names."""
+    if len(names) != len(ema):
+        raise ValueError(f"the checkpoint's EMA holds {len(ema)} tensors, this backbone trains {len(names)}")
+    return {n: ema[f"ema.{i}"] for i, n in enumerate(names)}
+
+
 def load_backbone(name: str, pretrained: str | None, checkpoint: str | None, *, tiny: bool = False, seed: int = 0,
-                  dtype: str = "float32", device: str = "cpu", local_files_only: bool = True, ema: bool = False):
-    """The backbone to evaluate, with a FlowBP checkpoint's LoRA or full weights loaded when one is given
-    (its EMA weights with `ema=True`)."""
+                  dtype: str = "float32", device: str = "cpu", local_files_only: bool = True,
+                  ema: bool | None = None):
+    """The backbone to evaluate, with a FlowBP checkpoint's LoRA or full weights loaded when one is given:
+    its EMA weights when it has them and `ema` is None (the paper evaluates the EMA), always with `ema=True`
+    (an error without them), never with `ema=False`."""
     from flowbp_core import backbones
     from flowbp_core.backbones.base import LoRAConfig
     from flowbp_core.checkpoint import latest_complete, load_checkpoint
@@ -283,10 +293,12 @@ def load_backbone(name: str, pretrained: str | None, checkpoint: str | None, *, 
     elif hasattr(bb, "enable_full_finetune"):
         bb.enable_full_finetune()
     weights = state.trainable
+    if ema is None:
+        ema = state.ema is not None
     if ema:
         if state.ema is None:
             raise FileNotFoundError(f"--ema: the checkpoint {ck} has no ema.safetensors (EMA was off in that run)")
-        weights = state.ema
+        weights = ema_by_name(list(bb.trainable_state_dict()), state.ema)
     with torch.no_grad():
         bb.load_trainable_state_dict(weights)
     for p in bb.trainable_parameters():
@@ -358,7 +370,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--tiny", action="store_true", help="tiny random backbone (smoke tests)")
     ap.add_argument("--lora", "--checkpoint", dest="checkpoint",
                     help="FlowBP checkpoint folder (runs/<id>/step_<n>, or the run folder for its latest step)")
-    ap.add_argument("--ema", action="store_true", help="evaluate the checkpoint's EMA weights")
+    ap.add_argument("--ema", action="store_true", default=None,
+                    help="evaluate the checkpoint's EMA weights (the default when it has them; an error if not)")
+    ap.add_argument("--no-ema", dest="ema", action="store_false", help="evaluate the live (non-EMA) weights")
     ap.add_argument("--prompts", default="hpdv2",
                     help="hpdv2, geneval, world_train, world_heldout, or a .txt / .jsonl file")
     ap.add_argument("--rewards", required=True, help="comma-separated reward names, e.g. hpsv2,pickscore")
@@ -367,7 +381,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="output folder: scores.md, scores.json, grid.png, images/")
     ap.add_argument("--limit", type=int, help="first N prompts only")
     ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--steps", type=int, help="sampling steps (default: the backbone preset's)")
+    ap.add_argument("--steps", type=int,
+                    help="sampling steps (default: the paper's, 40 for sd3 and 50 for flux1/flux2; else the preset's)")
     ap.add_argument("--guidance", type=float, help="guidance scale (default: the backbone preset's)")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--device", default="cpu")
@@ -395,7 +410,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    steps = args.steps or backbone.preset.n_steps
+    steps = args.steps or paper_eval_steps(args.backbone) or backbone.preset.n_steps
     guidance = args.guidance if args.guidance is not None else backbone.preset.guidance.scale
     t0 = time.perf_counter()
     try:
