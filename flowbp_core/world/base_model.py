@@ -66,7 +66,7 @@ def load_base_transformer(path: Path | None = None, dtype: torch.dtype = torch.f
     return model.eval(), meta
 
 
-def velocity(model, x: torch.Tensor, sigma: float | torch.Tensor, cond: dict, autocast: bool = True) -> torch.Tensor:
+def velocity(model, x: torch.Tensor, sigma: float | torch.Tensor, cond: dict, autocast: bool = False) -> torch.Tensor:
     """Unguided model velocity at noise level sigma (scalar or per-sample)."""
     b = x.shape[0]
     t = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1).expand(b) * 1000.0
