@@ -1,6 +1,7 @@
 """The embedded world: procedural scenes, captions, the base model, the attribute reward and the judge.
 
-Importing this package registers the "world_attributes" reward (the recogniser loads only when it is built).
+Importing this package registers the "world_attributes" and "world_preference" rewards (their models load only
+when they are built).
 See README.md in this folder.
 """
 
@@ -17,4 +18,12 @@ def world_attributes(**kwargs):
     return WorldAttributeReward(**kwargs)
 
 
-__all__ = ["world_attributes"]
+@_register_reward("world_preference")
+def world_preference(**kwargs):
+    """Factory for `flowbp_core.rewards.build("world_preference", checkpoint=None)`: the learned preference model."""
+    from flowbp_core.world.preference import WorldPreferenceReward
+
+    return WorldPreferenceReward(**kwargs)
+
+
+__all__ = ["world_attributes", "world_preference"]

@@ -2,6 +2,7 @@
 
     python -m flowbp_core.world.publish base <train_out_dir> [--weights ema|raw] [--note "trained on ..."]
     python -m flowbp_core.world.publish recogniser <train_out_dir>
+    python -m flowbp_core.world.publish preference <train_out_dir>
 
 `train_base` saves EMA weights as it goes; on a short run the EMA can lag the raw weights, so `--weights raw`
 publishes the raw weights from `train_state.pt` instead (the choice is recorded in the metadata). The text
@@ -44,18 +45,30 @@ def publish_base(src: Path, weights: str, dst_dir: Path, note: str = "") -> str:
     return digest
 
 
-def publish_recogniser(src: Path, dst_dir: Path) -> str:
-    tensors, meta = load_checkpoint(src / "recogniser.safetensors", regenerate=f"(training output in {src})")
-    extra = {k: meta[k] for k in ("steps", "train_minutes", "val_accuracy") if k in meta}
-    digest = save_checkpoint(tensors, dst_dir / "recogniser.safetensors", config=meta["config"],
+# what -> (checkpoint file, training log, metadata kept)
+_SCORERS = {"recogniser": ("recogniser.safetensors", "recogniser_log.jsonl", ("steps", "train_minutes", "val_accuracy")),
+            "preference": ("preference.safetensors", "preference_log.jsonl",
+                           ("steps", "train_minutes", "heldout_pair_accuracy"))}
+
+
+def publish_scorer(what: str, src: Path, dst_dir: Path, note: str = "") -> str:
+    """A reward model's training output (recogniser or preference model) into the assets, with its log."""
+    name, log, keep = _SCORERS[what]
+    tensors, meta = load_checkpoint(src / name, regenerate=f"(training output in {src})")
+    extra = {k: meta[k] for k in keep if k in meta}
+    if note:
+        extra["note"] = note
+    # 16-bit weights keep the committed file small; the models compute in float32 after loading
+    tensors = {k: v.to(torch.float16) if v.is_floating_point() and what == "preference" else v for k, v in tensors.items()}
+    digest = save_checkpoint(tensors, dst_dir / name, config=meta["config"],
                              data_seed=int(meta["data_seed"]), command=meta["command"], extra=extra)
-    shutil.copy(src / "recogniser_log.jsonl", dst_dir / "recogniser_log.jsonl")
+    shutil.copy(src / log, dst_dir / log)
     return digest
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("base", "recogniser"))
+    p.add_argument("what", choices=("base", *_SCORERS))
     p.add_argument("src", type=Path)
     p.add_argument("--weights", choices=("ema", "raw"), default="ema")
     p.add_argument("--dst", type=Path, default=None)
@@ -63,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     dst = a.dst or ASSETS_DIR / a.what
     dst.mkdir(parents=True, exist_ok=True)
-    digest = publish_base(a.src, a.weights, dst, a.note) if a.what == "base" else publish_recogniser(a.src, dst)
+    digest = publish_base(a.src, a.weights, dst, a.note) if a.what == "base" else publish_scorer(a.what, a.src, dst, a.note)
     print(f"published {a.what} to {dst} (sha256 {digest})")
     return 0
 

@@ -53,18 +53,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=6000, help="number of images")
     p.add_argument("--policy", type=Path, default=None, help="FlowBP checkpoint folder whose LoRA to sample with")
     p.add_argument("--seed", type=int, default=7, help="prompt and noise seed (held-out noise uses 1000*s+i)")
+    p.add_argument("--per-prompt", type=int, default=1,
+                   help="samples per prompt, 1..16 (several give the preference model pairs of one prompt)")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--threads", type=int, default=0)
     a = p.parse_args(argv)
     if a.n <= 0:
         p.error(f"--n={a.n}: must be positive")
+    if not 1 <= a.per_prompt <= 16:
+        p.error(f"--per-prompt={a.per_prompt}: allowed range is 1..16")
     if a.threads:
         torch.set_num_threads(a.threads)
     from safetensors.torch import save_file
 
     bb = load_policy(a.policy)
-    items = prompt_pool("train", a.n, seed=10_000 + a.seed)
-    prompts = [it.text for it in items][: a.n]
+    items = prompt_pool("train", -(-a.n // a.per_prompt), seed=10_000 + a.seed)
+    prompts = [it.text for it in items for _ in range(a.per_prompt)][: a.n]  # a prompt's samples side by side
     shape = bb.latent_shape(1)[1:]
     gen = torch.Generator().manual_seed(50_000 + a.seed)  # far from the evaluation seeds
     noise = torch.cat([torch.randn((len(prompts[s : s + a.batch]), *shape), generator=gen)
@@ -73,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     images = generate(bb, prompts, seed=0, batch_size=a.batch, noise=noise, progress=True)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     save_file({"images": (images.clamp(0, 1) * 255).round().to(torch.uint8)}, str(a.out),
-              metadata={"prompts": json.dumps(prompts), "policy": str(a.policy or "base"), "seed": str(a.seed)})
+              metadata={"prompts": json.dumps(prompts), "policy": str(a.policy or "base"), "seed": str(a.seed),
+                        "per_prompt": str(a.per_prompt)})
     print(json.dumps({"out": str(a.out), "n": len(prompts), "seconds": round(time.perf_counter() - t0, 1)}))
     return 0
 

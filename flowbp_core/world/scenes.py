@@ -81,19 +81,25 @@ def signed_distance(obj: SceneObject, px: np.ndarray, py: np.ndarray) -> np.ndar
     raise ValueError(f"shape={obj.shape!r} is not one of {SHAPES}")
 
 
-def render(scene: Scene) -> np.ndarray:
-    """Render to a float32 array [3, H, W] in [0, 1] with anti-aliased edges."""
+def render(scene: Scene, edge: float = 1.0, background_rgb: tuple[float, float, float] | None = None) -> np.ndarray:
+    """Render to a float32 array [3, H, W] in [0, 1] with anti-aliased edges.
+
+    `edge` is the width in pixels of the coverage ramp (1: analytic anti-aliasing; smaller is crisper, larger
+    softer); `background_rgb` replaces the named background's colour (the preference data's tone variants)."""
+    if not 0.05 <= edge <= 8.0:
+        raise ValueError(f"render: edge={edge!r}: allowed range is [0.05, 8] pixels")
     n = scene.size
     centres = np.arange(n, dtype=np.float32) + 0.5
     py, px = np.meshgrid(centres, centres, indexing="ij")
     if scene.background not in BACKGROUNDS:
         raise ValueError(f"background={scene.background!r} is not one of {tuple(BACKGROUNDS)}")
     img = np.empty((3, n, n), dtype=np.float32)
-    img[:] = np.asarray(BACKGROUNDS[scene.background], dtype=np.float32)[:, None, None]
+    bg = BACKGROUNDS[scene.background] if background_rgb is None else background_rgb
+    img[:] = np.asarray(bg, dtype=np.float32)[:, None, None]
     for obj in scene.objects:
         if obj.colour not in COLOURS:
             raise ValueError(f"colour={obj.colour!r} is not one of {tuple(COLOURS)}")
-        cover = np.clip(0.5 - signed_distance(obj, px, py), 0.0, 1.0).astype(np.float32)
+        cover = np.clip(0.5 - signed_distance(obj, px, py) / edge, 0.0, 1.0).astype(np.float32)
         col = np.asarray(COLOURS[obj.colour], dtype=np.float32)[:, None, None]
         img = img * (1.0 - cover) + col * cover
     return img
@@ -109,8 +115,9 @@ def _separated(a: SceneObject, b: SceneObject) -> bool:
     return ax1 + _GAP <= bx0 or bx1 + _GAP <= ax0 or ay1 + _GAP <= by0 or by1 + _GAP <= ay0
 
 
-def _place(shape: str, colour: str, position: str | None, rng: np.random.Generator, n: int) -> SceneObject:
-    s = float(rng.uniform(*_SIZE_RANGE))
+def _place(shape: str, colour: str, position: str | None, rng: np.random.Generator, n: int,
+           size_range: tuple[float, float] = _SIZE_RANGE) -> SceneObject:
+    s = float(rng.uniform(*size_range))
     if position is None:
         lo, hi = s + 1.0, n - s - 1.0
         x, y = rng.uniform(lo, hi), rng.uniform(lo, hi)
@@ -120,10 +127,12 @@ def _place(shape: str, colour: str, position: str | None, rng: np.random.Generat
     return SceneObject(shape=shape, colour=colour, x=float(x), y=float(y), size=s)
 
 
-def sample_scene(spec: PromptSpec, rng: np.random.Generator, size: int = IMAGE_SIZE, max_tries: int = 200) -> Scene:
+def sample_scene(spec: PromptSpec, rng: np.random.Generator, size: int = IMAGE_SIZE, max_tries: int = 200,
+                 size_range: tuple[float, float] = _SIZE_RANGE) -> Scene:
     """A random scene that satisfies `spec` exactly (the objects it asks for and nothing else).
 
-    Attributes the prompt leaves open (a colour, a position, the background) are drawn at random.
+    Attributes the prompt leaves open (a colour, a position, the background) are drawn at random; `size_range`
+    bounds the objects' half extents (the base model's data use the default).
     """
     wanted: list[ObjectSpec] = []
     for o in spec.objects:
@@ -138,7 +147,7 @@ def sample_scene(spec: PromptSpec, rng: np.random.Generator, size: int = IMAGE_S
             shape = o.shape or SHAPES[rng.integers(len(SHAPES))]
             colour = shared[id(o)] if spec.task == "counting" else (o.colour or COLOUR_NAMES[rng.integers(len(COLOUR_NAMES))])
             for _inner in range(50):
-                cand = _place(shape, colour, o.position, rng, size)
+                cand = _place(shape, colour, o.position, rng, size, size_range)
                 if all(_separated(cand, p) for p in placed):
                     placed.append(cand)
                     break

@@ -8,12 +8,15 @@ import torch
 
 from flowbp_core.world.assets import CheckpointError, content_sha256, file_sha256, load_checkpoint, manifest_path, save_checkpoint
 from flowbp_core.world.base_model import BASE_CHECKPOINT, BASE_REGENERATE, load_base_transformer
+from flowbp_core.world.preference import PREFERENCE_CHECKPOINT, PREFERENCE_REGENERATE
 from flowbp_core.world.reward import RECOGNISER_CHECKPOINT, RECOGNISER_REGENERATE, load_recogniser
 
-COMMITTED = [(BASE_CHECKPOINT, BASE_REGENERATE), (RECOGNISER_CHECKPOINT, RECOGNISER_REGENERATE)]
+COMMITTED = [(BASE_CHECKPOINT, BASE_REGENERATE), (RECOGNISER_CHECKPOINT, RECOGNISER_REGENERATE),
+             (PREFERENCE_CHECKPOINT, PREFERENCE_REGENERATE)]
+IDS = ["base", "recogniser", "preference"]
 
 
-@pytest.mark.parametrize("path,regen", COMMITTED, ids=["base", "recogniser"])
+@pytest.mark.parametrize("path,regen", COMMITTED, ids=IDS)
 def test_committed_checkpoint_hashes_match_metadata(path, regen):
     assert path.stat().st_size < 30 * 2**20, "committed checkpoints stay under 30 MB"
     manifest = json.loads(manifest_path(path).read_text())
@@ -39,7 +42,7 @@ def _copy(tmp_path, path):
     return dst
 
 
-@pytest.mark.parametrize("path,regen", COMMITTED, ids=["base", "recogniser"])
+@pytest.mark.parametrize("path,regen", COMMITTED, ids=IDS)
 def test_corrupt_checkpoint_names_file_and_command(tmp_path, path, regen):
     dst = _copy(tmp_path, path)
     data = bytearray(dst.read_bytes())

@@ -1,0 +1,116 @@
+"""The world's preference model (its PickScore): a prompt-conditioned image score learned only from pairwise choices.
+
+    s(image, prompt) = head([h, h * t])      h = CNN(image) [256],  t = W e(prompt) [256]
+
+`h` comes from the recogniser's convolutional trunk (initialised from the committed recogniser, as PickScore
+starts from CLIP, then trained), `e` is the frozen MiniLM sentence embedding. Training (train_preference.py)
+sees only comparisons "image a is preferred to image b for this prompt", labelled by the rater, through the
+Bradley-Terry loss -log sigmoid(s_a - s_b): the score's scale is logits of a choice, its offset is arbitrary.
+Registered as the reward "world_preference" (differentiable in the pixels; frozen weights).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from flowbp_core.world.assets import ASSETS_DIR, load_checkpoint
+from flowbp_core.world.recogniser import Recogniser, RecogniserConfig
+
+PREFERENCE_CHECKPOINT = ASSETS_DIR / "preference" / "preference.safetensors"
+PREFERENCE_REGENERATE = ("python -m flowbp_core.world.train_preference --out /tmp/world_pref && "
+                         "python -m flowbp_core.world.publish preference /tmp/world_pref")
+TEXT_DIM = 384  # MiniLM's pooled embedding
+
+
+@dataclass(frozen=True, kw_only=True)
+class PreferenceConfig:
+    """Shape of the preference model.
+
+    Attributes:
+        width: channels of the first convolutions (the recogniser trunk's; 32 loads the committed recogniser).
+        feature: image feature size h (the trunk's output).
+        hidden: width of the head's hidden layer.
+    """
+
+    width: int = 32
+    feature: int = 256
+    hidden: int = 128
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class PreferenceModel(nn.Module):
+    def __init__(self, cfg: PreferenceConfig = PreferenceConfig()) -> None:
+        super().__init__()
+        self.cfg = cfg
+        trunk = Recogniser(RecogniserConfig(width=cfg.width, feature=cfg.feature))
+        self.body, self.fc = trunk.body, trunk.fc
+        self.text = nn.Linear(TEXT_DIM, cfg.feature)
+        self.head = nn.Sequential(nn.Linear(2 * cfg.feature, cfg.hidden), nn.GELU(), nn.Linear(cfg.hidden, 1))
+
+    def init_from_recogniser(self, recogniser: Recogniser) -> None:
+        """Start the image trunk from a trained recogniser (it already sees shapes, colours and counts)."""
+        self.body.load_state_dict(recogniser.body.state_dict())
+        self.fc.load_state_dict(recogniser.fc.state_dict())
+
+    def forward(self, images: Tensor, text: Tensor) -> Tensor:
+        """images [B, 3, 32, 32] in [0, 1], text [B, 384] MiniLM pooled embeddings -> scores [B]."""
+        h = self.fc(self.body(images * 2.0 - 1.0))
+        t = self.text(text)
+        return self.head(torch.cat([h, h * t], dim=1)).squeeze(1)
+
+
+def bradley_terry_loss(scores_a: Tensor, scores_b: Tensor) -> Tensor:
+    """Mean -log P(a preferred to b) = -log sigmoid(s_a - s_b), for pairs where a was chosen."""
+    return nn.functional.softplus(scores_b - scores_a).mean()
+
+
+def load_preference(path: Path | None = None) -> tuple[PreferenceModel, dict]:
+    tensors, meta = load_checkpoint(Path(path or PREFERENCE_CHECKPOINT), regenerate=PREFERENCE_REGENERATE)
+    cfg = PreferenceConfig(**meta["config"].get("model", {}))
+    model = PreferenceModel(cfg)
+    model.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=True)
+    return model.eval().requires_grad_(False), meta
+
+
+class WorldPreferenceReward(nn.Module):
+    """Reward protocol: `__call__(images [B, 3, 32, 32] in [0, 1], prompts) -> Tensor[B]`, differentiable in images.
+
+    The score is the preference model's logit (higher is preferred; only differences between images mean
+    anything). Frozen: its weights never train."""
+
+    name = "world_preference"
+
+    def __init__(self, checkpoint: str | Path | None = None) -> None:
+        super().__init__()
+        from flowbp_core.world.text import shared_encoder
+
+        self.model, self.meta = load_preference(Path(checkpoint) if checkpoint else None)
+        self.encoder = shared_encoder()
+
+    def train(self, mode: bool = True) -> "WorldPreferenceReward":  # noqa: ARG002 - always frozen
+        return super().train(False)
+
+    def forward(self, images: Tensor, prompts: list[str]) -> Tensor:
+        size = self.model.body[0].in_channels
+        if images.ndim != 4 or images.shape[1] != size or tuple(images.shape[2:]) != (32, 32):
+            raise ValueError(f"world_preference: images must be [B, 3, 32, 32] in [0, 1], got {tuple(images.shape)}")
+        if isinstance(prompts, str) or len(prompts) != images.shape[0] or not len(prompts):
+            raise ValueError(f"world_preference: {images.shape[0]} images but {len(prompts)} prompts; expected one "
+                             "prompt per image and at least one")
+        with torch.no_grad():  # non-finite pixels pass: the training step's own check skips such a step
+            finite = images[torch.isfinite(images)]
+            lo, hi = (float(finite.min()), float(finite.max())) if finite.numel() else (0.0, 1.0)
+        if not (-0.01 <= lo and hi <= 1.01):
+            raise ValueError(f"world_preference: image values must lie in [0, 1], got [{lo:.3f}, {hi:.3f}]")
+        text = self.encoder.encode(list(prompts))["pooled_prompt_embeds"].to(images.device, torch.float32)
+        return self.model(images.float(), text)
+
+
+__all__ = ["PreferenceConfig", "PreferenceModel", "WorldPreferenceReward", "bradley_terry_loss", "load_preference",
+           "PREFERENCE_CHECKPOINT"]

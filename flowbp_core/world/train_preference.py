@@ -1,0 +1,238 @@
+"""Train the world's preference model from pairwise choices labelled by the rater (Bradley-Terry loss).
+
+    python -m flowbp_core.world.sample_pool --out /tmp/pools/base4.safetensors --n 512 --per-prompt 4
+    python -m flowbp_core.world.train_preference --out /tmp/world_pref --pool /tmp/pools/base4.safetensors
+    python -m flowbp_core.world.publish preference /tmp/world_pref
+
+Each step shows the model groups of images of one prompt and every pair in a group whose ratings differ by at
+least `MIN_MARGIN` points, as "a is preferred to b"; it never sees a rating itself. Groups come from:
+- renders: scenes of a training prompt drawn in varied styles (object size, edge width, background tone, a
+  little blur and noise), a quarter of them of another prompt of the same task (prompt-breaking images, which
+  the rater rates 0);
+- the generator's own samples (`--pool`, files of `sample_pool --per-prompt K`): the K samples of one prompt
+  plus two renders of it, so that the model ranks what alignment will actually show it.
+Validation: pairwise accuracy on held-out prompts' renders (combinations the model never trained on) and on
+10 % of each pool's prompts, logged every 50 steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from flowbp_core.world.assets import save_checkpoint
+from flowbp_core.world.captions import parse
+from flowbp_core.world.data import prompt_pool
+from flowbp_core.world.preference import PreferenceConfig, PreferenceModel, bradley_terry_loss
+from flowbp_core.world.rater import rate_one
+from flowbp_core.world.scenes import render, sample_scene
+from flowbp_core.world.spec import BACKGROUNDS, PromptSpec, all_specs
+from flowbp_core.world.train_reward import augment
+
+MIN_MARGIN = 1.0  # rating points below which a pair is a tie and not shown
+_BG_NAMES = tuple(BACKGROUNDS)
+
+
+def _objects_in(spec: PromptSpec) -> int:
+    return spec.count if spec.task == "counting" else len(spec.objects)
+
+
+def render_styled(spec: PromptSpec, rng: np.random.Generator, asked_background: str | None) -> np.ndarray:
+    """One render of `spec` in a random style: object size, edge width and background tone vary."""
+    lo = float(rng.uniform(3.5, 7.0)) - 0.5 * (_objects_in(spec) - 1)
+    try:
+        scene = sample_scene(spec, rng, size_range=(lo, lo + 0.6))
+    except RuntimeError:  # large objects that cannot be placed apart: the base data's sizes
+        scene = sample_scene(spec, rng)
+    edge = float(np.exp(rng.uniform(np.log(0.15), np.log(2.5))))
+    if asked_background is not None and rng.random() < 0.9:
+        bg = BACKGROUNDS[asked_background]
+    elif rng.random() < 0.5:
+        bg = BACKGROUNDS[_BG_NAMES[int(rng.integers(len(_BG_NAMES)))]]
+    else:
+        lum = float(rng.uniform(0.05, 0.95))
+        bg = (lum, lum, lum)
+    return render(scene, edge=edge, background_rgb=bg)
+
+
+def render_group(spec: PromptSpec, m: int, rng: np.random.Generator) -> np.ndarray:
+    """`m` styled renders for one prompt, about a quarter of another prompt of the same task."""
+    others = [s for s in all_specs(spec.task) if s.combination() != spec.combination()]
+    out = []
+    for _ in range(m):
+        drawn = spec if rng.random() >= 0.25 or not others else others[int(rng.integers(len(others)))]
+        out.append(render_styled(drawn, rng, spec.background))
+    return np.stack(out)
+
+
+def pairs_of(ratings: list[float], offset: int) -> list[tuple[int, int]]:
+    """(winner, loser) index pairs among one group's images (indices shifted by `offset`); ties left out."""
+    out = []
+    for i in range(len(ratings)):
+        for j in range(i + 1, len(ratings)):
+            if abs(ratings[i] - ratings[j]) >= MIN_MARGIN:
+                out.append((offset + i, offset + j) if ratings[i] > ratings[j] else (offset + j, offset + i))
+    return out
+
+
+class GroupBatch:
+    """Images [N, 3, 32, 32] in [0, 1], their prompts (one per image) and the (winner, loser) pairs among them."""
+
+    def __init__(self) -> None:
+        self.images: list[np.ndarray] = []
+        self.prompts: list[str] = []
+        self.pairs: list[tuple[int, int]] = []
+
+    def add(self, images: np.ndarray, prompt: str, spec: PromptSpec) -> None:
+        ratings = [rate_one(img, spec).score for img in images]
+        self.pairs += pairs_of(ratings, len(self.images))
+        self.images += list(images)
+        self.prompts += [prompt] * len(images)
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        pairs = torch.tensor(self.pairs, dtype=torch.long).reshape(-1, 2)
+        return torch.from_numpy(np.stack(self.images)).float(), pairs[:, 0], pairs[:, 1]
+
+
+def load_pool(paths: list[Path], seed: int) -> tuple[list[tuple[str, np.ndarray]], list[tuple[str, np.ndarray]]]:
+    """((prompt, images [K, 3, 32, 32]) groups to train on, groups held out): 10 % of each pool's prompts held out."""
+    from safetensors import safe_open
+
+    groups: list[tuple[str, np.ndarray]] = []
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(f"--pool {path}: no such file (make one with python -m flowbp_core.world.sample_pool "
+                                    f"--out {path} --per-prompt 4)")
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            images = f.get_tensor("images").float().numpy() / 255.0
+        prompts = json.loads(meta.get("prompts", "[]"))
+        k = int(meta.get("per_prompt", "1"))
+        if k < 2 or len(prompts) != len(images):
+            raise ValueError(f"--pool {path}: needs several samples per prompt (per_prompt={k}, {len(prompts)} prompts "
+                             f"for {len(images)} images); make it with sample_pool --per-prompt 4")
+        groups += [(prompts[i], images[i : i + k]) for i in range(0, len(images) - k + 1, k)]
+    order = np.random.default_rng(seed).permutation(len(groups))
+    n_val = max(1, len(groups) // 10)
+    return [groups[i] for i in order[n_val:]], [groups[i] for i in order[:n_val]]
+
+
+def build_batch(rng: np.random.Generator, g: torch.Generator, prompts, n_render: int, pool_groups,
+                n_pool: int) -> GroupBatch:
+    batch = GroupBatch()
+    for _ in range(n_render):
+        it = prompts[int(rng.integers(len(prompts)))]
+        imgs = render_group(it.spec, 4, rng)
+        if rng.random() < 0.5:
+            imgs = augment(torch.from_numpy(imgs), g).numpy()
+        batch.add(imgs, it.text, it.spec)
+    for _ in range(n_pool if pool_groups else 0):
+        text, imgs = pool_groups[int(rng.integers(len(pool_groups)))]
+        spec = parse(text)
+        batch.add(np.concatenate([imgs, render_group(spec, 2, rng)]), text, spec)
+    return batch
+
+
+@torch.no_grad()
+def pairwise_accuracy(model: PreferenceModel, encoder, batch: GroupBatch) -> float:
+    x, win, lose = batch.tensors()
+    if not len(win):
+        return float("nan")
+    s = model(x, encoder.encode(batch.prompts)["pooled_prompt_embeds"])
+    return float((s[win] > s[lose]).float().mean())
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--pool", type=Path, nargs="*", default=[], help="sample_pool files (--per-prompt >= 2)")
+    p.add_argument("--minutes", type=float, default=10.0, help="training time by wall clock")
+    p.add_argument("--max-steps", type=int, default=100_000)
+    p.add_argument("--render-groups", type=int, default=24, help="render groups (4 images) per step")
+    p.add_argument("--pool-groups", type=int, default=8, help="generated groups (K samples + 2 renders) per step")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0)
+    a = p.parse_args(argv)
+    for name, lo, hi in (("minutes", 0.01, 600.0), ("lr", 1e-6, 1e-1)):
+        if not lo <= getattr(a, name) <= hi:
+            p.error(f"--{name.replace('_', '-')}={getattr(a, name)}: allowed range is [{lo}, {hi}]")
+    for name in ("render_groups", "pool_groups", "max_steps"):
+        if getattr(a, name) < (1 if name != "pool_groups" else 0):
+            p.error(f"--{name.replace('_', '-')}={getattr(a, name)}: must be positive")
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    from flowbp_core.world.reward import load_recogniser
+    from flowbp_core.world.text import shared_encoder
+
+    a.out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(a.seed)
+    rng, g = np.random.default_rng(a.seed), torch.Generator().manual_seed(a.seed)
+    encoder = shared_encoder()
+    train_items = prompt_pool("train", 3000, seed=a.seed + 1)
+    pool_train, pool_val = load_pool(a.pool, a.seed) if a.pool else ([], [])
+    val_rng = np.random.default_rng(10_000 + a.seed)
+    val_render = build_batch(val_rng, torch.Generator().manual_seed(10_000), prompt_pool("heldout", 600, seed=a.seed + 2),
+                             128, [], 0)
+    val_pool = GroupBatch()
+    for text, imgs in pool_val:
+        val_pool.add(imgs, text, parse(text))
+    cfg = PreferenceConfig()
+    model = PreferenceModel(cfg)
+    model.init_from_recogniser(load_recogniser()[0])
+    model.requires_grad_(True).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=1e-4)
+    log = open(a.out / "preference_log.jsonl", "w")
+    start, step, losses, budget = time.time(), 0, [], a.minutes * 60
+
+    def evaluate() -> dict:
+        model.eval()
+        acc = {"val_render_pair_acc": round(pairwise_accuracy(model, encoder, val_render), 4)}
+        if val_pool.pairs:
+            acc["val_generated_pair_acc"] = round(pairwise_accuracy(model, encoder, val_pool), 4)
+        model.train()
+        return acc
+
+    while step < a.max_steps and time.time() - start < budget:
+        batch = build_batch(rng, g, train_items, a.render_groups, pool_train, a.pool_groups)
+        x, win, lose = batch.tensors()
+        s = model(x, encoder.encode(batch.prompts)["pooled_prompt_embeds"])
+        loss = bradley_terry_loss(s[win], s[lose])
+        frac = min(1.0, (time.time() - start) / budget)  # cosine decay that ends when the clock does
+        for pg in opt.param_groups:
+            pg["lr"] = a.lr * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * frac))) * min(1.0, (step + 1) / 50)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        step += 1
+        if step % 50 == 0:
+            rec = {"step": step, "loss": round(float(np.mean(losses[-50:])), 4), "pairs": len(win),
+                   "elapsed_min": round((time.time() - start) / 60, 2), **evaluate()}
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+            print(json.dumps(rec), flush=True)
+    final = evaluate()
+    model.eval()
+    command = "python -m flowbp_core.world.train_preference " + " ".join(sys.argv[1:] if argv is None else argv)
+    digest = save_checkpoint(
+        dict(model.state_dict()), a.out / "preference.safetensors",
+        config={"model": cfg.as_dict(), "train": {k: (str(v) if isinstance(v, Path) else
+                                                      [str(x) for x in v] if isinstance(v, list) else v)
+                                                  for k, v in vars(a).items()}},
+        data_seed=a.seed, command=command,
+        extra={"steps": step, "train_minutes": round((time.time() - start) / 60, 2), "heldout_pair_accuracy": final},
+    )
+    print(json.dumps({"final": final, "steps": step, "sha256": digest}), flush=True)
+    log.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
