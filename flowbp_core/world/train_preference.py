@@ -7,10 +7,11 @@
 Each step shows the model groups of images of one prompt and every pair in a group whose ratings differ by at
 least `MIN_MARGIN` points, as "a is preferred to b"; it never sees a rating itself. Groups come from:
 - renders: scenes of a training prompt drawn in varied styles (object size, edge width, background tone, a
-  little blur and noise), a quarter of them of another prompt of the same task (prompt-breaking images, which
-  the rater rates 0);
+  little blur and noise), a quarter of them of another prompt of the same task and a fifth with objects grown
+  until they merge or leave the frame (prompt-breaking images, which the rater rates 0);
 - the generator's own samples (`--pool`, files of `sample_pool --per-prompt K`): the K samples of one prompt
-  plus two renders of it, so that the model ranks what alignment will actually show it.
+  plus two renders of it, so that the model ranks what alignment will actually show it; pools of a policy
+  aligned to an earlier preference model (`sample_pool --policy`) teach it where that policy gamed it.
 Validation: pairwise accuracy on held-out prompts' renders (combinations the model never trained on) and on
 10 % of each pool's prompts, logged every 50 steps.
 """
@@ -21,6 +22,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +33,7 @@ from flowbp_core.world.captions import parse
 from flowbp_core.world.data import prompt_pool
 from flowbp_core.world.preference import PreferenceConfig, PreferenceModel, bradley_terry_loss
 from flowbp_core.world.rater import rate_one
-from flowbp_core.world.scenes import render, sample_scene
+from flowbp_core.world.scenes import Scene, render, sample_scene
 from flowbp_core.world.spec import BACKGROUNDS, PromptSpec, all_specs
 from flowbp_core.world.train_reward import augment
 
@@ -43,13 +45,26 @@ def _objects_in(spec: PromptSpec) -> int:
     return spec.count if spec.task == "counting" else len(spec.objects)
 
 
+def _crowded(spec: PromptSpec, rng: np.random.Generator, lo: float) -> Scene:
+    """A scene of `spec` with objects too large to keep apart: they overlap, merge or leave the frame (what a
+    policy that only grows its objects draws; the judge reads no prompt in it, so the rater gives it 0)."""
+    base = sample_scene(spec, rng)
+    objs = tuple(replace(o, size=float(rng.uniform(lo, lo + 2.0)), x=float(rng.uniform(8, 24)),
+                         y=float(rng.uniform(8, 24))) for o in base.objects)
+    return replace(base, objects=objs)
+
+
 def render_styled(spec: PromptSpec, rng: np.random.Generator, asked_background: str | None) -> np.ndarray:
-    """One render of `spec` in a random style: object size, edge width and background tone vary."""
-    lo = float(rng.uniform(3.5, 7.0)) - 0.5 * (_objects_in(spec) - 1)
-    try:
-        scene = sample_scene(spec, rng, size_range=(lo, lo + 0.6))
-    except RuntimeError:  # large objects that cannot be placed apart: the base data's sizes
-        scene = sample_scene(spec, rng)
+    """One render of `spec` in a random style: object size, edge width and background tone vary; one in five
+    has objects grown too large to keep the prompt."""
+    if rng.random() < 0.2:
+        scene = _crowded(spec, rng, float(rng.uniform(7.0, 11.0)))
+    else:
+        lo = float(rng.uniform(3.5, 7.0)) - 0.5 * (_objects_in(spec) - 1)
+        try:
+            scene = sample_scene(spec, rng, size_range=(lo, lo + 0.6))
+        except RuntimeError:  # large objects that cannot be placed apart: the base data's sizes
+            scene = sample_scene(spec, rng)
     edge = float(np.exp(rng.uniform(np.log(0.15), np.log(2.5))))
     if asked_background is not None and rng.random() < 0.9:
         bg = BACKGROUNDS[asked_background]
@@ -159,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--init", type=Path, default=None, help="continue from this preference checkpoint")
     a = p.parse_args(argv)
     for name, lo, hi in (("minutes", 0.01, 600.0), ("lr", 1e-6, 1e-1)):
         if not lo <= getattr(a, name) <= hi:
@@ -183,9 +199,15 @@ def main(argv: list[str] | None = None) -> int:
     val_pool = GroupBatch()
     for text, imgs in pool_val:
         val_pool.add(imgs, text, parse(text))
-    cfg = PreferenceConfig()
-    model = PreferenceModel(cfg)
-    model.init_from_recogniser(load_recogniser()[0])
+    if a.init is not None:
+        from flowbp_core.world.preference import load_preference
+
+        model, _ = load_preference(a.init)
+        cfg = model.cfg
+    else:
+        cfg = PreferenceConfig()
+        model = PreferenceModel(cfg)
+        model.init_from_recogniser(load_recogniser()[0])
     model.requires_grad_(True).train()
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=1e-4)
     log = open(a.out / "preference_log.jsonl", "w")
