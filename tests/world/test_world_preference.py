@@ -96,7 +96,6 @@ def preference():
 def test_preference_model_agrees_with_the_rater_on_heldout_pairs(preference):
     # held-out prompts' renders in the styles of its training data (crowded ones included): the committed model
     # scores 0.78-0.80 on such sets (its log: 0.78 on 128 groups), and 0.93 on held-out generated pairs
-XX
     from flowbp_core.world.train_preference import build_batch
 
     rng = np.random.default_rng(77)
