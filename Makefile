@@ -5,6 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 QUICK ?=
+REWARD ?=
 PYTEST_ARGS ?=
 
 export HF_HUB_OFFLINE := 1
@@ -37,7 +38,7 @@ test-fast: setup
 	$(BIN)/python -m pytest -m "not integration and not slow" $(PYTEST_ARGS)
 
 demo: setup
-	$(BIN)/python -m services.entrypoints.demo $(if $(QUICK),--quick,)
+	$(BIN)/python -m services.entrypoints.demo $(if $(QUICK),--quick,) $(if $(REWARD),--reward $(REWARD),)
 
 serve: setup
 	$(BIN)/python -m services.controller.serve_local

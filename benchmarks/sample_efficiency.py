@@ -1,14 +1,18 @@
 """Sample efficiency on the embedded world: every method, the same prompts, sample budget and seeds.
 
-For each method and seed, a fresh LoRA on the committed base model is trained on the "world_attributes" reward
-with the same prompts (world_train), batch, learning rate, sampling steps and seeds; every `--eval-every` steps
-the held-out judge (analytic, GenEval-like; not the reward) scores a fixed held-out prompt set with fixed noise.
+For each method and seed, a fresh LoRA on the committed base model is trained on the task's reward with the
+same prompts (world_train), batch, learning rate, sampling steps and seeds; every `--eval-every` steps a fixed
+held-out prompt set is sampled with fixed noise and scored by analytic scorers that are not the reward.
+Tasks (`--task`):
+- `preference` (default): reward `world_preference` (the learned preference model), scored by the rater (taste,
+  with its global part, decided early in sampling, and its local part, decided late) and the judge;
+- `attributes`: reward `world_attributes` (the recogniser), scored by the judge (prompt following).
 Recorded: training reward vs samples seen (samples = rollout trajectories; DRaFT-LV's extra re-noised endpoints
-are not counted as new samples), held-out judge score vs samples seen, wall time per step, and the bytes autograd
+are not counted as new samples), held-out scores vs samples seen, wall time per step, and the bytes autograd
 saves for backward in one learner step (endpoint + decode + reward; parameters excluded).
 
-    .venv/bin/python benchmarks/sample_efficiency.py [--quick] [--methods a,b] [--seeds 3] [--steps 24]
-        [--out benchmarks/results/sample_efficiency]
+    .venv/bin/python benchmarks/sample_efficiency.py [--quick] [--task preference] [--methods a,b] [--seeds 3]
+        [--steps 24] [--out benchmarks/results/sample_efficiency]
 
 Writes <out>.json, <out>.png and <out>.md (the table), and prints the table (mean +- std over seeds).
 """
@@ -51,6 +55,13 @@ class Settings:
     eval_every: int = 4
     eval_per_task: int = 3
     eval_seeds: int = 1
+    task: str = "preference"
+
+
+TASKS = {  # task -> (reward, loss, clip, the held-out score that ranks the methods)
+    "preference": ("world_preference", "neg_mean", 0.0, "rater"),
+    "attributes": ("world_attributes", "hinge", -0.05, "judge"),
+}
 
 
 QUICK = Settings(steps=2, batch=2, n_steps=6, seeds=1, eval_every=2, eval_per_task=1, eval_seeds=1, rank=4)
@@ -64,6 +75,9 @@ class RunRecord:
     reward: list[float] = field(default_factory=list)  # batch mean per step
     eval_samples: list[int] = field(default_factory=list)
     judge: list[float] = field(default_factory=list)  # held-out overall, points of 100
+    rater: list[float] = field(default_factory=list)  # held-out rating (preference task), points of 100
+    rater_global: list[float] = field(default_factory=list)
+    rater_local: list[float] = field(default_factory=list)
     step_seconds: list[float] = field(default_factory=list)
     saved_bytes: int = 0
     skipped: int = 0
@@ -74,7 +88,7 @@ def run_config(method: str, s: Settings, seed: int) -> RunConfig:
         run_id=f"bench-{method}-{seed}",
         backbone=BackboneSpec(name="embedded", device="cpu", finetune="lora", lora=LoRASpec(rank=s.rank)),
         method=MethodSpec(name=method, preset="sd35"),
-        reward=RewardSpec(loss="hinge", clip=-0.05),
+        reward=RewardSpec(loss=TASKS[s.task][1], clip=TASKS[s.task][2]),
         sampling=SamplingSpec(n_steps=s.n_steps),
         train=TrainSpec(steps=s.steps, batch_size=s.batch, lr=s.lr, seed=seed, prompts=PromptSource(set="world_train")),
         checkpoint=CheckpointSpec(dir="/tmp/flowbp-bench-unused", every=10**6),
@@ -99,7 +113,6 @@ def measure_saved_bytes(comp, cache, step: int) -> int:
 
 def run_one(method: str, seed: int, s: Settings, reward, items, progress) -> RunRecord:
     from flowbp_core.run import build_components, learner_step, make_cache, make_optimizer
-    from flowbp_core.world.evaluate import judge_backbone
 
     cfg = run_config(method, s, seed)
     comp = build_components(cfg, with_reward=False)
@@ -125,11 +138,30 @@ def run_one(method: str, seed: int, s: Settings, reward, items, progress) -> Run
         rec.reward.append(float(res.reward_mean))
         rec.step_seconds.append(dt)
         if (step + 1) % s.eval_every == 0 or step + 1 == s.steps:
-            ev = judge_backbone(comp.backbone, items, seeds=s.eval_seeds, n_steps=s.n_steps)
+            ev = held_out(comp.backbone, items, s)
             rec.eval_samples.append(samples)
-            rec.judge.append(ev.report.overall)
+            for name, v in ev.items():
+                getattr(rec, name).append(v)
         progress(method, seed, step + 1, res.reward_mean)
     return rec
+
+
+def held_out(backbone, items, s: Settings) -> dict[str, float]:
+    """The held-out scores of the backbone as it is now: judge, and for the preference task the rater's."""
+    from flowbp_core.world.evaluate import judge_backbone
+    from flowbp_core.world.rater import rate
+
+    ev = judge_backbone(backbone, items, seeds=s.eval_seeds, n_steps=s.n_steps)
+    out = {"judge": ev.report.overall}
+    if s.task == "preference":
+        r = rate(ev.images, ev.prompts)
+        out.update(rater=r.score, rater_global=r.global_part, rater_local=r.local_part)
+    return out
+
+
+def score_of(rec: RunRecord, s: Settings) -> list[float]:
+    """The held-out score that ranks the methods on this task, one per evaluation."""
+    return getattr(rec, TASKS[s.task][3])
 
 
 def _ms(vals: list[float]) -> tuple[float, float]:
@@ -139,43 +171,57 @@ def _ms(vals: list[float]) -> tuple[float, float]:
     return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
 
 
-def samples_to_reach(rec: RunRecord, target: float, base: float) -> int | None:
+def samples_to_reach(scores: list[float], eval_samples: list[int], target: float, base: float) -> int | None:
     if base >= target:
         return 0
-    for n, j in zip(rec.eval_samples, rec.judge):
+    for n, j in zip(eval_samples, scores):
         if j >= target:
             return n
     return None
 
 
-def summarise(records: list[RunRecord], base_judge: float, s: Settings) -> tuple[list[dict], dict]:
+def summarise(records: list[RunRecord], base: dict[str, float], s: Settings) -> tuple[list[dict], dict]:
+    """Per-method rows (means and spreads over seeds) and the verdict: best baseline, samples each FlowBP variant
+    needs to reach its final score, and whether best and worst methods are apart beyond their seed spreads."""
     by: dict[str, list[RunRecord]] = {}
     for r in records:
         by.setdefault(r.method, []).append(r)
+    metric = TASKS[s.task][3]
     rows = []
     tail = max(1, s.steps // 4)
     for m, recs in by.items():
-        fr = _ms([statistics.fmean(r.reward[-tail:]) for r in recs])
-        fj = _ms([r.judge[-1] for r in recs])
-        st = _ms([statistics.median(r.step_seconds) for r in recs])
-        rows.append({"method": m, "seeds": len(recs), "final_reward_mean": fr[0], "final_reward_std": fr[1],
-                     "final_judge_mean": fj[0], "final_judge_std": fj[1], "step_s_mean": st[0], "step_s_std": st[1],
-                     "saved_mb": statistics.fmean(r.saved_bytes for r in recs) / 2**20,
-                     "skipped": sum(r.skipped for r in recs)})
+        row = {"method": m, "seeds": len(recs)}
+        for key, vals in (("final_reward", [statistics.fmean(r.reward[-tail:]) for r in recs]),
+                          ("final_score", [score_of(r, s)[-1] for r in recs]),
+                          ("final_judge", [r.judge[-1] for r in recs]),
+                          ("final_global", [r.rater_global[-1] for r in recs if r.rater_global]),
+                          ("final_local", [r.rater_local[-1] for r in recs if r.rater_local]),
+                          ("step_s", [statistics.median(r.step_seconds) for r in recs])):
+            row[f"{key}_mean"], row[f"{key}_std"] = _ms(vals)
+        row.update(saved_mb=statistics.fmean(r.saved_bytes for r in recs) / 2**20, skipped=sum(r.skipped for r in recs))
+        rows.append(row)
+    base_score = base[metric]
+    verdict: dict = {"metric": metric, "base": base, "base_score": base_score}
+    if len(rows) >= 2:
+        hi = max(rows, key=lambda r: r["final_score_mean"])
+        lo = min(rows, key=lambda r: r["final_score_mean"])
+        gap = hi["final_score_mean"] - lo["final_score_mean"]
+        verdict.update(best=hi["method"], worst=lo["method"], best_minus_worst=gap,
+                       ranking_resolved=gap > hi["final_score_std"] + lo["final_score_std"])
     baselines = [r for r in rows if r["method"] not in FLOWBP]
-    verdict: dict = {"base_judge": base_judge}
     if baselines:
-        best = max(baselines, key=lambda r: r["final_judge_mean"])
+        best = max(baselines, key=lambda r: r["final_score_mean"])
         budget = s.steps * s.batch
-        verdict.update(best_baseline=best["method"], best_baseline_final_judge=best["final_judge_mean"], budget=budget)
+        verdict.update(best_baseline=best["method"], best_baseline_final=best["final_score_mean"], budget=budget)
         for r in rows:
-            reach = [samples_to_reach(rec, best["final_judge_mean"], base_judge) for rec in by[r["method"]]]
+            reach = [samples_to_reach(score_of(rec, s), rec.eval_samples, best["final_score_mean"], base_score)
+                     for rec in by[r["method"]]]
             ok = [x for x in reach if x is not None]
             r["samples_to_best_baseline"] = statistics.fmean(ok) if len(ok) == len(reach) else None
             r["reached_in_seeds"] = f"{len(ok)}/{len(reach)}"
-        if best["final_judge_mean"] <= base_judge:
-            verdict["note"] = (f"the best baseline ({best['method']}) ends at or below the base model's held-out judge "
-                               f"({base_judge:.1f}): 'samples to reach it' is 0 for everyone and says nothing")
+        if best["final_score_mean"] <= base_score:
+            verdict["note"] = (f"the best baseline ({best['method']}) ends at or below the base model's held-out "
+                               f"{metric} ({base_score:.1f}): 'samples to reach it' is 0 for everyone and says nothing")
         for r in rows:
             if r["method"] in FLOWBP:
                 n = r["samples_to_best_baseline"]
@@ -184,25 +230,38 @@ def summarise(records: list[RunRecord], base_judge: float, s: Settings) -> tuple
                     continue
                 verdict[r["method"]] = ("meets target (<= half the budget)" if n is not None and n <= budget / 2 else
                                         f"misses: reaches it with {n:.0f} of {budget} samples" if n is not None else
-                                        f"misses: does not reach {best['final_judge_mean']:.1f} within {budget} samples")
+                                        f"misses: does not reach {best['final_score_mean']:.1f} within {budget} samples")
     return rows, verdict
 
 
 def table_md(rows: list[dict], verdict: dict, s: Settings, machine: str) -> str:
-    out = [f"Sample efficiency on the embedded world ({machine}); {s.seeds} seeds x {s.steps} steps x {s.batch} "
-           f"prompts = {s.steps * s.batch} samples per run, {s.n_steps} sampling steps, LoRA rank {s.rank}, "
-           f"lr {s.lr}. Held-out judge of the base model: {verdict['base_judge']:.1f}.", "",
-           "| method | final train reward | final held-out judge | samples to best baseline's judge | s/step | "
-           "saved for backward (MB) |", "|---|---:|---:|---:|---:|---:|"]
-    for r in sorted(rows, key=lambda r: -r["final_judge_mean"]):
+    metric = verdict["metric"]
+    base = verdict["base"]
+    base_s = ", ".join(f"{k} {v:.1f}" for k, v in base.items())
+    out = [f"Sample efficiency on the embedded world, task `{s.task}` ({machine}); {s.seeds} seeds x {s.steps} steps x "
+           f"{s.batch} prompts = {s.steps * s.batch} samples per run, {s.n_steps} sampling steps, LoRA rank {s.rank}, "
+           f"lr {s.lr}; held-out set {s.eval_per_task * 6} prompts x {s.eval_seeds} seeds. Base model: {base_s}.", "",
+           f"| method | final train reward | final held-out {metric} | global | local | judge | samples to best "
+           "baseline | s/step | saved for backward (MB) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def pm(r, k, fmt=".1f"):
+        m, sd = r[f"{k}_mean"], r[f"{k}_std"]
+        return "-" if math.isnan(m) else f"{m:{fmt}} +- {sd:{fmt}}"
+
+    for r in sorted(rows, key=lambda r: -r["final_score_mean"]):
         reach = r.get("samples_to_best_baseline")
         reach_s = "-" if "reached_in_seeds" not in r else (f"{reach:.0f} ({r['reached_in_seeds']})" if reach is not None
                                                               else f"not reached ({r['reached_in_seeds']})")
-        out.append(f"| {r['method']} | {r['final_reward_mean']:.3f} +- {r['final_reward_std']:.3f} | "
-                   f"{r['final_judge_mean']:.1f} +- {r['final_judge_std']:.1f} | {reach_s} | "
-                   f"{r['step_s_mean']:.2f} +- {r['step_s_std']:.2f} | {r['saved_mb']:.1f} |")
+        out.append(f"| {r['method']} | {pm(r, 'final_reward', '.3f')} | {pm(r, 'final_score')} | "
+                   f"{pm(r, 'final_global')} | {pm(r, 'final_local')} | {pm(r, 'final_judge')} | {reach_s} | "
+                   f"{pm(r, 'step_s', '.2f')} | {r['saved_mb']:.1f} |")
+    if "best" in verdict:
+        out += ["", f"Best {verdict['best']}, worst {verdict['worst']}: {verdict['best_minus_worst']:.1f} points apart, "
+                    + ("more than" if verdict["ranking_resolved"] else "within")
+                    + " the sum of their seed spreads (ranking " + ("resolved" if verdict["ranking_resolved"] else
+                                                                    "not resolved") + ")."]
     if "best_baseline" in verdict:
-        out += ["", f"Best baseline: {verdict['best_baseline']} ({verdict['best_baseline_final_judge']:.1f}). "
+        out += ["", f"Best baseline: {verdict['best_baseline']} ({verdict['best_baseline_final']:.1f}). "
                     "Target: a FlowBP variant reaches it with at most half the budget."]
         out += [f"- {m}: {verdict[m]}" for m in FLOWBP if m in verdict]
         if "note" in verdict:
@@ -210,7 +269,7 @@ def table_md(rows: list[dict], verdict: dict, s: Settings, machine: str) -> str:
     return "\n".join(out) + "\n"
 
 
-def plot(records: list[RunRecord], base_judge: float, path: Path) -> None:
+def plot(records: list[RunRecord], base: dict[str, float], s: Settings, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -219,25 +278,28 @@ def plot(records: list[RunRecord], base_judge: float, path: Path) -> None:
     by: dict[str, list[RunRecord]] = {}
     for r in records:
         by.setdefault(r.method, []).append(r)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), dpi=110)
+    panels = [("reward", "training reward (batch mean)", TASKS[s.task][0] + " reward")]
+    panels += ([("rater", "held-out rater (points)", "rater (not the reward)"),
+                ("rater_global", "global part (points)", "global: size, light (early)"),
+                ("rater_local", "local part (points)", "local: crisp edges (late)")] if s.task == "preference" else [])
+    panels += [("judge", "held-out judge (points)", "judge: prompt following")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), dpi=100)
     cmap = plt.get_cmap("tab10")
     for i, (m, recs) in enumerate(sorted(by.items())):
         style = "-" if m in FLOWBP else "--"
-        x = recs[0].samples
-        ys = torch.tensor([r.reward for r in recs])
-        mean, std = ys.mean(0), (ys.std(0) if len(recs) > 1 else torch.zeros(ys.shape[1]))
-        axes[0].plot(x, mean, style, color=cmap(i), label=m)
-        axes[0].fill_between(x, mean - std, mean + std, color=cmap(i), alpha=0.12)
-        xe = [0] + recs[0].eval_samples
-        js = torch.tensor([[base_judge] + r.judge for r in recs])
-        jm, jsd = js.mean(0), (js.std(0) if len(recs) > 1 else torch.zeros(js.shape[1]))
-        axes[1].plot(xe, jm, style, marker="o", ms=3, color=cmap(i), label=m)
-        axes[1].fill_between(xe, jm - jsd, jm + jsd, color=cmap(i), alpha=0.12)
-    axes[0].set(xlabel="samples seen", ylabel="training reward (batch mean)", title="world_attributes reward")
-    axes[1].set(xlabel="samples seen", ylabel="held-out judge (points of 100)", title="held-out judge (not the reward)")
-    for ax in axes:
+        for ax, (key, _, _) in zip(axes, panels):
+            if key == "reward":
+                x, ys = recs[0].samples, torch.tensor([r.reward for r in recs])
+            else:
+                x = [0] + recs[0].eval_samples
+                ys = torch.tensor([[base[key]] + getattr(r, key) for r in recs])
+            mean, std = ys.mean(0), (ys.std(0) if len(recs) > 1 else torch.zeros(ys.shape[1]))
+            ax.plot(x, mean, style, marker=None if key == "reward" else "o", ms=3, color=cmap(i), label=m)
+            ax.fill_between(x, mean - std, mean + std, color=cmap(i), alpha=0.12)
+    for ax, (_, ylabel, title) in zip(axes, panels):
+        ax.set(xlabel="samples seen", ylabel=ylabel, title=title)
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=8, loc="best")
+    axes[-1].legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -253,15 +315,15 @@ def merge(paths: list[Path], out: Path) -> int:
     s = Settings(**first["settings"])
     records = [RunRecord(**r) for d in parts for r in d["runs"]]
     s.seeds = len({r.seed for r in records})
-    rows, verdict = summarise(records, first["base_judge"], s)
+    rows, verdict = summarise(records, first["base"], s)
     md = table_md(rows, verdict, s, first["machine"])
-    result = {"settings": asdict(s), "machine": first["machine"], "base_judge": first["base_judge"], "rows": rows,
+    result = {"settings": asdict(s), "machine": first["machine"], "base": first["base"], "rows": rows,
               "verdict": verdict, "runs": [asdict(r) for r in records],
               "wall_seconds": max(d["wall_seconds"] for d in parts), "merged_from": [str(p) for p in paths]}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     out.with_suffix(".md").write_text(md)
-    plot(records, first["base_judge"], out.with_suffix(".png"))
+    plot(records, first["base"], s, out.with_suffix(".png"))
     print(md)
     return 0
 
@@ -269,6 +331,9 @@ def merge(paths: list[Path], out: Path) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="CI-sized: 2 steps, 1 seed, tiny eval")
+    p.add_argument("--task", choices=tuple(TASKS), default="preference",
+                   help="preference: world_preference reward, rater score (default); attributes: world_attributes, judge")
+    p.add_argument("--lr", type=float, default=None, help="LoRA learning rate")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--seeds", type=int, default=None)
     p.add_argument("--steps", type=int, default=None)
@@ -295,21 +360,25 @@ def main(argv: list[str] | None = None) -> int:
             if v < 1:
                 p.error(f"--{name.replace('_', '-')}={v}: must be >= 1")
             setattr(s, name, v)
+    s.task = a.task
+    if a.lr is not None:
+        if not 0.0 < a.lr <= 1.0:
+            p.error(f"--lr={a.lr}: allowed range is (0, 1]")
+        s.lr = a.lr
     from flowbp_core import methods as methods_mod
     from flowbp_core.rewards import build as build_reward
     from flowbp_core.world.data import heldout_prompts
-    from flowbp_core.world.evaluate import judge_backbone
 
     chosen = [m.strip() for m in a.methods.split(",") if m.strip()]
     unknown = [m for m in chosen if m not in methods_mod.names()]
     if unknown:
         p.error(f"--methods: unknown {unknown}; known: {methods_mod.names()}")
-    reward = build_reward("world_attributes")
+    reward = build_reward(TASKS[s.task][0])
     items = heldout_prompts(s.eval_per_task)
-    # the base model's held-out score (the same for every method: same weights, prompts and noise)
+    # the base model's held-out scores (the same for every method: same weights, prompts and noise)
     from flowbp_core.backbones.embedded import EmbeddedBackbone
 
-    base_judge = judge_backbone(EmbeddedBackbone.default(), items, seeds=s.eval_seeds, n_steps=s.n_steps).report.overall
+    base = held_out(EmbeddedBackbone.default(), items, s)
     t_all = time.perf_counter()
 
     def progress(m, seed, step, r):
@@ -323,15 +392,15 @@ def main(argv: list[str] | None = None) -> int:
         for m in chosen:
             records.append(run_one(m, seed, s, reward, items, progress))
     print(file=sys.stderr)
-    rows, verdict = summarise(records, base_judge, s)
+    rows, verdict = summarise(records, base, s)
     machine = f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
     md = table_md(rows, verdict, s, machine)
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"settings": asdict(s), "machine": machine, "base_judge": base_judge, "rows": rows, "verdict": verdict,
+    result = {"settings": asdict(s), "machine": machine, "base": base, "rows": rows, "verdict": verdict,
               "runs": [asdict(r) for r in records], "wall_seconds": time.perf_counter() - t_all}
     a.out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     a.out.with_suffix(".md").write_text(md)
-    plot(records, base_judge, a.out.with_suffix(".png"))
+    plot(records, base, s, a.out.with_suffix(".png"))
     print(md)
     return 0
 
