@@ -97,8 +97,8 @@ class WorldPreferenceReward(nn.Module):
         return super().train(False)
 
     def forward(self, images: Tensor, prompts: list[str]) -> Tensor:
-        size = self.model.body[0].in_channels
-        if images.ndim != 4 or images.shape[1] != size or tuple(images.shape[2:]) != (32, 32):
+        channels = self.model.body[0].in_channels
+        if images.ndim != 4 or images.shape[1] != channels or tuple(images.shape[2:]) != (32, 32):
             raise ValueError(f"world_preference: images must be [B, 3, 32, 32] in [0, 1], got {tuple(images.shape)}")
         if isinstance(prompts, str) or len(prompts) != images.shape[0] or not len(prompts):
             raise ValueError(f"world_preference: {images.shape[0]} images but {len(prompts)} prompts; expected one "

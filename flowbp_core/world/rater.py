@@ -25,10 +25,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from flowbp_core.world.captions import parse
-from flowbp_core.world.judge import _PALETTE_HUES, _SIZE_FROM_AREA, UNKNOWN_SHAPE, _hue_deg, check, detect
+from flowbp_core.world.judge import (_PALETTE_HUES, _SIZE_FROM_AREA, UNKNOWN_SHAPE, _hue_deg, _to_numpy, check,
+                                     detect)
 from flowbp_core.world.spec import BACKGROUNDS, COLOURS, PromptSpec
 
 SIZE_FLOOR = 4.5  # half extent (px) worth nothing: the base's data draw 4-5.5
@@ -52,6 +52,8 @@ class Rating:
         follows: the judge's verdict on the prompt (and the asked background, if any).
         size: mean size credit of the objects in [0, 1]; light: background credit in [0, 1];
         soft: part-way pixels per object pixel (>= 0).
+        centre: mean (x, y) of the detected objects' centres as fractions of the image side, None when nothing
+            is detected (placement: what the rater does not score, read by `placement_diversity`).
     """
 
     score: float
@@ -61,6 +63,7 @@ class Rating:
     size: float
     light: float
     soft: float
+    centre: tuple[float, float] | None = None
 
 
 def _luma(rgb: np.ndarray) -> np.ndarray:
@@ -97,7 +100,9 @@ def rate_one(image: np.ndarray, spec: PromptSpec) -> Rating:
     image = np.asarray(image, dtype=np.float64)
     if image.ndim != 3 or image.shape[0] != 3:
         raise ValueError(f"rater: expected an image [3, H, W], got {tuple(image.shape)}")
-    objects = detect(image)
+    objects = detect(image)  # the one detection of this image: verdict, sizes and placement all read it
+    centre = (tuple(float(v) for v in np.mean([[o.x, o.y] for o in objects], axis=0) / image.shape[-1])
+              if objects else None)
     lum = background_luminance(image)
     follows = check(spec, objects, size=image.shape[-1])
     if spec.background is not None:
@@ -109,10 +114,12 @@ def rate_one(image: np.ndarray, spec: PromptSpec) -> Rating:
     light = 1.0 if spec.background is not None else float(np.clip((lum - LIGHT_FLOOR) / LIGHT_SPAN, 0.0, 1.0))
     soft = soft_ratio(image)
     if not follows:
-        return Rating(score=0.0, global_part=0.0, local_part=0.0, follows=False, size=size, light=light, soft=soft)
+        return Rating(score=0.0, global_part=0.0, local_part=0.0, follows=False, size=size, light=light, soft=soft,
+                      centre=centre)
     g = 100.0 * (size + light) / 2.0
     loc = 100.0 * float(np.clip(1.0 - soft / SOFT_FULL, 0.0, 1.0))
-    return Rating(score=(g + loc) / 2.0, global_part=g, local_part=loc, follows=True, size=size, light=light, soft=soft)
+    return Rating(score=(g + loc) / 2.0, global_part=g, local_part=loc, follows=True, size=size, light=light,
+                  soft=soft, centre=centre)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -135,7 +142,7 @@ class RaterReport:
 
 def rate(images, prompts: list[str] | list[PromptSpec]) -> RaterReport:
     """Rate a batch [B, 3, H, W] in [0, 1] against its prompts (strings of the grammar, or PromptSpecs)."""
-    arr = images.detach().float().clamp(0, 1).cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+    arr = _to_numpy(images)
     if arr.ndim != 4 or len(arr) != len(prompts):
         raise ValueError(f"rate: {tuple(arr.shape)} images for {len(prompts)} prompts; expected [B, 3, H, W], B = "
                          "the number of prompts")
@@ -159,19 +166,15 @@ def paired_interval(base: list[float], aligned: list[float], n_boot: int = 2000,
     return float(lo), float(hi)
 
 
-
-
-def placement_diversity(images, groups: list[int]) -> float:
+def placement_diversity(ratings: list[Rating], groups: list[int]) -> float:
     """Mean pairwise distance (fraction of the image side) between where samples of one prompt put their objects
-    (the mean centre of the detected objects): the diversity of what the rater does not score."""
-    arr = images.detach().float().clamp(0, 1).cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
-    if len(arr) != len(groups):
-        raise ValueError(f"placement_diversity: {len(arr)} images for {len(groups)} group ids")
+    (each rating's `centre`): the diversity of what the rater does not score. `groups[i]` names rating i's prompt."""
+    if len(ratings) != len(groups):
+        raise ValueError(f"placement_diversity: {len(ratings)} ratings for {len(groups)} group ids; expected one each")
     centre: dict[int, list[np.ndarray]] = {}
-    for img, g in zip(arr, groups):
-        objs = detect(img)
-        if objs:
-            centre.setdefault(g, []).append(np.mean([[o.x, o.y] for o in objs], axis=0) / img.shape[-1])
+    for r, g in zip(ratings, groups):
+        if r.centre is not None:
+            centre.setdefault(g, []).append(np.asarray(r.centre))
     vals = []
     for pts in centre.values():
         if len(pts) >= 2:
@@ -183,5 +186,5 @@ def placement_diversity(images, groups: list[int]) -> float:
     return float(np.mean(vals))
 
 
-__all__ = ["Rating", "RaterReport", "rate", "rate_one", "paired_interval", "placement_diversity", "background_luminance",
-           "background_name"]
+__all__ = ["Rating", "RaterReport", "rate", "rate_one", "paired_interval", "placement_diversity",
+           "background_luminance", "background_name"]

@@ -35,7 +35,7 @@ from flowbp_core.world.preference import PreferenceConfig, PreferenceModel, brad
 from flowbp_core.world.rater import rate_one
 from flowbp_core.world.scenes import Scene, render, sample_scene
 from flowbp_core.world.spec import BACKGROUNDS, PromptSpec, all_specs
-from flowbp_core.world.train_reward import augment
+from flowbp_core.world.train_reward import augment, clock_cosine_lr
 
 MIN_MARGIN = 1.0  # rating points below which a pair is a tie and not shown
 _BG_NAMES = tuple(BACKGROUNDS)
@@ -226,9 +226,8 @@ def main(argv: list[str] | None = None) -> int:
         x, win, lose = batch.tensors()
         s = model(x, encoder.encode(batch.prompts)["pooled_prompt_embeds"])
         loss = bradley_terry_loss(s[win], s[lose])
-        frac = min(1.0, (time.time() - start) / budget)  # cosine decay that ends when the clock does
         for pg in opt.param_groups:
-            pg["lr"] = a.lr * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * frac))) * min(1.0, (step + 1) / 50)
+            pg["lr"] = clock_cosine_lr(a.lr, (time.time() - start) / budget, step, warmup=50)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

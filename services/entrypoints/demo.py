@@ -386,8 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     tasks = [it.spec.task for it in items] * settings.seeds  # images are seed-major
     rated = {k: rate(ev.images, ev.prompts) for k, ev in (("base", base), ("aligned", aligned))}
     groups = list(range(len(items))) * settings.seeds
-    placement = {k: placement_diversity(ev.images, groups) if settings.seeds > 1 else None
-                 for k, ev in (("base", base), ("aligned", aligned))}
+    placement = {k: placement_diversity(rated[k].ratings, groups) if settings.seeds > 1 else None
+                 for k in ("base", "aligned")}
     reward_curve_png(rows, run_dir / "reward_curve.png", cfg.reward.terms[0].name)
     n_grid = min(len(items), 12)
     before_after_png(base.images[:n_grid], aligned.images[:n_grid], base.prompts[:n_grid],

@@ -79,10 +79,12 @@ def test_rater_and_interval_reject_bad_input():
 def test_placement_diversity_is_zero_for_copies_and_positive_for_moves():
     rng = np.random.default_rng(6)
     scene = sample_scene(ITEMS[1].spec, rng)
-    same = np.stack([render(scene)] * 3)
+    same = rate(np.stack([render(scene)] * 3), [ITEMS[1].spec] * 3).ratings
     assert placement_diversity(same, [0, 0, 0]) == pytest.approx(0.0)
-    moved = np.stack([render(sample_scene(ITEMS[1].spec, rng)) for _ in range(3)])
+    moved = rate(np.stack([render(sample_scene(ITEMS[1].spec, rng)) for _ in range(3)]), [ITEMS[1].spec] * 3).ratings
     assert placement_diversity(moved, [0, 0, 0]) > 0.05
+    with pytest.raises(ValueError, match="3 ratings for 2 group ids"):
+        placement_diversity(moved, [0, 0])
 
 
 # ------------------------------------------------------------------------------------------ the preference model
