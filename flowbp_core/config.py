@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,14 +26,23 @@ MAX_PROMPT_CHARS = 1_000
 
 Scalar = str | int | float | bool
 
+# NaN and +-inf are no numbers at all: every model that takes numbers from outside rejects them, as literals
+# and as strings. Models that read JSON or YAML also take JSON's types as written (STRICT_NUMBERS): `true` is no
+# integer and "3" no number. Each model takes its number rules from here.
+FINITE_NUMBERS = ConfigDict(allow_inf_nan=False)
+STRICT_NUMBERS = ConfigDict(strict=True, **FINITE_NUMBERS)
+# Numbers without a natural ceiling still get one, so a huge value fails here instead of deep in torch or C.
+MAX_SEED = 2**32 - 1
+MAX_MAGNITUDE = 1e6
+
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, **STRICT_NUMBERS)
 
 
 class LoRASpec(_Strict):
     rank: int = Field(16, ge=1, le=1024, description="LoRA rank r")
-    alpha: float | None = Field(None, gt=0, description="LoRA alpha; defaults to the rank (scale 1)")
+    alpha: float | None = Field(None, gt=0, le=MAX_MAGNITUDE, description="LoRA alpha; defaults to the rank (scale 1)")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     target_modules: list[str] | None = Field(
         None, description="module names to adapt; None uses the backbone's attention projections")
@@ -63,7 +73,7 @@ class BackboneSpec(_Strict):
 class MethodSpec(BaseModel):
     """A registered method plus its parameters (extra keys: `k`, `late_bias`, `gamma`, `alpha`, ...)."""
 
-    model_config = ConfigDict(extra="allow", validate_assignment=True)
+    model_config = ConfigDict(extra="allow", validate_assignment=True, **STRICT_NUMBERS)
 
     name: str = Field("flowbp_sparse", description="registered method name (flowbp_core.methods.names())")
     preset: Literal["sd35", "flux1", "flux2"] | None = Field(
@@ -76,17 +86,22 @@ class MethodSpec(BaseModel):
     @model_validator(mode="after")
     def _scalar_params(self) -> "MethodSpec":
         for key, value in self.params.items():
+            listed = isinstance(value, (list, tuple))
             ok = isinstance(value, (str, int, float, bool)) or (
-                isinstance(value, (list, tuple)) and all(isinstance(x, (int, float)) for x in value))
+                listed and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in value))
             if not ok:
                 raise ValueError(f"method parameter {key!r} must be a number, string, bool or list of numbers, "
                                  f"got {type(value).__name__}")
+            numbers = [x for x in (value if listed else [value]) if not isinstance(x, (bool, str))]
+            if not all(abs(x) <= MAX_MAGNITUDE for x in numbers):  # false for NaN and +-inf too
+                raise ValueError(f"method parameter {key!r} must be a finite number in [-{MAX_MAGNITUDE:g}, "
+                                 f"{MAX_MAGNITUDE:g}], got {value!r}")
         return self
 
 
 class RewardTerm(_Strict):
     name: str = Field(..., description="registered reward (flowbp_core.rewards.names())")
-    weight: float = Field(1.0, description="weight in the panel")
+    weight: float = Field(1.0, ge=-MAX_MAGNITUDE, le=MAX_MAGNITUDE, description="weight in the panel")
     kwargs: dict[str, Scalar] = Field(default_factory=dict, description="constructor arguments, e.g. a path")
 
 
@@ -97,7 +112,7 @@ class ServedRewardSpec(_Strict):
     max_batch_size: int = Field(16, ge=1, le=1024)
     batch_wait_timeout_s: float = Field(0.01, ge=0.0, le=10.0)
     decode_on_reward_side: bool = Field(False, description="send latents; the reward service decodes them")
-    request_timeout_s: float = Field(120.0, gt=0)
+    request_timeout_s: float = Field(120.0, gt=0, le=86_400.0)
     max_retries: int = Field(3, ge=0, le=20)
 
 
@@ -105,7 +120,7 @@ class RewardSpec(_Strict):
     terms: list[RewardTerm] = Field(default_factory=lambda: [RewardTerm(name="world_attributes")], min_length=1)
     placement: Literal["colocated", "served"] = "colocated"
     loss: Literal["hinge", "neg_mean"] = "hinge"
-    clip: float = Field(0.55, description="hinge threshold c in ReLU(c - r)")
+    clip: float = Field(0.55, ge=-MAX_MAGNITUDE, le=MAX_MAGNITUDE, description="hinge threshold c in ReLU(c - r)")
     served: ServedRewardSpec = Field(default_factory=ServedRewardSpec)
 
 
@@ -148,12 +163,13 @@ class TrainSpec(_Strict):
     steps: int = Field(100, ge=1, le=1_000_000)
     batch_size: int = Field(8, ge=1, le=4096, description="prompts per optimizer step (all ranks)")
     lr: float = Field(1e-4, gt=0.0, le=1.0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = Field(1e-8, gt=0.0)
+    # a JSON/YAML list is the pair; its two numbers keep the strict rules
+    betas: tuple[float, float] = Field((0.9, 0.999), strict=False)
+    eps: float = Field(1e-8, gt=0.0, le=1.0)
     weight_decay: float = Field(1e-4, ge=0.0, le=1.0)
-    grad_clip: float | None = Field(1.0, gt=0.0)
+    grad_clip: float | None = Field(1.0, gt=0.0, le=MAX_MAGNITUDE)
     ema_decay: float | None = Field(None, ge=0.0, lt=1.0, description="EMA of trainable weights; None: off")
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     max_bad_steps: int = Field(3, ge=1, le=1000, description="non-finite steps in a row that fail the run")
     prompts: PromptSource = Field(default_factory=lambda: PromptSource(set="world_train"))
 
@@ -188,16 +204,16 @@ class RuntimeSpec(_Strict):
 
 class CheckpointSpec(_Strict):
     dir: str = Field("runs", description="root folder; checkpoints go to <dir>/<run_id>/step_<n>/")
-    every: int = Field(50, ge=1)
+    every: int = Field(50, ge=1, le=1_000_000)
     keep: int = Field(3, ge=1, le=1000, description="complete checkpoints kept (older ones removed)")
     resume: bool = Field(True, description="resume from the newest complete checkpoint of this run_id")
 
 
 class EvalSpec(_Strict):
-    every: int = Field(0, ge=0, description="evaluate every N steps; 0: only at the end")
+    every: int = Field(0, ge=0, le=1_000_000, description="evaluate every N steps; 0: only at the end")
     prompts: PromptSource = Field(default_factory=lambda: PromptSource(set="world_heldout"))
     limit: int = Field(64, ge=1, le=100_000, description="prompts evaluated")
-    seed: int = Field(42, ge=0)
+    seed: int = Field(42, ge=0, le=MAX_SEED)
 
 
 class RunConfig(_Strict):
@@ -212,6 +228,13 @@ class RunConfig(_Strict):
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
+
+    @field_validator("schema_version", mode="before")
+    @classmethod
+    def _version_is_a_number(cls, v: Any) -> Any:
+        if isinstance(v, bool):  # `true == 1` in Python, so the literal check alone would take it
+            raise ValueError(f"schema_version must be the integer {SCHEMA_VERSION}, got {v!r}")
+        return v
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "RunConfig":
@@ -239,6 +262,22 @@ class RunConfig(_Strict):
 
 # --- overrides and loading -------------------------------------------------------------------------
 
+class _RunFileLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's floats: `1e-5` is a number, as in JSON (YAML 1.1 wants `1.0e-5`)."""
+
+
+_RunFileLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9][0-9_]*(?:\.[0-9_]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)"
+               r"|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
+
+
+def load_yaml(text: str) -> Any:
+    """A run file or a `--set` value as data (every entry point reads YAML through here)."""
+    return yaml.load(text, Loader=_RunFileLoader)
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """`a.b=value` -> (["a", "b"], value parsed as a YAML scalar/list, so `4`, `0.5`, `true`, `[1,2]` work)."""
     item = item.strip()
@@ -251,14 +290,9 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not path:
         raise ConfigError("override", item, "a dotted field path before '='")
     try:
-        value = yaml.safe_load(raw) if raw.strip() != "" else ""
+        value = load_yaml(raw) if raw.strip() != "" else ""
     except yaml.YAMLError:
         value = raw
-    if isinstance(value, str):  # YAML 1.1 reads `1e-5` as a string; numbers should be numbers
-        try:
-            value = float(value) if any(c in value.lower() for c in ".en") else int(value)
-        except ValueError:
-            pass
     return path, value
 
 
@@ -308,7 +342,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None, check_regi
     if not p.is_file():
         raise ConfigError("config", str(p), "a path to an existing YAML run file")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = load_yaml(p.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError("config", str(p), f"valid YAML ({e})") from e
     if not isinstance(data, dict):

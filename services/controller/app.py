@@ -9,6 +9,7 @@ Handlers are plain `def`s (Redis and Ray calls block) wrapped by `offload`, whic
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import secrets
 import threading
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
@@ -72,6 +75,21 @@ def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> J
     return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
 
+def _encodable_error(err: dict) -> dict:
+    """One 422 entry as JSON can carry it: the input and context are echoed only when they encode (NaN does not)."""
+    out = {"type": err["type"], "loc": list(err["loc"]), "msg": err["msg"]}
+    for key in ("input", "ctx"):
+        if key not in err:
+            continue
+        try:
+            value = jsonable_encoder(err[key])
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError):
+            continue
+        out[key] = value
+    return out
+
+
 def create_app(settings: ControllerSettings, *, tokens: TokenStore | None = None,
                backend: JobBackend | None = None) -> FastAPI:
     tokens = tokens if tokens is not None else TokenStore.from_settings(settings)
@@ -119,6 +137,10 @@ def create_app(settings: ControllerSettings, *, tokens: TokenStore | None = None
     @app.exception_handler(IdempotencyConflict)
     async def _idem(request: Request, exc: IdempotencyConflict):
         return _error(409, str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        return JSONResponse({"detail": [_encodable_error(e) for e in exc.errors()]}, status_code=422)
 
     @app.exception_handler(SpecError)
     async def _spec(request: Request, exc: SpecError):

@@ -100,13 +100,13 @@ def _ckpt(j: dict) -> str:
 
 # ---- commands ----
 def cmd_submit(c: Client, a: argparse.Namespace) -> int:
-    from flowbp_core.config import apply_overrides
+    from flowbp_core.config import apply_overrides, load_yaml
 
     path = Path(a.config)
     if not path.is_file():
         raise CliError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_yaml(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise CliError(f"{path} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
@@ -118,8 +118,12 @@ def cmd_submit(c: Client, a: argparse.Namespace) -> int:
     body: dict[str, Any] = {"name": a.name or path.stem, "config": data, "labels": _pairs(a.label, "--label")}
     if a.max_resubmits is not None:
         body["max_resubmits"] = a.max_resubmits
-    headers = {"Idempotency-Key": a.idempotency_key} if a.idempotency_key else {}
-    job = c.call("POST", "/v1/jobs", json=body, headers=headers)
+    headers = {"Content-Type": "application/json"}
+    if a.idempotency_key:
+        headers["Idempotency-Key"] = a.idempotency_key
+    # Python's encoder writes NaN and Infinity as JSON literals (httpx's refuses them), so a run file's `.nan`
+    # reaches the controller, whose 422 names the field instead of the CLI failing with a traceback.
+    job = c.call("POST", "/v1/jobs", content=json.dumps(body), headers=headers)
     print(f"{job['id']}  {job['state']}  run {job['run_id']}")
     if a.wait:
         return _wait(c, job["id"])

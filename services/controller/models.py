@@ -17,6 +17,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from flowbp_core.config import FINITE_NUMBERS
+
 
 class JobState(str, Enum):
     pending = "pending"
@@ -53,7 +55,7 @@ class InvalidTransition(RuntimeError):
 
 
 class Transition(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", **FINITE_NUMBERS)
 
     state: JobState
     at: float = Field(description="unix time, seconds")
@@ -63,7 +65,7 @@ class Transition(BaseModel):
 class CheckpointRef(BaseModel):
     """The newest complete checkpoint of a run: runs/<run_id>/step_<n>/ holding a COMPLETE marker."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", **FINITE_NUMBERS)
 
     step: int
     path: str
@@ -73,7 +75,7 @@ class CheckpointRef(BaseModel):
 class JobRecord(BaseModel):
     """One job as stored in Redis (JSON). `version` increases with every write (optimistic concurrency)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", **FINITE_NUMBERS)
 
     id: str
     name: str

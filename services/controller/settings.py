@@ -4,6 +4,9 @@ pydantic-settings is not in our pinned environment, so `ControllerSettings.from_
 its job we need: each field maps to `FLOWBP_<FIELD NAME IN UPPER CASE>`, values are validated by pydantic, and a
 bad value fails at start-up naming the variable. Secrets (the tokens) never live in this object: it only says
 where to read them from (see auth.py), so printing or logging the settings can never leak one.
+
+Every value arrives as a string, so numbers and booleans are parsed from text (`"3"` is 3, `"true"` is true), but
+NaN and +-inf are refused in every spelling and every number has a ceiling.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from flowbp_core.config import MAX_PROMPT_CHARS, MAX_PROMPTS
+from flowbp_core.config import FINITE_NUMBERS, MAX_PROMPT_CHARS, MAX_PROMPTS
 
 ENV_PREFIX = "FLOWBP_"
 
@@ -24,33 +27,37 @@ ENV_PREFIX = "FLOWBP_"
 class Limits(BaseModel):
     """Request limits: a controller on a shared network must not be made to store or forward unbounded input."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", **FINITE_NUMBERS)
 
-    max_body_bytes: int = Field(1_000_000, ge=1024, description="largest request body accepted (413 above)")
+    max_body_bytes: int = Field(1_000_000, ge=1024, le=1_000_000_000,
+                                description="largest request body accepted (413 above)")
     # The schema's own ceilings are the defaults; an operator may only lower them (the schema rejects more anyway).
     max_prompts: int = Field(MAX_PROMPTS, ge=1, le=MAX_PROMPTS, description="most prompts in one prompt list")
     max_prompt_chars: int = Field(MAX_PROMPT_CHARS, ge=1, le=MAX_PROMPT_CHARS, description="longest prompt (chars)")
-    max_labels: int = Field(32, ge=0, description="most labels on one job")
-    max_log_bytes: int = Field(1_000_000, ge=1024, description="most log bytes returned by one logs call")
+    max_labels: int = Field(32, ge=0, le=1000, description="most labels on one job")
+    max_log_bytes: int = Field(1_000_000, ge=1024, le=1_000_000_000,
+                               description="most log bytes returned by one logs call")
 
 
 class ControllerSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", **FINITE_NUMBERS)
 
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_prefix: str = Field("flowbp:", description="key prefix, so one Redis can hold several controllers")
-    redis_timeout_s: float = Field(2.0, gt=0, description="socket timeout: a dead Redis gives 503 this fast")
+    redis_timeout_s: float = Field(2.0, gt=0, le=600, description="socket timeout: a dead Redis gives 503 this fast")
 
     ray_address: str = Field("http://127.0.0.1:8265", description="Ray job server (dashboard) URL")
-    ray_timeout_s: float = Field(10.0, gt=0, description="timeout of one HTTP call to the Ray job server")
+    ray_timeout_s: float = Field(10.0, gt=0, le=600, description="timeout of one HTTP call to the Ray job server")
     submit_retries: int = Field(3, ge=1, le=20, description="tries of one Ray call before it counts as failed")
-    retry_backoff_s: float = Field(0.5, ge=0, description="first back-off; doubles each retry")
-    retry_backoff_max_s: float = Field(30.0, ge=0)
+    retry_backoff_s: float = Field(0.5, ge=0, le=3600, description="first back-off; doubles each retry")
+    retry_backoff_max_s: float = Field(30.0, ge=0, le=3600)
     max_resubmits: int = Field(2, ge=0, le=100, description="default resubmissions of a job whose Ray job died")
-    max_active_jobs: int = Field(4, ge=0, description="jobs on Ray at once; more wait as pending (0 pauses dispatch)")
-    pending_timeout_s: float = Field(3600.0, gt=0, description="a job Ray cannot take for this long fails")
+    max_active_jobs: int = Field(4, ge=0, le=10_000,
+                                 description="jobs on Ray at once; more wait as pending (0 pauses dispatch)")
+    pending_timeout_s: float = Field(3600.0, gt=0, le=30 * 86_400,
+                                     description="a job Ray cannot take for this long fails")
 
-    reconcile_interval_s: float = Field(2.0, gt=0, description="how often Ray's job status is polled")
+    reconcile_interval_s: float = Field(2.0, gt=0, le=3600, description="how often Ray's job status is polled")
     reconciler_enabled: bool = True
     check_registries: bool = Field(True, description="reject unknown backbone/method/reward names at submit "
                                                      "(imports the registries, and with them torch, once)")

@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from flowbp_core.config import RunConfig, check_against_registries
+from flowbp_core.config import STRICT_NUMBERS, RunConfig, check_against_registries
 from flowbp_core.errors import ConfigError
 
 from .models import LABEL_KEY_PATTERN, NAME_PATTERN
@@ -22,7 +22,7 @@ from .settings import Limits
 
 
 class JobSubmitRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", **STRICT_NUMBERS)
 
     name: str = Field(..., pattern=NAME_PATTERN, description="a short name for people (not unique)")
     labels: dict[str, str] = Field(default_factory=dict, description="free-form key/value tags for filtering")

@@ -40,7 +40,7 @@ BAD_SPECS = [
     ({"name": "a", "config": {}, "priority": 3}, ("body", "priority"), "extra_forbidden"),
     ({"name": "a", "config": {"trian": {}}}, ("body", "config", "trian"), "extra_forbidden"),
     ({"name": "a", "config": {"train": {"steps": 0}}}, ("body", "config", "train", "steps"), "greater_than_equal"),
-    ({"name": "a", "config": {"train": {"lr": "fast"}}}, ("body", "config", "train", "lr"), "float_parsing"),
+    ({"name": "a", "config": {"train": {"lr": "fast"}}}, ("body", "config", "train", "lr"), "float_type"),
     ({"name": "a", "config": {"backbone": {"dtype": "int8"}}}, ("body", "config", "backbone", "dtype"),
      "literal_error"),
     ({"name": "a", "config": {"backbone": {"device": "tpu"}}}, ("body", "config", "backbone", "device"),
