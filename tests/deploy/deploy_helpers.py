@@ -69,14 +69,25 @@ def pod_templates(doc: dict) -> list[tuple[str, dict]]:
 
 
 def validate_custom(doc: dict) -> None:
-    """A KubeRay or Prometheus Operator object: our schema of the fields we set, Kubernetes' own PodTemplate
-    schema for the pods inside, and Ray's own validators for the Serve config and the runtime env."""
+    """A KubeRay or Prometheus Operator object: KubeRay's own CRD schema of the oldest KubeRay we support (unknown
+    fields rejected, as the API server's strict validation does) or our schema of the Prometheus Operator fields,
+    Kubernetes' own PodTemplate schema for the pods inside, and Ray's own validators for the Serve config and the
+    runtime env."""
     import json
+    import re
 
     import jsonschema
 
-    schema = json.loads((REPO / "k8s" / "schemas" / "custom-resources.json").read_text())
-    jsonschema.Draft202012Validator(schema).validate(doc)
+    from k8s import kuberay_crds
+
+    name = doc.get("metadata", {}).get("name", "")
+    if not re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name) or len(name) > 63:
+        raise jsonschema.ValidationError(f"metadata.name {name!r} is not a lower-case DNS label")
+    if doc["apiVersion"] == "ray.io/v1":
+        kuberay_crds.validator(doc["kind"]).validate(doc)
+    else:
+        schema = json.loads((REPO / "k8s" / "schemas" / "prometheus-operator.json").read_text())
+        jsonschema.Draft202012Validator(schema).validate(doc)
     for where, template in pod_templates(doc):
         wrapper = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "check"}, "template": template}
         try:
