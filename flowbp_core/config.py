@@ -11,7 +11,7 @@ import copy
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator)
@@ -159,12 +159,15 @@ class PromptSource(_Strict):
         return self
 
 
+Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
+
+
 class TrainSpec(_Strict):
     steps: int = Field(100, ge=1, le=1_000_000)
     batch_size: int = Field(8, ge=1, le=4096, description="prompts per optimizer step (all ranks)")
     lr: float = Field(1e-4, gt=0.0, le=1.0)
     # a JSON/YAML list is the pair; its two numbers keep the strict rules
-    betas: tuple[float, float] = Field((0.9, 0.999), strict=False)
+    betas: tuple[Beta, Beta] = Field((0.9, 0.999), strict=False, description="Adam betas, each in [0, 1)")
     eps: float = Field(1e-8, gt=0.0, le=1.0)
     weight_decay: float = Field(1e-4, ge=0.0, le=1.0)
     grad_clip: float | None = Field(1.0, gt=0.0, le=MAX_MAGNITUDE)
@@ -172,13 +175,6 @@ class TrainSpec(_Strict):
     seed: int = Field(0, ge=0, le=MAX_SEED)
     max_bad_steps: int = Field(3, ge=1, le=1000, description="non-finite steps in a row that fail the run")
     prompts: PromptSource = Field(default_factory=lambda: PromptSource(set="world_train"))
-
-    @field_validator("betas")
-    @classmethod
-    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
-        if not all(0.0 <= b < 1.0 for b in v):
-            raise ValueError(f"betas {v} must each be in [0, 1)")
-        return v
 
 
 class RuntimeSpec(_Strict):
@@ -262,7 +258,7 @@ class RunConfig(_Strict):
 
 # --- overrides and loading -------------------------------------------------------------------------
 
-class _RunFileLoader(yaml.SafeLoader):
+class _RunFileLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml's parser where it is built
     """PyYAML's safe loader with YAML 1.2's floats: `1e-5` is a number, as in JSON (YAML 1.1 wants `1.0e-5`)."""
 
 
@@ -301,15 +297,22 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[s
     out = copy.deepcopy(data)
     for item in overrides or []:
         path, value = parse_override(item)
-        node = out
-        for part in path[:-1]:
-            nxt = node.get(part)
+        node: Any = out
+        for depth, part in enumerate(path):
+            key: str | int = part
+            if isinstance(node, list):  # `reward.terms.0.weight`: a list is indexed by position
+                if not (part.isdigit() and int(part) < len(node)):
+                    raise ConfigError(".".join(path), value, f"an index in [0, {len(node) - 1}] at {part!r}")
+                key = int(part)
+            if depth == len(path) - 1:
+                node[key] = value
+                break
+            nxt = node[key] if isinstance(node, list) else node.get(key)
             if nxt is None:
-                nxt = node[part] = {}
-            if not isinstance(nxt, dict):
+                nxt = node[key] = {}
+            if not isinstance(nxt, (dict, list)):
                 raise ConfigError(".".join(path), value, f"a path into a section, but {part!r} is a value")
             node = nxt
-        node[path[-1]] = value
     return out
 
 
