@@ -20,3 +20,11 @@ def gpu_docs() -> list[dict]:
 def rendered(request) -> tuple[str, list[dict]]:
     values = None if request.param == "values.yaml" else load_values(request.param)
     return request.param, render_docs(values)
+
+
+@pytest.fixture(scope="session")
+def reward_docs() -> list[dict]:
+    """GPU values with the (opt-in) reward RayService turned on."""
+    values = load_values("values-gpu.yaml")
+    values["rewardService"]["enabled"] = True
+    return render_docs(values)

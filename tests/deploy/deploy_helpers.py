@@ -80,7 +80,9 @@ def validate_custom(doc: dict) -> None:
 
     from k8s import kuberay_crds
 
-    name = doc.get("metadata", {}).get("name", "")
+    meta = doc.get("metadata", {})
+    # a generateName prefix ends in "-" and leaves 5 characters for the API server's suffix
+    name = meta["generateName"] + "x" * 5 if "generateName" in meta else meta.get("name", "")
     if not re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name) or len(name) > 63:
         raise jsonschema.ValidationError(f"metadata.name {name!r} is not a lower-case DNS label")
     if doc["apiVersion"] == "ray.io/v1":

@@ -12,7 +12,7 @@ from deploy_helpers import REPO
 RULES = REPO / "deploy" / "prometheus" / "flowbp-alerts.yaml"
 RULE_TESTS = REPO / "deploy" / "prometheus" / "tests" / "flowbp-alerts.test.yaml"
 REQUIRED = {"FlowBPJobStalled", "FlowBPRewardNaNStreak", "FlowBPStalenessOverLimit", "FlowBPControllerHigh5xxRate",
-            "FlowBPRedisDown"}
+            "FlowBPRedisDown", "FlowBPControllerScrapeDown"}
 
 PROMTOOL = shutil.which("promtool")
 needs_promtool = pytest.mark.skipif(

@@ -11,7 +11,7 @@ helm = pytest.importorskip("helm_python")
 
 EXPECTED_KINDS = {
     "Deployment", "Service", "StatefulSet", "Secret", "ServiceAccount", "ConfigMap", "PersistentVolumeClaim",
-    "NetworkPolicy", "RayCluster", "RayService", "ServiceMonitor", "PodMonitor", "PrometheusRule",
+    "NetworkPolicy", "RayCluster", "ServiceMonitor", "PodMonitor", "PrometheusRule", "PodDisruptionBudget",
 }
 
 
@@ -53,10 +53,14 @@ def test_core_objects_pass_kubernetes_validate_strict(rendered):
 def test_custom_resources_match_the_kuberay_and_prometheus_operator_fields(rendered):
     _, docs = rendered
     custom = [d for d in docs if is_custom(d)]
-    assert {d["kind"] for d in custom} == {"RayCluster", "RayService", "ServiceMonitor", "PodMonitor",
-                                          "PrometheusRule"}
+    assert {d["kind"] for d in custom} == {"RayCluster", "ServiceMonitor", "PodMonitor", "PrometheusRule"}
     for doc in custom:
         validate_custom(doc)
+
+
+def test_the_reward_service_when_turned_on_is_valid(reward_docs):
+    [service] = by_kind(reward_docs, "RayService")
+    validate_custom(service)
 
 
 def test_custom_resource_schema_rejects_a_misspelt_field(default_docs):
@@ -86,7 +90,7 @@ def test_pod_templates_inside_kuberay_objects_are_checked(default_docs):
         validate_custom(cluster)
 
 
-def test_gpu_values_give_each_role_its_gpu_group_scaling_from_zero(gpu_docs):
+def test_gpu_values_give_each_role_its_gpu_group_scaling_from_zero(gpu_docs, reward_docs):
     cluster = one(gpu_docs, "RayCluster")
     spec = cluster["spec"]
     assert spec["enableInTreeAutoscaling"] is True and spec["autoscalerOptions"]["version"] == "v2"
@@ -97,14 +101,13 @@ def test_gpu_values_give_each_role_its_gpu_group_scaling_from_zero(gpu_docs):
         pod = group["template"]["spec"]
         limits = pod["containers"][0]["resources"]["limits"]
         assert int(limits["nvidia.com/gpu"]) >= 1, role
-        assert pod["nodeSelector"], role
         assert any(t.get("key") == "nvidia.com/gpu" for t in pod["tolerations"]), role
         # Actors choose their group through this custom resource.
         assert group["rayStartParams"]["resources"] == f'"{{\\"flowbp_{role}\\": 1}}"'
     head = spec["headGroupSpec"]
     assert head["rayStartParams"]["num-cpus"] == "0"
     assert "nvidia.com/gpu" not in head["template"]["spec"]["containers"][0]["resources"]["limits"]
-    service = one(gpu_docs, "RayService")
+    service = one(reward_docs, "RayService")
     workers = service["spec"]["rayClusterConfig"]["workerGroupSpecs"]
     assert [w["groupName"] for w in workers] == ["reward"]
     assert int(workers[0]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]) == 1
@@ -128,7 +131,10 @@ def test_redis_is_a_statefulset_with_a_volume_and_an_append_only_file(default_do
     assert any(m["name"] == "data" and m["mountPath"] == "/data" for m in container["volumeMounts"])
     controller = one(default_docs, "Deployment", "-controller")
     env = env_of(controller["spec"]["template"]["spec"]["containers"][0])
-    assert env["FLOWBP_REDIS_URL"]["value"] == "redis://flowbp-redis.flowbp.svc:6379/0"
+    assert env["FLOWBP_REDIS_URL"]["value"] == "redis://:$(REDIS_PASSWORD)@flowbp-redis.flowbp.svc:6379/0"
+    # $(REDIS_PASSWORD) expands only to a variable defined before it
+    names = [e["name"] for e in controller["spec"]["template"]["spec"]["containers"][0]["env"]]
+    assert names.index("REDIS_PASSWORD") < names.index("FLOWBP_REDIS_URL")
 
 
 def test_external_redis_comes_from_a_secret():
@@ -139,22 +145,25 @@ def test_external_redis_comes_from_a_secret():
     assert env["FLOWBP_REDIS_URL"]["valueFrom"]["secretKeyRef"] == {"name": "my-redis", "key": "url"}
 
 
-def test_tokens_are_generated_once_and_every_ray_pod_gets_the_ray_token(default_docs):
+def test_tokens_are_generated_once_and_the_operator_hands_the_ray_token_to_every_ray_pod(reward_docs):
     import base64
 
-    secret = one(default_docs, "Secret", "-tokens")
-    api = base64.b64decode(secret["data"]["api-token"]).decode()
-    ray = base64.b64decode(secret["data"]["ray-token"]).decode()
-    assert len(api) == 48 and len(ray) == 48 and api != ray
-    controller = one(default_docs, "Deployment", "-controller")["spec"]["template"]["spec"]
-    containers = [controller["containers"][0]]
-    for doc in by_kind(default_docs, "RayCluster") + by_kind(default_docs, "RayService"):
-        containers += [t["spec"]["containers"][0] for _, t in pod_templates(doc)]
-    assert len(containers) == 1 + 4 + 2
-    for c in containers:
-        env = env_of(c)
-        assert env["RAY_AUTH_MODE"]["value"] == "token", c["name"]
-        assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "flowbp-tokens", "key": "ray-token"}
+    secret = one(reward_docs, "Secret", "-tokens")
+    api, ray, redis = (base64.b64decode(secret["data"][k]).decode() for k in ("api-token", "auth_token",
+                                                                               "redis-password"))
+    assert len(api) == 48 and len(ray) == 48 and len(redis) == 32 and len({api, ray, redis}) == 3
+    controller = one(reward_docs, "Deployment", "-controller")["spec"]["template"]["spec"]
+    env = env_of(controller["containers"][0])
+    assert env["RAY_AUTH_MODE"]["value"] == "token"
+    assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "flowbp-tokens", "key": "auth_token"}
+    ray_objects = by_kind(reward_docs, "RayCluster") + by_kind(reward_docs, "RayService")
+    assert len(ray_objects) == 2
+    for doc in ray_objects:
+        spec = doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterConfig"]
+        # KubeRay injects RAY_AUTH_* into every Ray container and sends the token on its own calls
+        assert spec["authOptions"] == {"mode": "token", "secretName": "flowbp-tokens"}, doc["kind"]
+        for _, template in pod_templates(doc):
+            assert not {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"} & set(env_of(template["spec"]["containers"][0]))
 
 
 def test_an_existing_secret_replaces_the_generated_one():
@@ -164,6 +173,7 @@ def test_an_existing_secret_replaces_the_generated_one():
     assert pod["volumes"][0]["secret"]["secretName"] == "site-tokens"
     env = env_of(pod["containers"][0])
     assert env["RAY_AUTH_MODE"]["value"] == "disabled" and "RAY_AUTH_TOKEN" not in env
+    assert one(docs, "RayCluster")["spec"]["authOptions"] == {"mode": "disabled"}
 
 
 def test_ingress_is_optional_and_valid():

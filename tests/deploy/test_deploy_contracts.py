@@ -48,10 +48,10 @@ def test_reward_service_import_path_is_a_serve_application_builder():
     assert callable(builder)
 
 
-def test_gpu_serve_overrides_name_real_deployments(gpu_docs):
+def test_gpu_serve_overrides_name_real_deployments(reward_docs):
     from services.reward_serve import deployment
 
-    config = yaml.safe_load(one(gpu_docs, "RayService")["spec"]["serveConfigV2"])
+    config = yaml.safe_load(one(reward_docs, "RayService")["spec"]["serveConfigV2"])
     names = {d["name"] for app in config["applications"] for d in app.get("deployments", [])}
     real = {obj.name for obj in vars(deployment).values() if type(obj).__name__ == "Deployment"}
     assert names and names <= real, names - real
@@ -68,7 +68,9 @@ def test_rayjob_template_fills_into_a_valid_rayjob(default_docs):
         overrides=" ".join(shlex.quote(o) for o in ["--method.k=4", "--train.steps=10"]))
     job = yaml.safe_load(filled)
     validate_custom(job)
-    assert job["metadata"]["name"] == "flowbp-j-0123abcd" and job["spec"]["jobId"] == "j-0123abcd"
+    # each submission its own RayJob and (left to KubeRay) its own Ray submission id: a resubmit never collides
+    assert job["metadata"]["generateName"] == "flowbp-j-0123abcd-" and "jobId" not in job["spec"]
+    assert job["metadata"]["labels"]["flowbp.io/job-id"] == "j-0123abcd"
     assert job["spec"]["clusterSelector"] == {"ray.io/cluster": one(default_docs, "RayCluster")["metadata"]["name"]}
     words = shlex.split(job["spec"]["entrypoint"])
     # the same command the controller itself submits through Ray's job API

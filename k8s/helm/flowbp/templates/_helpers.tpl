@@ -25,6 +25,15 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: flowbp
 {{- end -}}
 
+{{/* Labels of Ray pods: no chart or app version, since KubeRay hashes the pod template and a chart bump alone
+must not recreate the cluster (or, for the RayService, build a second one). */}}
+{{- define "flowbp.rayPodLabels" -}}
+app.kubernetes.io/name: {{ include "flowbp.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: flowbp
+{{- end -}}
+
 {{/* Selector labels; call with (dict "root" $ "component" "controller"). */}}
 {{- define "flowbp.selectorLabels" -}}
 app.kubernetes.io/name: {{ include "flowbp.name" .root }}
@@ -57,12 +66,18 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "http://%s-head-svc.%s.svc:8265" (include "flowbp.rayClusterName" .) .Release.Namespace -}}
 {{- end -}}
 
+{{/* Where the GCS keeps its state: the chart's Redis unless ray.gcsFaultTolerance.redisAddress names another. */}}
+{{- define "flowbp.gcsRedisAddress" -}}
+{{- .Values.ray.gcsFaultTolerance.redisAddress | default (printf "%s.%s.svc:6379" (include "flowbp.redisName" .) .Release.Namespace) -}}
+{{- end -}}
+
 {{- define "flowbp.rewardUrl" -}}
 {{- printf "http://%s-serve-svc.%s.svc:8000%s" (include "flowbp.rewardServiceName" .) .Release.Namespace .Values.rewardService.routePrefix -}}
 {{- end -}}
 
-{{/* Environment shared by the controller and every Ray container: Ray auth, paths, offline-safe defaults. */}}
-{{- define "flowbp.commonEnv" -}}
+{{/* Ray's token authentication for a client outside Ray (the controller); KubeRay sets it in Ray pods from
+spec.authOptions, reading the same Secret. */}}
+{{- define "flowbp.rayAuthEnv" -}}
 - name: RAY_AUTH_MODE
   value: {{ .Values.auth.rayAuthMode | quote }}
 {{- if eq .Values.auth.rayAuthMode "token" }}
@@ -70,8 +85,51 @@ app.kubernetes.io/component: {{ .component }}
   valueFrom:
     secretKeyRef:
       name: {{ include "flowbp.secretName" . }}
-      key: ray-token
+      key: auth_token
 {{- end }}
+{{- end -}}
+
+{{/* spec.authOptions of every RayCluster the operator drives: the operator then sends the token on its own calls
+(job API, Serve API) and injects RAY_AUTH_MODE/RAY_AUTH_TOKEN into every Ray container (KubeRay >= 1.6.0 for
+secretName; key auth_token). */}}
+{{- define "flowbp.rayAuthOptions" -}}
+authOptions:
+  mode: {{ .Values.auth.rayAuthMode }}
+  {{- if eq .Values.auth.rayAuthMode "token" }}
+  secretName: {{ include "flowbp.secretName" . }}
+  {{- end }}
+{{- end -}}
+
+{{/*
+The tokens, computed once per render and memoized in .Values (every template sees the same map): given in
+values, else read back from the live Secret, else generated. With auth.existingSecret only the live values are
+read (for the checksums). An upgrade that cannot read the live Secret (helm template, client dry-run, GitOps) would
+rotate every token, so it fails instead.
+*/}}
+{{- define "flowbp.tokens" -}}
+{{- if not (hasKey .Values "flowbpTokensMemo") -}}
+{{- $live := lookup "v1" "Secret" .Release.Namespace (include "flowbp.secretName" .) | default dict -}}
+{{- $data := dig "data" (dict) $live -}}
+{{- $liveApi := get $data "api-token" | default "" | b64dec -}}
+{{- $liveRay := get $data "auth_token" | default "" | b64dec -}}
+{{- $liveRedis := get $data "redis-password" | default "" | b64dec -}}
+{{- $t := dict "api" $liveApi "ray" $liveRay "redis" $liveRedis -}}
+{{- if not .Values.auth.existingSecret -}}
+{{- $given := and .Values.auth.apiToken .Values.auth.rayToken .Values.auth.redisPassword -}}
+{{- if and .Release.IsUpgrade (not $live) (not $given) -}}
+{{- fail "auth: the token Secret cannot be read on this upgrade (helm template, --dry-run or a GitOps render?); generated tokens would change. Create the Secret yourself and set auth.existingSecret" -}}
+{{- end -}}
+{{- $_ := set $t "api" (.Values.auth.apiToken | default $liveApi | default (randAlphaNum 48)) -}}
+{{- $_ := set $t "ray" (.Values.auth.rayToken | default $liveRay | default (randAlphaNum 48)) -}}
+{{- $_ := set $t "redis" (.Values.auth.redisPassword | default $liveRedis | default (randAlphaNum 32)) -}}
+{{- end -}}
+{{- $_ := set .Values "flowbpTokensMemo" $t -}}
+{{- end -}}
+{{- toYaml .Values.flowbpTokensMemo -}}
+{{- end -}}
+
+{{/* Environment shared by the controller and every Ray container: paths, offline-safe defaults. */}}
+{{- define "flowbp.commonEnv" -}}
 - name: RAY_USAGE_STATS_ENABLED
   value: "0"
 - name: TOKENIZERS_PARALLELISM
@@ -87,6 +145,8 @@ runAsNonRoot: true
 runAsUser: 1000
 runAsGroup: 1000
 fsGroup: 1000
+# chown the shared volume only when its root does not match yet, not on every pod start
+fsGroupChangePolicy: OnRootMismatch
 seccompProfile:
   type: RuntimeDefault
 {{- end -}}
@@ -97,6 +157,17 @@ capabilities:
   drop: ["ALL"]
 {{- end -}}
 
+{{/* A container in a Ray pod that the chart does not template itself (the autoscaler sidecar): restricted Pod
+Security checks each container, so it states everything. */}}
+{{- define "flowbp.sidecarSecurityContext" -}}
+{{- include "flowbp.containerSecurityContext" . }}
+runAsNonRoot: true
+runAsUser: 1000
+runAsGroup: 1000
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}
+
 {{/*
 A Ray pod template (head or worker), shared by the RayCluster and the RayService.
 Call with (dict "root" $ "role" "head|rollout|learner|reward" "head" true|false "spec" <group values>).
@@ -105,14 +176,29 @@ Call with (dict "root" $ "role" "head|rollout|learner|reward" "head" true|false 
 {{- $root := .root -}}
 {{- $spec := .spec -}}
 {{- $gpus := int (default 0 $spec.gpus) -}}
+{{- $tokens := include "flowbp.tokens" $root | fromYaml -}}
+{{- $disruption := $root.Values.ray.disruption -}}
+{{- $nodeSelector := $spec.nodeSelector | default dict -}}
+{{- if gt $gpus 0 }}{{ $nodeSelector = merge (deepCopy $nodeSelector) $root.Values.ray.gpuNodeSelector }}{{ end -}}
 metadata:
   labels:
-    {{- include "flowbp.labels" $root | nindent 4 }}
+    {{- include "flowbp.rayPodLabels" $root | nindent 4 }}
     app.kubernetes.io/component: {{ printf "ray-%s" .role }}
     flowbp.io/ray-pod: "true"
+  annotations:
+    # a new Ray token recreates the pods (the upgrade strategy sees the template change)
+    flowbp.io/ray-token-checksum: {{ $tokens.ray | sha256sum | quote }}
+    {{- if $disruption.doNotEvict }}
+    # node drains, consolidation and scale-down leave a running Ray pod alone: it holds jobs or their actors
+    cluster-autoscaler.kubernetes.io/safe-to-evict: "false"
+    karpenter.sh/do-not-disrupt: "true"
+    {{- end }}
 spec:
   securityContext:
     {{- include "flowbp.podSecurityContext" $root | nindent 4 }}
+  {{- if and .head $disruption.priorityClassName }}
+  priorityClassName: {{ $disruption.priorityClassName }}
+  {{- end }}
   {{- with $root.Values.imagePullSecrets }}
   imagePullSecrets:
     {{- toYaml . | nindent 4 }}
@@ -127,11 +213,18 @@ spec:
         {{- include "flowbp.commonEnv" $root | nindent 8 }}
         - name: FLOWBP_RAY_ROLE
           value: {{ .role | quote }}
+        {{- if eq $gpus 0 }}
+        # the GPU image's default (all) would show every GPU of the node to a pod that reserved none
+        - name: NVIDIA_VISIBLE_DEVICES
+          value: void
+        {{- end }}
       ports:
         {{- if .head }}
         - {containerPort: 6379, name: gcs-server}
         - {containerPort: 8265, name: dashboard}
         - {containerPort: 10001, name: client}
+        - {containerPort: 44217, name: as-metrics}
+        - {containerPort: 44227, name: dash-metrics}
         {{- end }}
         - {containerPort: 8000, name: serve}
         - {containerPort: 8080, name: metrics}
@@ -154,15 +247,20 @@ spec:
         - name: runs
           mountPath: {{ $root.Values.storage.mountPath }}
   volumes:
-    # Ray's object store lives in shared memory; the container default (64 MiB) would push it to disk.
+    # Ray's object store lives in shared memory (the container default, 64 MiB, would push it to disk); the
+    # headroom is for the other users of /dev/shm (NCCL, torch's data loader workers).
     - name: dshm
       emptyDir:
         medium: Memory
-        sizeLimit: {{ default $spec.memory $spec.objectStoreMemory | quote }}
+        {{- if $spec.objectStoreMemory }}
+        sizeLimit: {{ div (mul (int64 $spec.objectStoreMemory) (add 100 $root.Values.ray.shmHeadroomPercent)) 100 | quote }}
+        {{- else }}
+        sizeLimit: {{ $spec.memory | quote }}
+        {{- end }}
     - name: runs
       persistentVolumeClaim:
         claimName: {{ include "flowbp.runsClaimName" $root }}
-  {{- with $spec.nodeSelector }}
+  {{- with $nodeSelector }}
   nodeSelector:
     {{- toYaml . | nindent 4 }}
   {{- end }}
@@ -170,6 +268,23 @@ spec:
   tolerations:
     {{- toYaml . | nindent 4 }}
   {{- end }}
+{{- end -}}
+
+{{/* Fields shared by the RayCluster and the RayService's cluster: version, auth, autoscaler. */}}
+{{- define "flowbp.rayClusterCommon" -}}
+rayVersion: {{ .Values.ray.version | quote }}
+{{ include "flowbp.rayAuthOptions" . }}
+enableInTreeAutoscaling: {{ .Values.ray.autoscaling.enabled }}
+{{- if .Values.ray.autoscaling.enabled }}
+autoscalerOptions:
+  version: {{ .Values.ray.autoscaling.version }}
+  upscalingMode: {{ .Values.ray.autoscaling.upscalingMode }}
+  idleTimeoutSeconds: {{ .Values.ray.autoscaling.idleTimeoutSeconds }}
+  securityContext:
+    {{- include "flowbp.sidecarSecurityContext" . | nindent 4 }}
+  env:
+    {{- include "flowbp.commonEnv" . | nindent 4 }}
+{{- end }}
 {{- end -}}
 
 {{/* Ray start parameters: metrics on :8080 for the PodMonitor, a custom resource per worker role. */}}
