@@ -114,3 +114,20 @@ def test_copied_paths_exist(kind):
         if word == "COPY" and not args.startswith("--from"):
             for source in args.split()[:-1]:
                 assert (REPO / source).exists(), f"{kind}: COPY {source} names a path the repository lacks"
+
+
+def test_gpu_image_ties_torchs_cuda_build_to_the_base_image():
+    steps = instructions(FILES["gpu"])
+    [base] = [args for word, args in steps if word == "FROM"]
+    assert re.match(r"nvidia/cuda:\d+\.\d+\.\d+-", base)  # its CUDA_VERSION and NVIDIA_REQUIRE_CUDA come with it
+    install = next(args for word, args in steps if word == "RUN" and "-r requirements.txt" in args)
+    assert "python check_torch_cuda.py" in install
+    check = (DOCKER / "check_torch_cuda.py").read_text()
+    assert 'os.environ["CUDA_VERSION"]' in check and "torch.version.cuda" in check
+
+
+@pytest.mark.parametrize("kind", sorted(FILES))
+def test_the_venv_is_not_chowned_into_a_second_layer(kind):
+    for word, args in instructions(FILES[kind]):
+        if word == "RUN" and "chown" in args:
+            assert "/opt/venv" not in args, args
