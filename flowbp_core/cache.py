@@ -40,12 +40,6 @@ class CacheNeeds:
             None if velocities is None else frozenset(int(i) for i in velocities),
         )
 
-    def union(self, other: "CacheNeeds") -> "CacheNeeds":
-        def u(a, b):
-            return None if a is None or b is None else a | b
-
-        return CacheNeeds(u(self.states, other.states), u(self.velocities, other.velocities))
-
 
 @dataclass
 class TrajectoryCache:
@@ -129,9 +123,6 @@ class TrajectoryCache:
                 f"velocity v_{i} was not kept in this cache (kept: {sorted(self.velocities)}); "
                 "the rollout was compacted for a different plan"
             ) from None
-
-    def has_state(self, i: int) -> bool:
-        return i == 0 or i == self.n_steps or i in self.states
 
     # ---- size, device, compaction ------------------------------------------------------------------------
     def _tensors(self) -> Iterable[torch.Tensor]:

@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -171,6 +171,3 @@ def prune(run_dir: str | Path, keep: int) -> None:
         if pid != os.getpid() and not Path(f"/proc/{pid}").exists():
             shutil.rmtree(d, ignore_errors=True)
 
-
-def info_dict(info: CheckpointInfo) -> dict[str, Any]:
-    return asdict(info)

@@ -45,12 +45,6 @@ def pin(true: torch.Tensor, est: torch.Tensor) -> torch.Tensor:
     return true.detach() + (est - est.detach())
 
 
-def scaled_grad(u: torch.Tensor, scale: float) -> torch.Tensor:
-    """sg(u) + scale*(u - sg(u)): value u, gradient scale * du."""
-    d = u.detach()
-    return d + scale * (u - d)
-
-
 @dataclass
 class SegmentResult:
     est_value: torch.Tensor  # z_hat_end (no grad)

@@ -2,8 +2,8 @@
 
 Conventions (the same as SD3's and algorithms.md's): x = 2 * image - 1; x_sigma = (1 - sigma) x + sigma * noise;
 the model predicts v = noise - x at timestep 1000 * sigma; sampling runs sigma from 1 to 0 with
-z_{i+1} = z_i + (sigma_{i+1} - sigma_i) v_i. Guidance is true CFG against the empty prompt, which the
-training dropped 10 % of the time.
+z_{i+1} = z_i + (sigma_{i+1} - sigma_i) v_i. Sampling and guidance live in `EmbeddedBackbone` (true CFG against
+the empty prompt, which the training dropped 10 % of the time).
 """
 
 from __future__ import annotations
@@ -20,8 +20,6 @@ BASE_CHECKPOINT = ASSETS_DIR / "base" / "transformer.safetensors"
 # --device cuda --workers 6 --batch 1024 --lr 1.5e-3 --ema 0.999 --minutes 4, see flowbp_core/world/README.md)
 BASE_REGENERATE = ("python -m flowbp_core.world.train_base --out /tmp/world_base && "
                    "python -m flowbp_core.world.publish base /tmp/world_base")
-DEFAULT_GUIDANCE = 4.0
-DEFAULT_STEPS = 20
 
 
 @dataclass(frozen=True)
@@ -64,43 +62,3 @@ def load_base_transformer(path: Path | None = None, dtype: torch.dtype = torch.f
     if dtype != torch.float32:  # diffusers warns on every cast, even a no-op one
         model = model.to(dtype)
     return model.eval(), meta
-
-
-def velocity(model, x: torch.Tensor, sigma: float | torch.Tensor, cond: dict, autocast: bool = False) -> torch.Tensor:
-    """Unguided model velocity at noise level sigma (scalar or per-sample)."""
-    b = x.shape[0]
-    t = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1).expand(b) * 1000.0
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast and x.device.type == "cpu"):
-        out = model(
-            hidden_states=x,
-            encoder_hidden_states=cond["prompt_embeds"],
-            pooled_projections=cond["pooled_prompt_embeds"],
-            timestep=t,
-            return_dict=False,
-        )[0]
-    return out.float()
-
-
-def guided_velocity(model, x, sigma, cond, uncond, guidance: float) -> torch.Tensor:
-    if guidance == 1.0 or uncond is None:
-        return velocity(model, x, sigma, cond)
-    both = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
-    v_u, v_c = velocity(model, torch.cat([x, x]), sigma, both).chunk(2)
-    return v_u + guidance * (v_c - v_u)
-
-
-@torch.no_grad()
-def sample_images(
-    model, encoder, prompts: list[str], *, seed: int = 0, steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE
-) -> torch.Tensor:
-    """Images in [0, 1], [B, 3, 32, 32]: Euler on linear sigmas with true CFG (for evaluation and tests)."""
-    cond = encoder.encode(prompts)
-    uncond = encoder.encode([""] * len(prompts))
-    g = torch.Generator().manual_seed(seed)
-    size = model.config.sample_size
-    z = torch.randn(len(prompts), 3, size, size, generator=g)
-    sigmas = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
-    for i in range(steps):
-        v = guided_velocity(model, z, float(sigmas[i]), cond, uncond, guidance)
-        z = z + float(sigmas[i + 1] - sigmas[i]) * v
-    return ((z + 1.0) / 2.0).clamp(0.0, 1.0)
