@@ -35,7 +35,7 @@ from flowbp_core.world.preference import PreferenceConfig, PreferenceModel, brad
 from flowbp_core.world.rater import rate_one
 from flowbp_core.world.scenes import Scene, render, sample_scene
 from flowbp_core.world.spec import BACKGROUNDS, PromptSpec, all_specs
-from flowbp_core.world.train_reward import augment, clock_cosine_lr
+from flowbp_core.world.train_reward import _blur, augment, clock_cosine_lr
 
 MIN_MARGIN = 1.0  # rating points below which a pair is a tie and not shown
 _BG_NAMES = tuple(BACKGROUNDS)
@@ -86,6 +86,30 @@ def render_group(spec: PromptSpec, m: int, rng: np.random.Generator) -> np.ndarr
     return np.stack(out)
 
 
+def matched_group(spec: PromptSpec, m: int, rng: np.random.Generator, factor: str | None = None) -> np.ndarray:
+    """`m` renders of ONE scene of `spec` that differ in one property (`factor`: "edge" width, object "size" or
+    background "light", random when None), in increasing order of it: in mixed groups the large global differences
+    decide most pairs, so edges are learnt last and least."""
+    scene = sample_scene(spec, rng)
+    factor = factor or ("edge", "size", "light")[int(rng.integers(3))]
+    if factor == "size":
+        grown = [replace(scene, objects=tuple(replace(o, size=o.size + d) for o in scene.objects))
+                 for d in np.sort(rng.uniform(-0.5, 1.5, m))]
+        return np.stack([render(sc) for sc in grown])
+    if factor == "light" and spec.background is None:
+        return np.stack([render(scene, background_rgb=(v, v, v)) for v in np.sort(rng.uniform(0.3, 0.95, m))])
+    widths = np.sort(np.exp(rng.uniform(np.log(0.15), np.log(2.5), m)))
+    return np.stack([render(scene, edge=float(w)) for w in widths])
+
+
+def sharpened(images: np.ndarray, amount: float) -> np.ndarray:
+    """Unsharp-masked copies of generated images [K, 3, H, W]: crisper edges on the generator's own drawings (the
+    rater labels the pair; the model learns what crisper means on samples, not only on renders)."""
+    x = torch.from_numpy(images).float()
+    soft = _blur(x, torch.full((len(x),), 1.0))
+    return (x + amount * (x - soft)).clamp(0.0, 1.0).numpy()
+
+
 def pairs_of(ratings: list[float], offset: int) -> list[tuple[int, int]]:
     """(winner, loser) index pairs among one group's images (indices shifted by `offset`); ties left out."""
     out = []
@@ -122,8 +146,8 @@ def load_pool(paths: list[Path], seed: int) -> tuple[list[tuple[str, np.ndarray]
     groups: list[tuple[str, np.ndarray]] = []
     for path in paths:
         if not path.is_file():
-            raise FileNotFoundError(f"--pool {path}: no such file (make one with python -m flowbp_core.world.sample_pool "
-                                    f"--out {path} --per-prompt 4)")
+            raise FileNotFoundError(f"--pool {path}: no such file (make one with python -m "
+                                    f"flowbp_core.world.sample_pool --out {path} --per-prompt 4)")
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
             images = f.get_tensor("images").float().numpy() / 255.0
@@ -139,7 +163,7 @@ def load_pool(paths: list[Path], seed: int) -> tuple[list[tuple[str, np.ndarray]
 
 
 def build_batch(rng: np.random.Generator, g: torch.Generator, prompts, n_render: int, pool_groups,
-                n_pool: int) -> GroupBatch:
+                n_pool: int, n_matched: int = 0) -> GroupBatch:
     batch = GroupBatch()
     for _ in range(n_render):
         it = prompts[int(rng.integers(len(prompts)))]
@@ -147,10 +171,16 @@ def build_batch(rng: np.random.Generator, g: torch.Generator, prompts, n_render:
         if rng.random() < 0.5:
             imgs = augment(torch.from_numpy(imgs), g).numpy()
         batch.add(imgs, it.text, it.spec)
+    for _ in range(n_matched):
+        it = prompts[int(rng.integers(len(prompts)))]
+        batch.add(matched_group(it.spec, 4, rng), it.text, it.spec)
     for _ in range(n_pool if pool_groups else 0):
         text, imgs = pool_groups[int(rng.integers(len(pool_groups)))]
         spec = parse(text)
-        batch.add(np.concatenate([imgs, render_group(spec, 2, rng)]), text, spec)
+        extra = [render_group(spec, 2, rng)]
+        if n_matched:
+            extra.append(sharpened(imgs[:2], float(rng.uniform(0.5, 2.0))))
+        batch.add(np.concatenate([imgs, *extra]), text, spec)
     return batch
 
 
@@ -171,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-steps", type=int, default=100_000)
     p.add_argument("--render-groups", type=int, default=24, help="render groups (4 images) per step")
     p.add_argument("--pool-groups", type=int, default=8, help="generated groups (K samples + 2 renders) per step")
+    p.add_argument("--matched-groups", type=int, default=0,
+                   help="groups per step of one scene varied in one property (and, in generated groups, two "
+                        "unsharp-masked samples)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
@@ -179,9 +212,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, lo, hi in (("minutes", 0.01, 600.0), ("lr", 1e-6, 1e-1)):
         if not lo <= getattr(a, name) <= hi:
             p.error(f"--{name.replace('_', '-')}={getattr(a, name)}: allowed range is [{lo}, {hi}]")
-    for name in ("render_groups", "pool_groups", "max_steps"):
-        if getattr(a, name) < (1 if name != "pool_groups" else 0):
-            p.error(f"--{name.replace('_', '-')}={getattr(a, name)}: must be positive")
+    for name in ("render_groups", "pool_groups", "matched_groups", "max_steps"):
+        if getattr(a, name) < (1 if name in ("render_groups", "max_steps") else 0):
+            p.error(f"--{name.replace('_', '-')}={getattr(a, name)}: must be >= "
+                    f"{1 if name in ('render_groups', 'max_steps') else 0}")
     if a.threads:
         torch.set_num_threads(a.threads)
     from flowbp_core.world.reward import load_recogniser
@@ -194,8 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     train_items = prompt_pool("train", 3000, seed=a.seed + 1)
     pool_train, pool_val = load_pool(a.pool, a.seed) if a.pool else ([], [])
     val_rng = np.random.default_rng(10_000 + a.seed)
-    val_render = build_batch(val_rng, torch.Generator().manual_seed(10_000), prompt_pool("heldout", 600, seed=a.seed + 2),
-                             128, [], 0)
+    heldout = prompt_pool("heldout", 600, seed=a.seed + 2)
+    val_render = build_batch(val_rng, torch.Generator().manual_seed(10_000), heldout, 128, [], 0)
+    val_matched = build_batch(val_rng, torch.Generator().manual_seed(10_001), heldout, 0, [], 0, n_matched=96)
     val_pool = GroupBatch()
     for text, imgs in pool_val:
         val_pool.add(imgs, text, parse(text))
@@ -215,14 +250,15 @@ def main(argv: list[str] | None = None) -> int:
 
     def evaluate() -> dict:
         model.eval()
-        acc = {"val_render_pair_acc": round(pairwise_accuracy(model, encoder, val_render), 4)}
+        acc = {"val_render_pair_acc": round(pairwise_accuracy(model, encoder, val_render), 4),
+               "val_matched_pair_acc": round(pairwise_accuracy(model, encoder, val_matched), 4)}
         if val_pool.pairs:
             acc["val_generated_pair_acc"] = round(pairwise_accuracy(model, encoder, val_pool), 4)
         model.train()
         return acc
 
     while step < a.max_steps and time.time() - start < budget:
-        batch = build_batch(rng, g, train_items, a.render_groups, pool_train, a.pool_groups)
+        batch = build_batch(rng, g, train_items, a.render_groups, pool_train, a.pool_groups, a.matched_groups)
         x, win, lose = batch.tensors()
         s = model(x, encoder.encode(batch.prompts)["pooled_prompt_embeds"])
         loss = bradley_terry_loss(s[win], s[lose])

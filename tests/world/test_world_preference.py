@@ -109,6 +109,28 @@ def test_preference_model_agrees_with_the_rater_on_heldout_pairs(preference):
     assert len(win) >= 100 and acc >= 0.75, acc
 
 
+def test_matched_groups_vary_one_property_and_sharpening_crisps_generated_edges():
+    from flowbp_core.world.train_preference import matched_group, sharpened
+
+    rng = np.random.default_rng(5)
+    # ascending edge width: the local part falls; ascending size or background light: the global part rises
+    for factor, part, sign in (("edge", "local_part", -1.0), ("size", "global_part", 1.0),
+                               ("light", "global_part", 1.0)):
+        moved = 0.0
+        for it in [i for i in ITEMS if i.spec.background is None][:6]:
+            ratings = [rate_one(img, it.spec) for img in matched_group(it.spec, 4, rng, factor)]
+            if all(r.follows for r in ratings):
+                vals = [sign * getattr(r, part) for r in ratings]
+                assert all(b >= a - 2.0 for a, b in zip(vals, vals[1:])), (factor, vals)
+                moved = max(moved, vals[-1] - vals[0])
+        assert moved > 5.0, factor
+    scene = sample_scene(ITEMS[0].spec, rng)
+    soft = render(scene, edge=2.0)[None]
+    crisp = sharpened(soft, 2.0)
+    assert crisp.shape == soft.shape and 0.0 <= crisp.min() and crisp.max() <= 1.0
+    assert rate_one(crisp[0], ITEMS[0].spec).soft < 0.7 * rate_one(soft[0], ITEMS[0].spec).soft
+
+
 def test_preference_reward_is_differentiable_and_panels_with_the_attributes(preference):
     from flowbp_core.rewards import build_panel
 
