@@ -190,6 +190,9 @@ def test_gcs_fault_tolerance_is_rendered_when_enabled(default_docs, full_docs):
     options = one(external, "RayCluster")["spec"]["gcsFaultToleranceOptions"]
     assert options["redisAddress"] == "redis.infra:6379" and options["externalStorageNamespace"] == "team-a"
     assert options["redisPassword"]["valueFrom"]["secretKeyRef"] == {"name": "infra-redis", "key": "password"}
+    with pytest.raises(Exception, match="ray.gcsFaultTolerance.redisAddress: required"):
+        render_docs({"ray": {"gcsFaultTolerance": {"enabled": True}},
+                     "redis": {"enabled": False, "external": {"existingSecret": "my-redis"}}})
 
 
 def test_heads_are_protected_from_disruption(full_docs):
