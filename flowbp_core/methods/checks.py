@@ -28,6 +28,7 @@ def one_of(name: str, value: Any, allowed: Sequence[Any]) -> None:
 
 
 def k_within(k: int, n_steps: int, field: str = "k") -> None:
+    integer("n_steps", n_steps)  # a method parameter too, so it may arrive as anything
     if k > n_steps:
         raise ConfigError(f"method.{field}", k, f"an integer in [1, N={n_steps}] (at most the number of steps)")
 

@@ -58,8 +58,12 @@ def make_params(cls: type[P], preset: dict[str, Any], overrides: dict[str, Any])
             raise ConfigError(f"method.{key}", value, f"a parameter of this method: one of {sorted(known)}")
     merged = {**preset, **overrides}
     for key in ("dirichlet", "trunc_range"):  # lists from YAML / JSON become the tuples the params hold
-        if merged.get(key) is not None:
-            merged[key] = tuple(float(x) for x in merged[key])
+        value = merged.get(key)
+        if value is not None:
+            if not isinstance(value, (list, tuple)) or any(isinstance(x, bool) or not isinstance(x, (int, float))
+                                                           for x in value):
+                raise ConfigError(f"method.{key}", value, "a list of numbers")
+            merged[key] = tuple(float(x) for x in value)
     params = cls(**merged)
     validate = getattr(params, "validate", None)
     if validate is not None:

@@ -88,3 +88,35 @@ def test_losses():
         build_loss("mse")
     with pytest.raises(ValueError, match="weights shape"):
         weighted_loss(per, torch.ones(2))
+
+
+HOSTILE_PARAMS = [float("nan"), float("inf"), float("-inf"), "nan", "3", True, 10**30]
+
+
+def _number_params(params_cls) -> list[str]:
+    """Names of a method's int and float parameters (Optional ones too), read from its dataclass."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(params_cls)
+    names = []
+    for f in dataclasses.fields(params_cls):
+        kinds = {a for a in typing.get_args(hints[f.name]) if a is not type(None)} or {hints[f.name]}
+        if kinds <= {int, float}:
+            names.append(f.name)
+    return names
+
+
+@pytest.mark.parametrize("name", methods.names())
+def test_every_number_parameter_of_every_method_rejects_hostile_values(name):
+    """Walks each registered method's parameter dataclass: NaN, +-inf, strings, true and a huge integer are a
+    ConfigError that names the parameter, whichever layer refuses them (the run schema or the method)."""
+    from flowbp_core.config import config_from_dict
+
+    keys = _number_params(type(methods.build(name).params))
+    assert keys, name
+    for key in keys:
+        for value in HOSTILE_PARAMS:
+            with pytest.raises(ConfigError) as e:
+                config_from_dict({"method": {"name": name, key: value}})
+            assert key in str(e.value), (name, key, value, str(e.value))
