@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import yaml
@@ -48,7 +48,7 @@ def write(git_dir: Path, tag: str) -> list[Path]:
     out_dir = SCHEMAS / f"kuberay-{tag}"
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for kind, plural in CRDS.items():
+    for plural in CRDS.values():
         text = subprocess.run(["git", f"--git-dir={git_dir}", "show", f"{tag}:{CRD_PATH.format(plural=plural)}"],
                               capture_output=True, text=True, check=True).stdout
         path = out_dir / f"{plural}.json"
@@ -77,7 +77,7 @@ def schema(kind: str, tag: str = MIN_KUBERAY) -> dict:
     return _strict(json.loads((SCHEMAS / f"kuberay-{tag}" / f"{CRDS[kind]}.json").read_text()))
 
 
-@lru_cache(maxsize=None)
+@cache
 def validator(kind: str, tag: str = MIN_KUBERAY):
     import jsonschema
 

@@ -8,7 +8,17 @@ import shutil
 
 import pytest
 import yaml
-from deploy_helpers import CHART, NAMESPACE, RELEASE, by_kind, env_of, load_values, one, pod_templates, render_docs
+from deploy_helpers import (
+    CHART,
+    NAMESPACE,
+    RELEASE,
+    by_kind,
+    env_of,
+    load_values,
+    one,
+    pod_templates,
+    render_docs,
+)
 
 from k8s import kuberay_crds
 
