@@ -43,6 +43,7 @@ BAD = [
     ({"ray": {"disruption": {"doNotEvict": "yes"}}}, "/ray/disruption/doNotEvict", "want boolean"),
     ({"auth": {"redisPassword": "has/slash-and-more"}}, "/auth/redisPassword", "pattern"),
     ({"networkPolicy": {"operatorNamespace": "Kube_Ray"}}, "/networkPolicy/operatorNamespace", "pattern"),
+    ({"networkPolicy": {"operatorNamespace": ""}}, "/networkPolicy/operatorNamespace", "minLength"),
     ({"rayJobTemplate": {"ttlSecondsAfterFinished": -1}}, "/rayJobTemplate/ttlSecondsAfterFinished", "minimum"),
     # Missing required values: Helm drops a key set to null, so these are what a values file without them gives.
     ({"image": {"tag": None}}, "/image", "missing property 'tag'"),
