@@ -68,6 +68,10 @@ def pod_templates(doc: dict) -> list[tuple[str, dict]]:
     return out
 
 
+# KubeRay 1.6.0's MaxRayClusterNameLength (53) and the 6 characters fewer it allows the objects that derive one
+RAY_NAME_LIMITS = {"RayCluster": 53, "RayService": 47, "RayJob": 47}
+
+
 def validate_custom(doc: dict) -> None:
     """A KubeRay or Prometheus Operator object: KubeRay's own CRD schema of the oldest KubeRay we support (unknown
     fields rejected, as the API server's strict validation does) or our schema of the Prometheus Operator fields,
@@ -87,6 +91,12 @@ def validate_custom(doc: dict) -> None:
         raise jsonschema.ValidationError(f"metadata.name {name!r} is not a lower-case DNS label")
     if doc["apiVersion"] == "ray.io/v1":
         kuberay_crds.validator(doc["kind"]).validate(doc)
+        # the operator's own name rules (ray-operator/controllers/ray/utils/validation.go): DNS-1035, and short
+        # enough for the names it derives
+        limit = RAY_NAME_LIMITS[doc["kind"]]
+        if not re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name) or len(name) > limit:
+            raise jsonschema.ValidationError(f"{doc['kind']} name {name!r}: KubeRay wants a DNS-1035 label of at most "
+                                             f"{limit} characters")
     else:
         schema = json.loads((REPO / "k8s" / "schemas" / "prometheus-operator.json").read_text())
         jsonschema.Draft202012Validator(schema).validate(doc)

@@ -135,7 +135,10 @@ def test_autoscaler_and_dashboard_metrics_are_scraped_on_ports_the_head_has(full
 def test_upgrades_recreate_ray_pods_and_a_chart_bump_alone_changes_no_pod(full_docs, tmp_path):
     cluster = one(full_docs, "RayCluster")
     assert cluster["spec"]["upgradeStrategy"] == {"type": "Recreate"}
-    assert one(full_docs, "RayService")["spec"]["upgradeStrategy"] == {"type": "NewCluster"}
+    service = one(full_docs, "RayService")["spec"]
+    assert service["upgradeStrategy"] == {"type": "NewCluster"}
+    # KubeRay refuses a cluster-level upgradeStrategy on a cluster a RayService makes
+    assert "upgradeStrategy" not in service["rayClusterConfig"]
     for doc, _ in ray_specs(full_docs):
         for where, template in pod_templates(doc):
             labels = template["metadata"]["labels"]
@@ -321,3 +324,16 @@ def test_the_reward_service_is_opt_in_and_runs_its_model_on_the_gpu_it_reserves(
     values["rewardService"].update(enabled=True, args={"device": "cuda:1"})
     config = yaml.safe_load(one(render_docs(values), "RayService")["spec"]["serveConfigV2"])
     assert config["applications"][0]["args"]["device"] == "cuda:1"
+
+
+def test_ray_object_names_stay_within_kuberays_limits_for_the_longest_release():
+    from deploy_helpers import validate_custom
+
+    release = "a" * 53  # Helm's longest release name
+    docs = render_docs(FULL, release=release)
+    for doc in by_kind(docs, "RayCluster") + by_kind(docs, "RayService"):
+        validate_custom(doc)
+    text = one(docs, "ConfigMap", "-rayjob-template")["data"]["rayjob.yaml"]
+    job = yaml.safe_load(text.replace("${job_id}", "job-0123456789ab").replace("${config}", "c.yaml")
+                         .replace("${overrides}", ""))
+    validate_custom(job)
