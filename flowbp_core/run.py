@@ -186,14 +186,16 @@ def make_cache(comp: RunComponents, step: int, policy_version: int, prompts: lis
 
 
 def learner_step(comp: RunComponents, cache: TrajectoryCache, step: int, optimizer: torch.optim.Optimizer,
-                 ema: EMA | None, score: Callable | None = None, apply: bool = True) -> StepResult:
+                 ema: EMA | None, score: Callable | None = None, apply: bool = True,
+                 all_finite: Callable[[bool], bool] | None = None) -> StepResult:
     cache = cache.to(comp.device)
     velocity = comp.backbone.bind(cache.cond, comp.guidance)
     return train_step(step=step, cache=cache, method=comp.method, velocity=velocity,
                       score=score or comp.score_fn(), loss_fn=comp.loss_fn,
                       params=comp.backbone.trainable_parameters(), optimizer=optimizer,
                       generator=generator_for(comp.cfg.train.seed, step, "plan"),
-                      grad_clip=comp.cfg.train.grad_clip, ema=ema, policy_version=cache.policy_version, apply=apply)
+                      grad_clip=comp.cfg.train.grad_clip, ema=ema, policy_version=cache.policy_version, apply=apply,
+                      all_finite=all_finite)
 
 
 def make_optimizer(cfg: RunConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:

@@ -164,6 +164,7 @@ def train_step(
     ema: EMA | None = None,
     policy_version: int = 0,
     apply: bool = True,
+    all_finite: Callable[[bool], bool] | None = None,
 ) -> StepResult:
     """One FlowBP update from one cache.
 
@@ -172,6 +173,8 @@ def train_step(
     `loss_fn(rewards) -> per-sample loss` is a `flowbp_core.losses` loss; the endpoint's sample weights are applied
     by `weighted_loss`. With `apply=False` gradients are left in
     `.grad` (the caller all-reduces or inspects them) and no optimizer/EMA step is taken.
+    `all_finite(this_rank_finite) -> every_rank_finite` (data-parallel ranks) makes all ranks agree on skipping
+    before backward, which is a collective under FSDP that a rank skipping alone would never join.
     """
     t0 = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
@@ -192,10 +195,12 @@ def train_step(
                           grad_norm=grad_norm, skipped=True, skip_reason=reason,
                           timings={"surrogate": t1 - t0, "reward": t2 - t1}, **base)
 
-    if not _finite(rewards.detach()):
-        return skipped("non_finite_reward")
-    if not _finite(loss.detach()):
-        return skipped("non_finite_loss")
+    reason = ("non_finite_reward" if not _finite(rewards.detach())
+              else "non_finite_loss" if not _finite(loss.detach()) else None)
+    if all_finite is not None and not all_finite(reason is None) and reason is None:
+        reason = "non_finite_on_other_rank"
+    if reason is not None:
+        return skipped(reason)
     loss.backward()
     t3 = time.perf_counter()
     # This rank's part of each gradient: under FSDP a gradient is a shard and the learner combines the ranks'

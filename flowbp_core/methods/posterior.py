@@ -107,6 +107,21 @@ class DraftLVParams(GuidanceParams):
         checks.integer("n", self.n, 0)
 
 
+def renoise_noise(plan: Plan, cache: TrajectoryCache, shape: torch.Size, dtype: torch.dtype) -> list[torch.Tensor]:
+    """DRaFT-LV's re-noising draws, one tensor of `shape` per copy. Each sample's draws come from its own
+    generator, keyed by the cache's seed and the sample's index in the whole batch (`meta["batch_offset"]` plus
+    its row), so a batch split over learner ranks draws exactly what one rank draws for the whole batch."""
+    offset = int(cache.meta.get("batch_offset", "0"))
+    per_sample = []
+    for row in range(shape[0]):
+        seed = (plan.noise_seed ^ (int(cache.seed) * 0x9E3779B1) ^ ((offset + row) * 0x85EBCA77)) % 2**63
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        per_sample.append(torch.randn((plan.renoise, *shape[1:]), generator=g, dtype=dtype))
+    if not per_sample:
+        return [torch.empty(shape, dtype=dtype) for _ in range(plan.renoise)]
+    return list(torch.stack(per_sample, 1).unbind(0))
+
+
 class DraftLV(EngineMethod):
     """Last step with grad, plus n copies re-noised to sigma_{N-1} and denoised again (each with grad, detached
     input). Returns B*(1+n) rows: [base rows, copy 1 rows, ...]; sample_index maps each row to its prompt."""
@@ -127,12 +142,11 @@ class DraftLV(EngineMethod):
         s = plan.n_steps - 1
         sigma = float(cache.sigmas[s])
         cdt = compute_dtype(cache)
-        # noise differs per cache (mixes in its seed) but is identical wherever this (plan, cache) is replayed
-        g = torch.Generator(device="cpu").manual_seed((plan.noise_seed ^ (int(cache.seed) * 0x9E3779B1)) % 2**63)
         x0 = base.value.detach()
+        noise = renoise_noise(plan, cache, x0.shape, cdt)
         rows = [base.value]
-        for _ in range(plan.renoise):
-            eps = torch.randn(x0.shape, generator=g, dtype=cdt).to(x0.device)
+        for eps in noise:
+            eps = eps.to(x0.device)
             z = (1.0 - sigma) * x0 + sigma * eps
             u = velocity(z.to(cache.noise.dtype), sigma).to(cdt)
             rows.append(z - sigma * u)

@@ -22,7 +22,8 @@ STOP = "stop"
 class StepBoard:
     def __init__(self) -> None:
         self.work: dict[int, LearnerWork] = {}
-        self.outcomes: list[StepOutcome] = []
+        self.outcomes: list[StepOutcome] = []  # those the driver has not read yet
+        self.first_outcome = 0  # the index of outcomes[0] among all outcomes reported
         self.hello: LearnerHello | None = None
         self.generation = 0
         self.stopped = False
@@ -61,10 +62,15 @@ class StepBoard:
             self.cond.notify_all()
 
     # ---- driver side -------------------------------------------------------------------------------------
-    async def offer(self, work: LearnerWork) -> None:
+    async def offer(self, work: LearnerWork) -> bool:
+        """Post `work`; False (dropped) when it was sampled for another generation than the newest one, whose
+        learner would otherwise train on a dead generation's caches."""
         async with self.cond:
+            if work.generation != self.generation:
+                return False
             self.work[work.step] = work
             self.cond.notify_all()
+            return True
 
     async def wait_hello(self, after_generation: int, timeout_s: float = 5.0) -> LearnerHello | None:
         async with self.cond:
@@ -76,13 +82,19 @@ class StepBoard:
             return self.hello
 
     async def wait_outcomes(self, since: int, timeout_s: float = 1.0) -> tuple[list[StepOutcome], LearnerHello | None]:
-        """Outcomes from index `since` on (waits up to timeout_s for at least one), and the current hello."""
+        """Outcomes from index `since` on (waits up to timeout_s for at least one), and the current hello.
+
+        Asking from `since` says the driver holds those before it: they are dropped here, and with them the refs
+        of the weights they published (each would otherwise stay pinned in the object store for the whole run)."""
         async with self.cond:
+            del self.outcomes[:max(0, since - self.first_outcome)]
+            self.first_outcome = max(self.first_outcome, since)
             try:
-                await asyncio.wait_for(self.cond.wait_for(lambda: len(self.outcomes) > since), timeout_s)
+                await asyncio.wait_for(self.cond.wait_for(
+                    lambda: self.first_outcome + len(self.outcomes) > since), timeout_s)
             except asyncio.TimeoutError:
                 pass
-            return self.outcomes[since:], self.hello
+            return self.outcomes[since - self.first_outcome:], self.hello
 
     async def stop(self) -> None:
         async with self.cond:

@@ -25,7 +25,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import ray
@@ -83,12 +83,37 @@ def shard_bounds(batch: int, parts: int) -> list[tuple[int, int]]:
     return out
 
 
+def check_learner_split(cfg: RunConfig) -> None:
+    """Refuse a batch the learner ranks cannot share equally (a rank without samples, or an over-weighted one)."""
+    rt, b = cfg.runtime, cfg.train.batch_size
+    if rt.strategy == "fsdp" and rt.learners < 2:
+        raise ConfigError("runtime.strategy", "fsdp", "'ddp' with runtime.learners=1 (FSDP shards the model "
+                          "over the learner ranks: set runtime.learners >= 2 to use it)")
+    if b % rt.learners:
+        below, above = b // rt.learners * rt.learners, (b // rt.learners + 1) * rt.learners
+        near = [n for n in (below, above) if n > 0]
+        divisors = [n for n in range(1, b + 1) if b % n == 0]
+        raise ConfigError("train.batch_size", b, f"a multiple of runtime.learners={rt.learners} (e.g. "
+                          f"{' or '.join(map(str, near))}), or runtime.learners one of {divisors}",
+                          hint="each learner rank trains an equal share of the batch")
+
+
+def check_checkpoint_dir(cfg: RunConfig, nodes: int) -> None:
+    """A multi-node run needs one checkpoint folder that every node sees at the same path."""
+    d = cfg.checkpoint.dir
+    if nodes > 1 and not Path(d).is_absolute():
+        raise ConfigError("checkpoint.dir", d, f"an absolute path on a filesystem that all {nodes} nodes of the "
+                          "cluster share", hint="every learner rank loads the checkpoint rank 0 resumes from")
+
+
+def _alive_nodes() -> int:
+    return sum(1 for n in ray.nodes() if n.get("Alive"))
+
+
 class Driver:
     def __init__(self, cfg: RunConfig, run_id: str | None = None, cancel_event: threading.Event | None = None,
                  hello_timeout_s: float = 600.0):
-        if cfg.runtime.strategy == "fsdp" and cfg.runtime.learners < 2:
-            raise ConfigError("runtime.strategy", "fsdp", "'ddp' with runtime.learners=1 (FSDP shards the model "
-                              "over the learner ranks: set runtime.learners >= 2 to use it)")
+        check_learner_split(cfg)
         self.cfg = cfg
         self.run_id = run_id or cfg.run_id or f"run-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         self.cancel_event = cancel_event or threading.Event()
@@ -162,10 +187,14 @@ class Driver:
         self.telemetry.event("start", config=self.cfg.to_dict())
         thread = None
         try:
+            check_checkpoint_dir(self.cfg, _alive_nodes())
             served_app, self.score_app = self._deploy_rewards()
             self.board = StepBoard.remote()
             self.workers = rollout_mod.spawn(self.cfg, self.cfg.runtime.rollout_workers)
-            trainer = learner_mod.make_trainer(self.cfg, self.run_id, self.board, served_app,
+            # The learner ranks resolve no relative path of their own: their working folders differ from ours.
+            learner_cfg = self.cfg.model_copy(update={"checkpoint": self.cfg.checkpoint.model_copy(
+                update={"dir": str(self.run_dir.parent)})})
+            trainer = learner_mod.make_trainer(learner_cfg, self.run_id, self.board, served_app,
                                                str(self.run_dir / "ray_train"))
             thread = threading.Thread(target=self._fit, args=(trainer,), name=f"fit-{self.run_id}", daemon=True)
             thread.start()
@@ -254,7 +283,9 @@ class Driver:
                     weights_lost = True
                     break
                 self._record_rollout(stats)
-                ray.get(self.board.offer.remote(LearnerWork(item.step, tuple(item.cache_refs), item.policy_version)))
+                ray.get(self.board.offer.remote(LearnerWork(step=item.step, cache_refs=tuple(item.cache_refs),
+                                                            rollout_policy_version=item.policy_version,
+                                                            generation=generation)))
                 item.offered = True
             if weights_lost:
                 # An outcome poll still outstanding was answered with the old generation's hello: drop it (its
@@ -293,7 +324,8 @@ class Driver:
                     continue
                 if inflight and inflight[0].step == o.step:
                     inflight.popleft()
-                self.outcomes[o.step] = o
+                # Only the newest weights are kept: an outcome held with its handle pins that version's bytes.
+                self.outcomes[o.step] = replace(o, weights=None)
                 next_learn = o.step + 1
                 samples += o.samples
                 sps = samples / max(time.perf_counter() - t_first, 1e-9)

@@ -2,23 +2,26 @@
 build the method's endpoint, score it, step the optimizer (and EMA), publish weights and write checkpoints.
 
 - Every rank takes the same offer, merges the shards and keeps its slice (`split`), so the batch is data-parallel.
-  Gradients are averaged with one all-reduce per tensor after `train_step(apply=False)`; we do not wrap the
-  model in DDP because the methods call the transformer several times per step (K re-forwards), which DDP's
+  Gradients are averaged with one all-reduce per flattened bucket after `train_step(apply=False)`; we do not wrap
+  the model in DDP because the methods call the transformer several times per step (K re-forwards), which DDP's
   one-forward-one-backward bucketing does not allow without `find_unused_parameters` gymnastics. The result is
-  what DDP computes. Backend: gloo on CPU, nccl on GPU (Ray Train sets the process group up).
+  what DDP computes. Backend: gloo on CPU, `cpu:gloo,cuda:nccl` on GPU (Ray Train sets the process group up);
+  the small collectives (skip flag, loss, norms, generation) use tensors on the group's device.
+- The batch must split evenly over the ranks (the driver refuses it otherwise, `check_learner_split`).
 - `runtime.strategy: fsdp` shards the transformer over the ranks instead (`sharding.py`, PyTorch's FSDP2):
   its backward reduce-scatters the mean gradient, so the all-reduce above is skipped; checkpoints, exports
   and weight publishes gather full tensors on every rank (collectives) and rank 0 writes them, so an FSDP
   checkpoint is the same file a single process writes, and resumes under either strategy.
-- A non-finite reward/loss/gradient on any rank skips the step on every rank (the skip flag is all-reduced),
+- A non-finite reward/loss/gradient on any rank skips the step on every rank (agreed before backward, which is a
+  collective under FSDP; a non-finite gradient is agreed after it),
   and `train.max_bad_steps` in a row end the run with that reason. A skipped step writes no checkpoint.
-- On (re)start, every rank loads the newest complete checkpoint of the run; rank 0 then says hello with a new
-  generation and the weights it resumed with. Ray Train's FailureConfig restarts a group that lost a worker.
+- On (re)start, rank 0 picks the newest complete checkpoint of the run and every rank loads that one (a rank's
+  own listing may lag: NFS attribute caches); rank 0 then says hello with a new generation and the weights it
+  resumed with. Ray Train's FailureConfig restarts a group that lost a worker.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from pathlib import Path
@@ -29,6 +32,7 @@ import torch
 from flowbp_core import checkpoint as ckpt
 from flowbp_core.cache import TrajectoryCache
 from flowbp_core.config import RunConfig
+from flowbp_core.errors import ConfigError
 from flowbp_core.training import EMA, BadStepGuard, NonFiniteStreak, local_part
 from services.runtime import components, sharding, weight_sync
 from services.runtime.board import STOP
@@ -68,6 +72,63 @@ def _dist():
     import torch.distributed as dist
 
     return dist if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 else None
+
+
+def collective_device(dist) -> torch.device:
+    """The device of the group's small collectives: the current CUDA device when the group has an NCCL backend
+    (NCCL reduces CUDA tensors only), else the CPU (gloo)."""
+    if "nccl" in str(dist.get_backend()):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_sum(dist, values: list[float]) -> list[float]:
+    """The sums over ranks of a few numbers (one all-reduce of one float64 tensor on the group's device)."""
+    t = torch.tensor(values, dtype=torch.float64, device=collective_device(dist))
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def broadcast_int(dist, value: int, src: int = 0) -> int:
+    """Rank `src`'s `value` on every rank."""
+    t = torch.tensor([int(value)], dtype=torch.int64, device=collective_device(dist))
+    dist.broadcast(t, src=src)
+    return int(t.item())
+
+
+GRAD_BUCKET_BYTES = 32 * 2**20
+
+
+def grad_buckets(tensors: list[torch.Tensor], bucket_bytes: int = GRAD_BUCKET_BYTES) -> list[list[torch.Tensor]]:
+    """Consecutive tensors of one dtype and device, at most `bucket_bytes` a bucket (a bigger tensor alone)."""
+    out: list[list[torch.Tensor]] = []
+    cur: list[torch.Tensor] = []
+    size = 0
+    for t in tensors:
+        n = t.numel() * t.element_size()
+        if cur and (size + n > bucket_bytes or t.dtype != cur[0].dtype or t.device != cur[0].device):
+            out.append(cur)
+            cur, size = [], 0
+        cur.append(t)
+        size += n
+    if cur:
+        out.append(cur)
+    return out
+
+
+def all_reduce_mean(dist, tensors: list[torch.Tensor], world: int, bucket_bytes: int = GRAD_BUCKET_BYTES) -> int:
+    """Average `tensors` over the ranks in place: one all-reduce per flattened bucket (a call per tensor pays the
+    collective's latency hundreds of times a step). Returns the number of all-reduces."""
+    buckets = grad_buckets(tensors, bucket_bytes)
+    for bucket in buckets:
+        flat = torch.cat([t.reshape(-1) for t in bucket])
+        dist.all_reduce(flat)
+        flat.div_(world)
+        offset = 0
+        for t in bucket:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+    return len(buckets)
 
 
 def _apply_update(params, optimizer, grad_clip, ema) -> None:
@@ -126,10 +187,24 @@ class LearnerRank:
                 self.ema.load_state_dict({f"ema.{i}": sharding.place_like(state.ema[f"ema.{i}"].float(), s)
                                           for i, s in enumerate(self.ema.shadow)})
 
+    def _resume_step(self) -> int | None:
+        """The step to resume from, chosen by rank 0 for every rank (listings differ: NFS caches, relative dirs)."""
+        path = ckpt.latest_complete(self.run_dir) if self.cfg.checkpoint.resume and self.rank == 0 else None
+        step = -1 if path is None else int(path.name[len(ckpt.STEP_PREFIX):])
+        dist = _dist()
+        if dist is not None:
+            step = broadcast_int(dist, step)
+        return None if step < 0 else step
+
     def _load_newest(self):
-        path = ckpt.latest_complete(self.run_dir) if self.cfg.checkpoint.resume else None
-        if path is None:
+        step = self._resume_step()
+        if step is None:
             return None
+        path = ckpt.step_dir(self.run_dir, step)
+        if not (path / ckpt.COMPLETE).exists():
+            raise ConfigError("checkpoint.dir", self.cfg.checkpoint.dir,
+                              f"a filesystem every learner rank shares (rank 0 resumes from {path}, which rank "
+                              f"{self.rank} cannot see)")
         st = ckpt.load_checkpoint(path)
         self.backbone.load_trainable_state_dict(st.trainable)
         self.step, self.version, self.resumed_from = st.step, st.policy_version, str(path)
@@ -148,12 +223,9 @@ class LearnerRank:
         blobs = ray.get(list(work.cache_refs))
         cache = concat_caches([TrajectoryCache.from_bytes(b) for b in blobs])
         if self.world > 1:
-            per = math.ceil(cache.batch_size / self.world)
-            shards = cache.split(per)
-            if self.rank >= len(shards):
-                raise ValueError(f"train.batch_size={cache.batch_size} leaves rank {self.rank} without samples "
-                                 f"({self.world} learners): use a batch of at least the number of learners")
-            cache = shards[self.rank]
+            if cache.batch_size % self.world:  # the driver refuses such a config at start-up (check_learner_split)
+                raise ConfigError("train.batch_size", cache.batch_size, f"a multiple of runtime.learners={self.world}")
+            cache = cache.split(cache.batch_size // self.world)[self.rank]
         return cache, time.perf_counter() - t0
 
     def train(self, step: int, cache: TrajectoryCache):
@@ -161,32 +233,31 @@ class LearnerRank:
         from flowbp_core.run import learner_step
 
         dist = _dist()
-        res = learner_step(self.comp, cache, step, self.optimizer, self.ema, score=self.score, apply=dist is None)
+        agree = None if dist is None else (lambda ok: all_sum(dist, [0.0 if ok else 1.0])[0] == 0)
+        res = learner_step(self.comp, cache, step, self.optimizer, self.ema, score=self.score, apply=dist is None,
+                           all_finite=agree)
         if dist is not None:
-            flag = torch.tensor([1.0 if res.skipped else 0.0])
-            dist.all_reduce(flag)
-            if flag.item() > 0 and not res.skipped:
+            skips, loss, reward = all_sum(dist, [1.0 if res.skipped else 0.0, res.loss, res.reward_mean])
+            if skips > 0 and not res.skipped:
                 self.optimizer.zero_grad(set_to_none=True)
                 res.skipped, res.skip_reason = True, "non_finite_on_other_rank"
             # The group's loss and reward are the means over ranks (equal shards), as one rank would report.
-            stats = torch.tensor([res.loss, res.reward_mean], dtype=torch.float64)
-            dist.all_reduce(stats)
-            res.loss, res.reward_mean = float(stats[0] / self.world), float(stats[1] / self.world)
+            res.loss, res.reward_mean = loss / self.world, reward / self.world
             if not res.skipped:
                 if self.sharded:
                     # FSDP's backward already reduce-scattered the mean gradient: each rank holds its shard.
-                    sq = torch.zeros((), dtype=torch.float64)
+                    dev = collective_device(dist)
+                    sq = torch.zeros((), dtype=torch.float64, device=dev)
                     for p in self.params:
                         if p.grad is not None:
-                            sq += local_part(p.grad).double().pow(2).sum()
+                            sq += local_part(p.grad).double().pow(2).sum().to(dev)
                     dist.all_reduce(sq)
                     res.grad_norm = float(sq.sqrt())
                 else:
                     for p in self.params:
                         if p.grad is None:
                             p.grad = torch.zeros_like(p)
-                        dist.all_reduce(p.grad)
-                        p.grad.div_(self.world)
+                    all_reduce_mean(dist, [p.grad for p in self.params], self.world)
                     res.grad_norm = float(torch.linalg.vector_norm(
                         torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in self.params])))
                 _apply_update(self.params, self.optimizer, self.cfg.train.grad_clip, self.ema)
@@ -229,9 +300,7 @@ def learner_loop(config: dict) -> None:
     generation = ray.get(board.next_generation.remote()) if rank == 0 else 0
     dist = _dist()
     if dist is not None:
-        g = torch.tensor([generation])
-        dist.broadcast(g, src=0)
-        generation = int(g.item())
+        generation = broadcast_int(dist, generation)
     state = lr.full_trainable_state()  # every rank: a collective under FSDP
     if rank == 0:
         weights = lr.publish(generation, state)
@@ -280,6 +349,11 @@ def learner_loop(config: dict) -> None:
                 samples=cache.batch_size * world, phase_seconds=phases, weights=weights, checkpoint=ckpt_path)))
 
 
+def torch_backend(use_gpu: bool) -> str:
+    """The learner group's backend: NCCL for CUDA tensors plus gloo for any CPU tensor on a GPU run."""
+    return "cpu:gloo,cuda:nccl" if use_gpu else "gloo"
+
+
 def make_trainer(cfg: RunConfig, run_id: str, board, served_app: str | None, storage_path: str):
     from ray.train import FailureConfig, RunConfig as TrainRunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -291,7 +365,7 @@ def make_trainer(cfg: RunConfig, run_id: str, board, served_app: str | None, sto
                            "served_app": served_app},
         scaling_config=ScalingConfig(num_workers=rt.learners, use_gpu=rt.use_gpu,
                                      resources_per_worker={"CPU": rt.learner_num_cpus, **({"GPU": 1} if rt.use_gpu else {})}),
-        torch_config=TorchConfig(backend="nccl" if rt.use_gpu else "gloo"),
+        torch_config=TorchConfig(backend=torch_backend(rt.use_gpu)),
         run_config=TrainRunConfig(name=f"learner-{run_id}", storage_path=storage_path,
                                   failure_config=FailureConfig(max_failures=rt.max_actor_restarts)),
     )

@@ -65,6 +65,7 @@ class LearnerWork:
     step: int
     cache_refs: tuple[Any, ...]
     rollout_policy_version: int
+    generation: int = 0  # the learner generation whose weights sampled it; the board drops other generations'
 
 
 @dataclass(frozen=True)
