@@ -31,9 +31,13 @@ Scalar = str | int | float | bool
 # integer and "3" no number. Each model takes its number rules from here.
 FINITE_NUMBERS = ConfigDict(allow_inf_nan=False)
 STRICT_NUMBERS = ConfigDict(strict=True, **FINITE_NUMBERS)
-# Numbers without a natural ceiling still get one, so a huge value fails here instead of deep in torch or C.
+# Numbers without a natural ceiling still get one, so a huge value fails here instead of deep in torch or C:
+# seeds fit numpy's 32 bits, free floats stay finite in float32 (the dtype the math runs in; a huge but finite
+# one, like a LoRA alpha of 1e30, is a run's non-finite steps to skip, not a bad request), and method parameters
+# (step counts, scales, fractions) stay within 1e6.
 MAX_SEED = 2**32 - 1
-MAX_MAGNITUDE = 1e6
+FLOAT32_MAX = 3.4028234663852886e38
+MAX_METHOD_PARAM = 1e6
 
 
 class _Strict(BaseModel):
@@ -42,7 +46,7 @@ class _Strict(BaseModel):
 
 class LoRASpec(_Strict):
     rank: int = Field(16, ge=1, le=1024, description="LoRA rank r")
-    alpha: float | None = Field(None, gt=0, le=MAX_MAGNITUDE, description="LoRA alpha; defaults to the rank (scale 1)")
+    alpha: float | None = Field(None, gt=0, le=FLOAT32_MAX, description="LoRA alpha; defaults to the rank (scale 1)")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     target_modules: list[str] | None = Field(
         None, description="module names to adapt; None uses the backbone's attention projections")
@@ -93,15 +97,15 @@ class MethodSpec(BaseModel):
                 raise ValueError(f"method parameter {key!r} must be a number, string, bool or list of numbers, "
                                  f"got {type(value).__name__}")
             numbers = [x for x in (value if listed else [value]) if not isinstance(x, (bool, str))]
-            if not all(abs(x) <= MAX_MAGNITUDE for x in numbers):  # false for NaN and +-inf too
-                raise ValueError(f"method parameter {key!r} must be a finite number in [-{MAX_MAGNITUDE:g}, "
-                                 f"{MAX_MAGNITUDE:g}], got {value!r}")
+            if not all(abs(x) <= MAX_METHOD_PARAM for x in numbers):  # false for NaN and +-inf too
+                raise ValueError(f"method parameter {key!r} must be a finite number in [-{MAX_METHOD_PARAM:g}, "
+                                 f"{MAX_METHOD_PARAM:g}], got {value!r}")
         return self
 
 
 class RewardTerm(_Strict):
     name: str = Field(..., description="registered reward (flowbp_core.rewards.names())")
-    weight: float = Field(1.0, ge=-MAX_MAGNITUDE, le=MAX_MAGNITUDE, description="weight in the panel")
+    weight: float = Field(1.0, ge=-FLOAT32_MAX, le=FLOAT32_MAX, description="weight in the panel")
     kwargs: dict[str, Scalar] = Field(default_factory=dict, description="constructor arguments, e.g. a path")
 
 
@@ -120,7 +124,7 @@ class RewardSpec(_Strict):
     terms: list[RewardTerm] = Field(default_factory=lambda: [RewardTerm(name="world_attributes")], min_length=1)
     placement: Literal["colocated", "served"] = "colocated"
     loss: Literal["hinge", "neg_mean"] = "hinge"
-    clip: float = Field(0.55, ge=-MAX_MAGNITUDE, le=MAX_MAGNITUDE, description="hinge threshold c in ReLU(c - r)")
+    clip: float = Field(0.55, ge=-FLOAT32_MAX, le=FLOAT32_MAX, description="hinge threshold c in ReLU(c - r)")
     served: ServedRewardSpec = Field(default_factory=ServedRewardSpec)
 
 
@@ -170,7 +174,7 @@ class TrainSpec(_Strict):
     betas: tuple[Beta, Beta] = Field((0.9, 0.999), strict=False, description="Adam betas, each in [0, 1)")
     eps: float = Field(1e-8, gt=0.0, le=1.0)
     weight_decay: float = Field(1e-4, ge=0.0, le=1.0)
-    grad_clip: float | None = Field(1.0, gt=0.0, le=MAX_MAGNITUDE)
+    grad_clip: float | None = Field(1.0, gt=0.0, le=FLOAT32_MAX)
     ema_decay: float | None = Field(None, ge=0.0, lt=1.0, description="EMA of trainable weights; None: off")
     seed: int = Field(0, ge=0, le=MAX_SEED)
     max_bad_steps: int = Field(3, ge=1, le=1000, description="non-finite steps in a row that fail the run")

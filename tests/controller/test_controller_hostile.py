@@ -21,7 +21,7 @@ from services.localproc import free_port
 
 pytestmark = pytest.mark.integration
 
-HUGE = "1" + "0" * 30  # beyond int64 and beyond every field's ceiling
+HUGE = "1" + "0" * 40  # beyond int64, float32 and every field's ceiling
 # JSON text, sent as written: Python's json module reads NaN, Infinity and 1e999 (as inf) without complaint.
 JSON_VALUES = ["NaN", "Infinity", "-Infinity", "1e999", '"nan"', '"inf"', "true", HUGE]
 # YAML scalars as a run file or `--set` writes them (YAML 1.1's .nan/.inf, plain words, a quoted number).
