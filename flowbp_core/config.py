@@ -337,8 +337,10 @@ def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None,
         cfg = RunConfig.model_validate(merged)
     except ValidationError as e:
         first = e.errors()[0]
+        # "Input should be a finite number" -> "expected a finite number", after ConfigError's own words
+        allowed = first["msg"].removeprefix("Input should be ").removeprefix("Value error, ")
         raise ConfigError(".".join(str(p) for p in first["loc"]) or "config", first.get("input"),
-                          first["msg"], hint=format_validation_error(e) if len(e.errors()) > 1 else None) from e
+                          allowed, hint=format_validation_error(e) if len(e.errors()) > 1 else None) from e
     if check_registries:
         check_against_registries(cfg)
     return cfg

@@ -224,6 +224,8 @@ def test_set_values_and_run_files_reject_hostile_numbers(tmp_path):
             assert err.value.field.startswith(dotted), (dotted, raw, err.value)
             tried += 2
     assert tried == len(fields) * len(YAML_VALUES) * 2 and len(fields) >= 40
+    with pytest.raises(ConfigError, match=r"^reward\.clip=nan is not allowed: expected a finite number$"):
+        config_from_dict(config, ["reward.clip=.nan"], check_registries=False)
 
 
 SETTINGS_STRINGS = ["nan", "NaN", "inf", "-inf", "Infinity", "1e999", "true", HUGE]
