@@ -148,7 +148,9 @@ async def run(args) -> dict:
         "calls": calls, "throughput_rps": round(calls / wall, 1),
         # CPU the controller process itself spent per call (seeding and checks included): a number the other
         # tenants of a shared machine distort far less than latency.
-        "server_cpu_ms_per_call": round(1000 * server_cpu_s / max(1, calls + len(seeded) + len(out["acknowledged"])), 2), "errors": len(out["errors"]),
+        "server_cpu_ms_per_call": round(
+            1000 * server_cpu_s / max(1, calls + len(seeded) + len(out["acknowledged"])), 2),
+        "errors": len(out["errors"]),
         "error_samples": sorted(set(out["errors"]))[:10],
         "lost_records": len(lost), "records_expected": expected, "records_in_redis": stored,
     }

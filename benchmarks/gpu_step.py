@@ -204,11 +204,17 @@ def build_backbone(name: str, smoke: bool, dev: torch.device, dtype: torch.dtype
 
 # ------------------------------------------------------------------------------------------------ the run
 def measure_backbone(name: str, args, dev: torch.device, dtype: torch.dtype, report: Report, t_start: float):
+    meter = Meter(dev)
+    _measure_modes(name, args, dev, dtype, report, t_start, meter)
+    meter.reset()  # the backbone, reward and closures are freed with _measure_modes' frame: drop their cached blocks
+
+
+def _measure_modes(name: str, args, dev: torch.device, dtype: torch.dtype, report: Report, t_start: float,
+                   meter: Meter):
     from flowbp_core import methods
     from flowbp_core.backbones import LoRAConfig
     from flowbp_core.sampling import rollout
 
-    meter = Meter(dev)
     res = args.res
     bb = build_backbone(name, args.smoke, dev, dtype, res)
     report.params_b[name] = sum(p.numel() for p in bb.transformer.parameters()) / 1e9
@@ -295,8 +301,6 @@ def measure_backbone(name: str, args, dev: torch.device, dtype: torch.dtype, rep
                                                                            prompts=prompts, needs=needs))
             rows[item] = record(mode, item, step, k=k, warm=0)
         report.summary.append(summarise(name, mode, rows, args.k))
-    del bb, reward, velocity, cond
-    meter.reset()
 
 
 def summarise(name: str, mode: str, rows: dict, k: int) -> dict:

@@ -236,7 +236,8 @@ class TrajectoryCache:
         version = metadata.get("format_version")
         if version not in _SUPPORTED_VERSIONS:
             raise ValueError(
-                f"TrajectoryCache format_version={version!r} is not supported (supported: {sorted(_SUPPORTED_VERSIONS)})"
+                f"TrajectoryCache format_version={version!r} is not supported "
+                f"(supported: {sorted(_SUPPORTED_VERSIONS)})"
             )
         tensors = st_load(data)
         states, vels, cond = {}, {}, {}

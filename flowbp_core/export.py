@@ -54,7 +54,8 @@ def export_lora(transformer, pipeline_class_name: str, path: str | os.PathLike,
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     _pipeline_class(pipeline_class_name).save_lora_weights(
-        str(out), transformer_lora_layers=layers if layers is not None else lora_mod.lora_state_for_diffusers(transformer),
+        str(out),
+        transformer_lora_layers=layers if layers is not None else lora_mod.lora_state_for_diffusers(transformer),
         transformer_lora_adapter_metadata=lora_mod.lora_metadata(transformer), safe_serialization=True)
     hint = f"{pipeline_class_name}.from_pretrained(<base>).load_lora_weights({str(out)!r})"
     return _finish(out, "lora", pipeline_class_name, hint)

@@ -1,8 +1,8 @@
 """Noise schedules for flow-matching samplers (SD3 static shift, FLUX.1 / FLUX.2 dynamic shift).
 
-Index convention (docs/interfaces.md): steps i = 0..N-1, sigma_0 = 1 > ... > sigma_N = 0, h_i = sigma_{i+1} - sigma_i < 0,
-z_{i+1} = z_i + h_i v_i. Sigmas are always float64 so that Lagrange weights and step sizes are computed
-exactly once and then cast; the model sees `timesteps` on the scale its backbone expects.
+Index convention (docs/interfaces.md): steps i = 0..N-1, sigma_0 = 1 > ... > sigma_N = 0,
+h_i = sigma_{i+1} - sigma_i < 0, z_{i+1} = z_i + h_i v_i. Sigmas are always float64 so that Lagrange weights and
+step sizes are computed exactly once and then cast; the model sees `timesteps` on the scale its backbone expects.
 """
 
 from __future__ import annotations
@@ -124,7 +124,8 @@ def validate_sigmas(sigmas: torch.Tensor, field: str = "sigmas") -> None:
         raise ConfigError(
             f"{field}[{bad + 1}]",
             float(s[bad + 1]),
-            f"a value < {field}[{bad}]={float(s[bad])!r}: sigmas must be strictly decreasing (sigma_0 > ... > sigma_N = 0)",
+            f"a value < {field}[{bad}]={float(s[bad])!r}: "
+            "sigmas must be strictly decreasing (sigma_0 > ... > sigma_N = 0)",
         )
     if float(s[0]) > 1.0:
         raise ConfigError(f"{field}[0]", float(s[0]), "a value in (0, 1]")

@@ -42,7 +42,8 @@ class MiniLMTextEncoder:
 class EmbeddedBackbone(SD3Backbone):
     name = "embedded"
 
-    def __init__(self, transformer, text_encoder=None, *, autocast: bool = False, preset: BackbonePreset = PRESET, **kw):
+    def __init__(self, transformer, text_encoder=None, *, autocast: bool = False, preset: BackbonePreset = PRESET,
+                 **kw):
         kw.setdefault("shift", 1.0)
         super().__init__(transformer, None, text_encoder or MiniLMTextEncoder(), preset=preset, **kw)
         self.autocast = bool(autocast)

@@ -107,7 +107,8 @@ def require_file(path: str | Path, what: str) -> Path:
     """Return `path` as a Path, or raise FileNotFoundError naming the file expected and what it is for."""
     p = Path(path).expanduser()
     if not p.is_file():
-        raise FileNotFoundError(f"{what}: expected a file at {str(p)!r}, found {'a folder' if p.is_dir() else 'nothing'}")
+        raise FileNotFoundError(
+            f"{what}: expected a file at {str(p)!r}, found {'a folder' if p.is_dir() else 'nothing'}")
     return p
 
 

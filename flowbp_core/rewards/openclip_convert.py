@@ -3,24 +3,24 @@
 Why: HPSv2.1 ships as an OpenCLIP ViT-H-14 state dict (`HPS_v2.1_compressed.pt`), and open_clip needs torchvision,
 which does not import beside this torch. The two layouts hold the same tensors:
 
-| OpenCLIP                                              | transformers CLIPModel                                        |
-|-------------------------------------------------------|---------------------------------------------------------------|
-| visual.conv1.weight                                   | vision_model.embeddings.patch_embedding.weight                |
-| visual.class_embedding                                | vision_model.embeddings.class_embedding                       |
-| visual.positional_embedding                           | vision_model.embeddings.position_embedding.weight             |
-| visual.ln_pre.{weight,bias}                           | vision_model.pre_layrnorm.*                                   |
-| visual.transformer.resblocks.N.ln_1 / ln_2            | vision_model.encoder.layers.N.layer_norm1 / layer_norm2       |
-| ...resblocks.N.attn.in_proj_{weight,bias} ([q;k;v])   | ...layers.N.self_attn.{q,k,v}_proj.{weight,bias}              |
-| ...resblocks.N.attn.out_proj.*                        | ...layers.N.self_attn.out_proj.*                              |
-| ...resblocks.N.mlp.c_fc.* / mlp.c_proj.*              | ...layers.N.mlp.fc1.* / mlp.fc2.*                             |
-| visual.ln_post.*                                      | vision_model.post_layernorm.*                                 |
-| visual.proj  [width, embed]  (x @ proj)               | visual_projection.weight [embed, width] (transposed)          |
-| token_embedding.weight                                | text_model.embeddings.token_embedding.weight                  |
-| positional_embedding                                  | text_model.embeddings.position_embedding.weight               |
-| transformer.resblocks.N.*                             | text_model.encoder.layers.N.* (as for the vision tower)       |
-| ln_final.*                                            | text_model.final_layer_norm.*                                 |
-| text_projection [width, embed] (x @ proj)             | text_projection.weight [embed, width] (transposed)            |
-| logit_scale                                           | logit_scale                                                   |
+| OpenCLIP                                              | transformers CLIPModel                                       |
+|-------------------------------------------------------|--------------------------------------------------------------|
+| visual.conv1.weight                                   | vision_model.embeddings.patch_embedding.weight               |
+| visual.class_embedding                                | vision_model.embeddings.class_embedding                      |
+| visual.positional_embedding                           | vision_model.embeddings.position_embedding.weight            |
+| visual.ln_pre.{weight,bias}                           | vision_model.pre_layrnorm.*                                  |
+| visual.transformer.resblocks.N.ln_1 / ln_2            | vision_model.encoder.layers.N.layer_norm1 / layer_norm2      |
+| ...resblocks.N.attn.in_proj_{weight,bias} ([q;k;v])   | ...layers.N.self_attn.{q,k,v}_proj.{weight,bias}             |
+| ...resblocks.N.attn.out_proj.*                        | ...layers.N.self_attn.out_proj.*                             |
+| ...resblocks.N.mlp.c_fc.* / mlp.c_proj.*              | ...layers.N.mlp.fc1.* / mlp.fc2.*                            |
+| visual.ln_post.*                                      | vision_model.post_layernorm.*                                |
+| visual.proj  [width, embed]  (x @ proj)               | visual_projection.weight [embed, width] (transposed)         |
+| token_embedding.weight                                | text_model.embeddings.token_embedding.weight                 |
+| positional_embedding                                  | text_model.embeddings.position_embedding.weight              |
+| transformer.resblocks.N.*                             | text_model.encoder.layers.N.* (as for the vision tower)      |
+| ln_final.*                                            | text_model.final_layer_norm.*                                |
+| text_projection [width, embed] (x @ proj)             | text_projection.weight [embed, width] (transposed)           |
+| logit_scale                                           | logit_scale                                                  |
 
 The architecture is read off the tensor shapes (widths, depths, patch and image size, context length, vocab,
 embedding size); only the head counts and the activation are not in the weights (ViT-H-14: 16 and 16, exact

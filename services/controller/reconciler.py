@@ -179,7 +179,8 @@ class Reconciler:
             return False
         except PermanentError as e:
             self.metrics.submission_failures.labels(reason="ray_refused").inc()
-            self._mutate(rec.id, lambda r: unchanged(r) and r.transition(JobState.failed, f"Ray refused the job: {e}"))
+            why = f"Ray refused the job: {e}"  # bound here: `e` is unbound once the except block ends
+            self._mutate(rec.id, lambda r: unchanged(r) and r.transition(JobState.failed, why))
             return False
 
         raced = []

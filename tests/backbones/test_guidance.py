@@ -63,7 +63,8 @@ def test_scale_one_skips_the_negative_forward():
     assert [c[0] for c in f.calls] == ["cond"]
 
 
-@pytest.mark.parametrize("kw,field", [(dict(mode="cfg"), "guidance.mode"), (dict(mode="true", scale=0.0), "guidance.scale"),
+@pytest.mark.parametrize("kw,field", [(dict(mode="cfg"), "guidance.mode"),
+                                      (dict(mode="true", scale=0.0), "guidance.scale"),
                                       (dict(mode="distilled", scale=-1.0), "guidance.scale")])
 def test_bad_guidance_config_names_the_field(kw, field):
     with pytest.raises(ConfigError, match=field):

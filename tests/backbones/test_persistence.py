@@ -133,7 +133,8 @@ def test_full_export_loads_with_save_pretrained_layout(name, saved_folder, tmp_p
     assert (_pipeline_image(pipe, bb) - _pipeline_image(base_pipe, bb)).abs().max() > 1e-4
     x = torch.randn(bb.latent_shape(1), generator=torch.Generator().manual_seed(9))
     cond = bb.encode_prompts(PROMPTS[:1])
-    torch.testing.assert_close(_velocity_with(bb, pipe.transformer, x, cond), _velocity_with(bb, bb.transformer, x, cond))
+    torch.testing.assert_close(_velocity_with(bb, pipe.transformer, x, cond),
+                               _velocity_with(bb, bb.transformer, x, cond))
 
 
 def test_export_refuses_the_wrong_kind(tmp_path):

@@ -1,7 +1,5 @@
 """Atomic checkpoints: only complete folders count, crashes leave nothing half-read, pruning keeps the newest."""
 
-import os
-
 import pytest
 import torch
 

@@ -109,7 +109,8 @@ def test_the_check_catches_a_renamed_metric():
 def test_ray_system_metrics_are_ones_ray_itself_charts():
     """Ray 2.60's own Grafana panels (shipped in the wheel) use each allow-listed name: a rename in Ray fails here."""
     spec = find_spec("ray")
-    panels = Path(spec.origin).parent / "dashboard" / "modules" / "metrics" / "dashboards" / "default_dashboard_panels.py"
+    dashboards = Path(spec.origin).parent / "dashboard" / "modules" / "metrics" / "dashboards"
+    panels = dashboards / "default_dashboard_panels.py"
     text = panels.read_text()
     for name in ray_system_metrics.ALL:
         assert re.search(rf"\b{name}\b", text), name

@@ -45,7 +45,8 @@ def tiny_ir(tmp_path_factory):
     for p in head.parameters():
         torch.nn.init.normal_(p, std=0.3)
     # The released ImageReward.pt holds the whole model: blip.* tensors beside mlp.layers.*.
-    torch.save({"blip.visual_encoder.cls_token": torch.zeros(1), **{"mlp." + k: v for k, v in head.state_dict().items()}},
+    torch.save({"blip.visual_encoder.cls_token": torch.zeros(1),
+                **{"mlp." + k: v for k, v in head.state_dict().items()}},
                d / "ImageReward.pt")
     return d, blip, tok, head
 
