@@ -154,7 +154,7 @@ def _pairs(items: list[str] | None, flag: str) -> dict[str, str]:
 
 def cmd_jobs(c: Client, a: argparse.Namespace) -> int:
     params: list[tuple[str, Any]] = [("limit", a.limit)]
-    params += [("state", s) for s in a.state or []] + [("label", l) for l in a.label or []]
+    params += [("state", s) for s in a.state or []] + [("label", kv) for kv in a.label or []]
     page = c.call("GET", "/v1/jobs", params=params)
     rows = [[j["id"], j["name"], j["state"], str(j["attempts"]), _ckpt(j), _age(j["created_at"]), j["reason"]]
             for j in page["jobs"]]

@@ -5,9 +5,10 @@ renamed, with a COMPLETE marker written last. Per-step metrics come from runs/<r
 object with a `step` per line, written by the single-process loop flowbp_core.run) or, for runs of the Ray
 runtime, from the `"event": "step"` rows of runs/<run_id>/events.jsonl. The LoRA offered for download is the
 diffusers export (`pytorch_lora_weights.safetensors`) when the checkpoint has one, else, for a LoRA run, the
-checkpoint's `trainable.safetensors` (the adapter's own weights, peft naming). The controller scans this layout itself instead of importing
-flowbp_core.checkpoint, which pulls in torch: the controller must stay a small process. A step folder without
-COMPLETE is a checkpoint being written (or abandoned by a crash) and is never offered for resume or download.
+checkpoint's `trainable.safetensors` (the adapter's own weights, peft naming). The controller scans this layout
+itself instead of importing flowbp_core.checkpoint, which pulls in torch: the controller must stay a small
+process. A step folder without COMPLETE is a checkpoint being written (or abandoned by a crash) and is never
+offered for resume or download.
 """
 
 from __future__ import annotations
