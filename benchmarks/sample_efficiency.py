@@ -230,7 +230,8 @@ def summarise(records: list[RunRecord], base: dict[str, float], s: Settings) -> 
                     continue
                 verdict[r["method"]] = ("meets target (<= half the budget)" if n is not None and n <= budget / 2 else
                                         f"misses: reaches it with {n:.0f} of {budget} samples" if n is not None else
-                                        f"misses: does not reach {best['final_score_mean']:.1f} within {budget} samples")
+                                        f"misses: does not reach {best['final_score_mean']:.1f} "
+                                        f"within {budget} samples")
     return rows, verdict
 
 
@@ -256,7 +257,8 @@ def table_md(rows: list[dict], verdict: dict, s: Settings, machine: str) -> str:
                    f"{pm(r, 'final_global')} | {pm(r, 'final_local')} | {pm(r, 'final_judge')} | {reach_s} | "
                    f"{pm(r, 'step_s', '.2f')} | {r['saved_mb']:.1f} |")
     if "best" in verdict:
-        out += ["", f"Best {verdict['best']}, worst {verdict['worst']}: {verdict['best_minus_worst']:.1f} points apart, "
+        out += ["", f"Best {verdict['best']}, worst {verdict['worst']}: "
+                    f"{verdict['best_minus_worst']:.1f} points apart, "
                     + ("more than" if verdict["ranking_resolved"] else "within")
                     + " the sum of their seed spreads (ranking " + ("resolved" if verdict["ranking_resolved"] else
                                                                     "not resolved") + ")."]
@@ -310,7 +312,8 @@ def merge(paths: list[Path], out: Path) -> int:
     parts = [json.loads(p.read_text()) for p in paths]
     first = parts[0]
     for p, d in zip(paths, parts):
-        if {k: v for k, v in d["settings"].items() if k != "seeds"} != {k: v for k, v in first["settings"].items() if k != "seeds"}:
+        if ({k: v for k, v in d["settings"].items() if k != "seeds"}
+                != {k: v for k, v in first["settings"].items() if k != "seeds"}):
             raise SystemExit(f"--merge: {p} was run with other settings than {paths[0]}")
     s = Settings(**first["settings"])
     records = [RunRecord(**r) for d in parts for r in d["runs"]]
@@ -332,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="CI-sized: 2 steps, 1 seed, tiny eval")
     p.add_argument("--task", choices=tuple(TASKS), default="preference",
-                   help="preference: world_preference reward, rater score (default); attributes: world_attributes, judge")
+                   help="preference: world_preference reward, rater score (default); "
+                        "attributes: world_attributes, judge")
     p.add_argument("--lr", type=float, default=None, help="LoRA learning rate")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--seeds", type=int, default=None)

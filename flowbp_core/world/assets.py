@@ -49,7 +49,13 @@ def manifest_path(path: Path) -> Path:
 
 
 def save_checkpoint(
-    tensors: dict[str, torch.Tensor], path: Path, *, config: dict, data_seed: int, command: str, extra: dict | None = None
+    tensors: dict[str, torch.Tensor],
+    path: Path,
+    *,
+    config: dict,
+    data_seed: int,
+    command: str,
+    extra: dict | None = None,
 ) -> str:
     """Atomically write `tensors` + metadata to `path` and its manifest; returns the file sha256."""
     path = Path(path)
@@ -118,7 +124,8 @@ def load_checkpoint(path: Path, *, regenerate: str) -> tuple[dict[str, torch.Ten
     got = content_sha256(tensors)
     if got != want:
         raise CheckpointError(
-            f"world checkpoint {path}: tensor contents hash {got[:16]}... but its metadata records {want[:16]}...; {hint}"
+            f"world checkpoint {path}: tensor contents hash {got[:16]}... "
+            f"but its metadata records {want[:16]}...; {hint}"
         )
     meta["config"] = json.loads(meta.get("config", "{}"))
     return tensors, meta

@@ -33,7 +33,9 @@ POSITION_PHRASES: dict[str, tuple[str, ...]] = {
     "bottom": ("at the bottom", "near the bottom", "{sep}bottom side", "in the lower part"),
     "centre": ("in the centre", "in the middle", "{sep}centred", "at the center"),
 }
-COUNT_WORDS: dict[int, tuple[str, ...]] = {1: ("one", "a single", "exactly one"), 2: ("two", "a pair of"), 3: ("three", "a trio of")}
+COUNT_WORDS: dict[int, tuple[str, ...]] = {
+    1: ("one", "a single", "exactly one"), 2: ("two", "a pair of"), 3: ("three", "a trio of")
+}
 BACKGROUND_PHRASES = ("on a {bg} background", "against a {bg} backdrop")
 
 # Reverse lexicons for the parser.
@@ -76,7 +78,8 @@ def caption(spec: PromptSpec, rng: np.random.Generator) -> str:
     elif t == "two_objects":
         a, b = (objs if rng.random() < 0.5 else objs[::-1])
         na, nb = _noun(a.shape, rng), _noun(b.shape, rng)
-        text = _pick(rng, (f"{_article(na)} {na} and {_article(nb)} {nb}", f"{_article(na)} {na} with {_article(nb)} {nb}"))
+        text = _pick(rng, (f"{_article(na)} {na} and {_article(nb)} {nb}",
+                           f"{_article(na)} {na} with {_article(nb)} {nb}"))
     elif t == "counting":
         o = objs[0]
         num = _pick(rng, COUNT_WORDS[spec.count])
@@ -95,7 +98,8 @@ def caption(spec: PromptSpec, rng: np.random.Generator) -> str:
         a, b = (objs if rng.random() < 0.5 else objs[::-1])
         aa, ab = _adj(a.colour, rng), _adj(b.colour, rng)
         na, nb = _noun(a.shape, rng), _noun(b.shape, rng)
-        text = _pick(rng, (f"{_article(aa)} {aa} {na} and {_article(ab)} {ab} {nb}", f"{_article(aa)} {aa} {na} next to {_article(ab)} {ab} {nb}"))
+        text = _pick(rng, (f"{_article(aa)} {aa} {na} and {_article(ab)} {ab} {nb}",
+                           f"{_article(aa)} {aa} {na} next to {_article(ab)} {ab} {nb}"))
     else:  # PromptSpec validates task; this is unreachable
         raise ValueError(f"task={t!r}")
     if spec.background is not None:
@@ -136,7 +140,8 @@ def parse(text: str) -> PromptSpec:
     if not shapes:
         raise CaptionParseError(f"prompt {text!r} names no shape (one of {SHAPES} or a synonym)")
     if len(shapes) > 2 or len(colours) > 2:
-        raise CaptionParseError(f"prompt {text!r} names more than two objects; the world has 1-3 of one kind or two kinds")
+        raise CaptionParseError(f"prompt {text!r} names more than two objects; "
+                                "the world has 1-3 of one kind or two kinds")
     if len(shapes) == 2:
         if colours and len(colours) != 2:
             raise CaptionParseError(f"prompt {text!r}: give both objects a colour or neither")
@@ -150,7 +155,8 @@ def parse(text: str) -> PromptSpec:
     if position is not None:
         if colour is None:
             raise CaptionParseError(f"prompt {text!r}: a positioned object needs a colour in this grammar")
-        return PromptSpec("position", (ObjectSpec(shape=shape, colour=colour, position=position),), background=background)
+        return PromptSpec("position", (ObjectSpec(shape=shape, colour=colour, position=position),),
+                          background=background)
     if colour is None:
         return PromptSpec("single_object", (ObjectSpec(shape=shape),), background=background)
     if count is not None and (count > 1 or not plural) and _is_counting(low, count):

@@ -21,7 +21,9 @@ class PromptItem:
     text: str
 
 
-def prompt_pool(split: str, n: int, seed: int, tasks: tuple[str, ...] = TASKS, background_prob: float = 0.25) -> list[PromptItem]:
+def prompt_pool(
+    split: str, n: int, seed: int, tasks: tuple[str, ...] = TASKS, background_prob: float = 0.25
+) -> list[PromptItem]:
     """`n` prompts of `split`, tasks in equal shares (task-cyclic order), wordings drawn by `seed`.
 
     Each task walks through a seeded permutation of its combinations (and again, reshuffled, when it runs out),

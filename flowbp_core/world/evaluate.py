@@ -26,7 +26,9 @@ _KEEP_NOTHING = CacheNeeds(states=frozenset(), velocities=frozenset())
 
 def noise_for(backbone, n_prompts: int, seed: int) -> torch.Tensor:
     shape = backbone.latent_shape(1)[1:]
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(1000 * seed + i)) for i in range(n_prompts)])
+    return torch.stack(
+        [torch.randn(shape, generator=torch.Generator().manual_seed(1000 * seed + i)) for i in range(n_prompts)]
+    )
 
 
 @torch.no_grad()
@@ -82,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     from flowbp_core.world.spec import TASKS
 
     bb = EmbeddedBackbone.from_pretrained(a.checkpoint) if a.checkpoint else EmbeddedBackbone.default()
-    items = heldout_prompts(a.per_task) if a.split == "heldout" else prompt_pool("train", a.per_task * len(TASKS), seed=99, background_prob=0.0)
+    items = (heldout_prompts(a.per_task) if a.split == "heldout"
+             else prompt_pool("train", a.per_task * len(TASKS), seed=99, background_prob=0.0))
     ev = judge_backbone(bb, items, seeds=a.seeds, n_steps=a.steps)
     print(json.dumps(ev.as_dict(), indent=2))
     return 0

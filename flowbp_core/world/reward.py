@@ -104,7 +104,8 @@ class WorldAttributeReward(torch.nn.Module):
         if not (1 <= int(smoothing_samples) <= 64):
             raise ValueError(f"reward.smoothing_samples={smoothing_samples!r}: allowed range is 1..64")
         if not (0.0 <= float(gradient_blur) <= GRADIENT_BLUR_MAX):
-            raise ValueError(f"reward.gradient_blur={gradient_blur!r}: allowed range is [0, {GRADIENT_BLUR_MAX}] pixels")
+            raise ValueError(f"reward.gradient_blur={gradient_blur!r}: "
+                             f"allowed range is [0, {GRADIENT_BLUR_MAX}] pixels")
         if not (0 <= int(contrastive_negatives) <= CONTRASTIVE_NEGATIVES_MAX):
             raise ValueError(f"reward.contrastive_negatives={contrastive_negatives!r}: allowed range is "
                              f"0..{CONTRASTIVE_NEGATIVES_MAX}")
@@ -146,7 +147,8 @@ class WorldAttributeReward(torch.nn.Module):
 
     def _score(self, out: dict[str, Tensor], i: int, spec: PromptSpec) -> Tensor:
         pos = torch.stack(attribute_logprobs(out, i, spec)).mean()
-        negs = [torch.stack(attribute_logprobs(out, i, s)).mean() for s in self.negatives.get(spec.task, ()) if s != spec]
+        negs = [torch.stack(attribute_logprobs(out, i, s)).mean()
+                for s in self.negatives.get(spec.task, ()) if s != spec]
         if not negs:
             return pos
         # log P(this prompt | image) among it and the negatives of its task: a change that raises every prompt's

@@ -39,7 +39,8 @@ def load_policy(checkpoint: Path | None):
     cfg_path = checkpoint / "config.json"
     weights = checkpoint / "trainable.safetensors"
     if not weights.exists() or not cfg_path.exists():
-        raise FileNotFoundError(f"--policy {checkpoint}: expected a FlowBP checkpoint folder with trainable.safetensors "
+        raise FileNotFoundError(f"--policy {checkpoint}: expected a FlowBP checkpoint folder "
+                                "with trainable.safetensors "
                                 "and config.json (a runs/<id>/step_<n> folder)")
     lora = json.loads(cfg_path.read_text())["backbone"]["lora"]
     bb.apply_lora(LoRAConfig(**lora))

@@ -145,7 +145,8 @@ def sample_scene(spec: PromptSpec, rng: np.random.Generator, size: int = IMAGE_S
         ok = True
         for o in wanted:
             shape = o.shape or SHAPES[rng.integers(len(SHAPES))]
-            colour = shared[id(o)] if spec.task == "counting" else (o.colour or COLOUR_NAMES[rng.integers(len(COLOUR_NAMES))])
+            colour = (shared[id(o)] if spec.task == "counting"
+                      else (o.colour or COLOUR_NAMES[rng.integers(len(COLOUR_NAMES))]))
             for _inner in range(50):
                 cand = _place(shape, colour, o.position, rng, size, size_range)
                 if all(_separated(cand, p) for p in placed):

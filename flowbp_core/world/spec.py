@@ -108,7 +108,8 @@ def all_specs(task: str) -> list[PromptSpec]:
         out = [PromptSpec(task, (ObjectSpec(shape=s, colour=c),)) for c in COLOURS for s in SHAPES]
     elif task == "position":
         out = [
-            PromptSpec(task, (ObjectSpec(shape=s, colour=c, position=p),)) for p in POSITIONS for c in COLOURS for s in SHAPES
+            PromptSpec(task, (ObjectSpec(shape=s, colour=c, position=p),))
+            for p in POSITIONS for c in COLOURS for s in SHAPES
         ]
     elif task == "colour_attr":
         cols, pairs = list(COLOURS), []
@@ -119,7 +120,9 @@ def all_specs(task: str) -> list[PromptSpec]:
                 for c1 in cols:
                     for c2 in cols:
                         if c1 != c2:
-                            pairs.append(PromptSpec(task, (ObjectSpec(shape=s1, colour=c1), ObjectSpec(shape=s2, colour=c2))))
+                            pairs.append(
+                                PromptSpec(task, (ObjectSpec(shape=s1, colour=c1), ObjectSpec(shape=s2, colour=c2)))
+                            )
         out = pairs
     else:
         raise ValueError(f"task={task!r} is not one of {TASKS}")

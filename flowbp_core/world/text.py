@@ -74,7 +74,8 @@ class MiniLMEncoder:
                 states, pooled = self._encode_uncached(chunk)
                 for j, p in enumerate(chunk):
                     self._cache[p] = (states[j].clone(), pooled[j].clone())
-            states = torch.stack([self._cache[p][0] for p in prompts]) if prompts else torch.zeros(0, self.max_tokens, HIDDEN)
+            states = (torch.stack([self._cache[p][0] for p in prompts]) if prompts
+                      else torch.zeros(0, self.max_tokens, HIDDEN))
             pooled = torch.stack([self._cache[p][1] for p in prompts]) if prompts else torch.zeros(0, HIDDEN)
         return {"prompt_embeds": states, "pooled_prompt_embeds": pooled}
 

@@ -50,8 +50,9 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--head-dim", type=int, default=BaseModelConfig.attention_head_dim)
     p.add_argument("--patch", type=int, default=BaseModelConfig.patch_size)
     p.add_argument("--ckpt-minutes", type=float, default=4.0)
-    p.add_argument("--threads", type=int, default=2, help="torch threads (the committed run: 2 on a quiet 2-core machine; "
-                                                         "1 is faster on a shared CPU; 0: torch default)")
+    p.add_argument("--threads", type=int, default=2,
+                   help="torch threads (the committed run: 2 on a quiet 2-core machine; "
+                        "1 is faster on a shared CPU; 0: torch default)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/train_state.pt")
     p.add_argument("--no-autocast", action="store_true")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
@@ -107,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     empty = {k: v.to(dev) for k, v in empty.items()}
     print(f"model {n_params / 1e6:.2f} M params; {len(pool)} captions encoded in {time.time() - t0:.1f} s", flush=True)
 
-    run_cfg = {"model": cfg.diffusers_kwargs(), "train": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}}
+    run_cfg = {"model": cfg.diffusers_kwargs(),
+               "train": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}}
     command = "python -m flowbp_core.world.train_base " + " ".join(sys.argv[1:] if argv is None else argv)
     budget = a.minutes * 60.0
     start = time.time() - elapsed_before
@@ -118,13 +120,17 @@ def main(argv: list[str] | None = None) -> int:
     def checkpoint(final: bool) -> None:
         elapsed = time.time() - start
         half = {k: v.to("cpu", torch.float16) for k, v in ema.items()}
-        digest = save_checkpoint(half, a.out / "transformer.safetensors", config=run_cfg, data_seed=a.seed, command=command,
+        digest = save_checkpoint(half, a.out / "transformer.safetensors", config=run_cfg, data_seed=a.seed,
+                                 command=command,
                                  extra={"steps": step, "train_minutes": round(elapsed / 60, 2), "params": n_params,
-                                        "final_loss_ema": round(float(np.mean(ema_losses[-100:])) if ema_losses else float("nan"), 5)})
+                                        "final_loss_ema": round(float(np.mean(ema_losses[-100:])) if ema_losses
+                                                                else float("nan"), 5)})
         tmp = state_path.with_suffix(".tmp")
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "ema": ema, "step": step, "elapsed": elapsed}, tmp)
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "ema": ema, "step": step,
+                    "elapsed": elapsed}, tmp)
         os.replace(tmp, state_path)
-        print(f"checkpoint at step {step} ({elapsed / 60:.1f} min){' FINAL' if final else ''} sha256={digest[:12]}", flush=True)
+        print(f"checkpoint at step {step} ({elapsed / 60:.1f} min){' FINAL' if final else ''} "
+              f"sha256={digest[:12]}", flush=True)
 
     stream = batch_stream(pool, a.seed, step, a.batch, a.workers)
     while step < a.max_steps and (time.time() - start) < budget:
@@ -140,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         for gparam in opt.param_groups:
             gparam["lr"] = lr
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=not a.no_autocast):
-            pred = model(hidden_states=xt, encoder_hidden_states=c, pooled_projections=p, timestep=sigma * 1000.0, return_dict=False)[0]
+            pred = model(hidden_states=xt, encoder_hidden_states=c, pooled_projections=p, timestep=sigma * 1000.0,
+                         return_dict=False)[0]
         loss = torch.nn.functional.mse_loss(pred.float(), noise - x)
         opt.zero_grad(set_to_none=True)
         loss.backward()

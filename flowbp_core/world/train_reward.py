@@ -54,7 +54,9 @@ def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return x.clamp(0.0, 1.0)
 
 
-def adversarial(model: Recogniser, x: torch.Tensor, lab: dict[str, torch.Tensor], eps: float, steps: int) -> torch.Tensor:
+def adversarial(
+    model: Recogniser, x: torch.Tensor, lab: dict[str, torch.Tensor], eps: float, steps: int
+) -> torch.Tensor:
     """L2 projected gradient ascent on the recogniser's loss: the worst image within `eps` (L2, pixel units in
     [0, 1]) of each x, kept in [0, 1].
 
@@ -97,7 +99,8 @@ def make_batch(n: int, rng: np.random.Generator, pool) -> list[Scene]:
 @torch.no_grad()
 def accuracy(model: Recogniser, x: torch.Tensor, lab: dict[str, torch.Tensor]) -> dict[str, float]:
     out = model(x)
-    acc = {k: float((out[k].argmax(-1) == lab[k]).float().mean()) for k in ("pair_count", "shape_count", "colour_count")}
+    acc = {k: float((out[k].argmax(-1) == lab[k]).float().mean())
+           for k in ("pair_count", "shape_count", "colour_count")}
     present = lab["pair_count"] > 0
     pos_ok = ((out["pair_pos"] > 0).float() == lab["pair_pos"]).all(-1)
     acc["pair_pos"] = float(pos_ok[present].float().mean())
@@ -225,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         step += 1
         if step % 100 == 0:
             model.eval()
-            rec = {"step": step, "loss": round(float(np.mean(losses[-100:])), 4), "elapsed_min": round((time.time() - start) / 60, 2),
+            rec = {"step": step, "loss": round(float(np.mean(losses[-100:])), 4),
+                   "elapsed_min": round((time.time() - start) / 60, 2),
                    **{f"val_{k}": round(v, 4) for k, v in accuracy(model, val_x, val_lab).items()}}
             if gen_val is not None:
                 rec.update({f"genval_{k}": round(v, 4) for k, v in accuracy(model, *gen_val).items()})
@@ -246,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         dict(model.state_dict()), a.out / "recogniser.safetensors",
         config={"model": cfg.as_dict(), "train": {k: _jsonable(v) for k, v in vars(a).items()}},
         data_seed=a.seed, command=command,
-        extra={"steps": step, "train_minutes": round((time.time() - start) / 60, 2), "val_accuracy": {k: round(v, 4) for k, v in final.items()}},
+        extra={"steps": step, "train_minutes": round((time.time() - start) / 60, 2),
+               "val_accuracy": {k: round(v, 4) for k, v in final.items()}},
     )
     print(json.dumps({"final": final, "steps": step, "sha256": digest}), flush=True)
     log.close()

@@ -6,7 +6,14 @@ import shutil
 import pytest
 import torch
 
-from flowbp_core.world.assets import CheckpointError, content_sha256, file_sha256, load_checkpoint, manifest_path, save_checkpoint
+from flowbp_core.world.assets import (
+    CheckpointError,
+    content_sha256,
+    file_sha256,
+    load_checkpoint,
+    manifest_path,
+    save_checkpoint,
+)
 from flowbp_core.world.base_model import BASE_CHECKPOINT, BASE_REGENERATE, load_base_transformer
 from flowbp_core.world.preference import PREFERENCE_CHECKPOINT, PREFERENCE_REGENERATE
 from flowbp_core.world.reward import RECOGNISER_CHECKPOINT, RECOGNISER_REGENERATE, load_recogniser
@@ -102,7 +109,8 @@ def test_publish_base_rehashes_and_records_provenance(tmp_path):
     tensors, meta = load_checkpoint(dst / "transformer.safetensors", regenerate="x")
     assert float(tensors["w"][0, 0]) == 2.0 and meta["published_weights"] == "raw" and meta["data_seed"] == "5"
     assert meta["config"]["text"]["max_tokens"] == 16 and (dst / "train_log.jsonl").is_file()
-    assert json.loads(manifest_path(dst / "transformer.safetensors").read_text())["sha256"] == file_sha256(dst / "transformer.safetensors")
+    assert (json.loads(manifest_path(dst / "transformer.safetensors").read_text())["sha256"]
+            == file_sha256(dst / "transformer.safetensors"))
     assert "note" not in meta
     publish_base(src, "ema", dst, note="trained on a lent GPU")
     _, meta = load_checkpoint(dst / "transformer.safetensors", regenerate="x")

@@ -44,7 +44,8 @@ def test_judge_calls_merged_objects_and_bars_no_shape():
     (obj,) = detect(bar)
     assert obj.shape == UNKNOWN_SHAPE and obj.shape_iou < 0.7
     assert not check(parse("a red square"), [obj]) and not check(parse("a red circle"), [obj])
-    touching = Scene(objects=(SceneObject("circle", "blue", 12.0, 16.0, 5.0), SceneObject("circle", "blue", 21.0, 16.0, 5.0)),
+    touching = Scene(objects=(SceneObject("circle", "blue", 12.0, 16.0, 5.0),
+                              SceneObject("circle", "blue", 21.0, 16.0, 5.0)),
                      background="gray")
     assert [d.shape for d in detect(render(touching))] == [UNKNOWN_SHAPE]
 
@@ -59,7 +60,8 @@ def test_judge_rejects_wrong_scenes():
 
 
 def test_detect_reads_attributes_of_a_known_scene():
-    scene = Scene(objects=(SceneObject("triangle", "red", 8.0, 16.0, 5.0), SceneObject("square", "blue", 24.0, 16.0, 5.0)),
+    scene = Scene(objects=(SceneObject("triangle", "red", 8.0, 16.0, 5.0),
+                           SceneObject("square", "blue", 24.0, 16.0, 5.0)),
                   background="white")
     found = sorted(detect(render(scene)), key=lambda d: d.x)
     assert [(d.shape, d.colour) for d in found] == [("triangle", "red"), ("square", "blue")]
@@ -98,11 +100,13 @@ def test_parser_errors_name_the_problem():
 
 
 def test_heldout_combinations_never_appear_in_training_pool():
-    held = {s.combination() for t in TASKS for s in specs_for_split(t, "heldout") if t not in ("single_object", "two_objects")}
+    held = {s.combination() for t in TASKS for s in specs_for_split(t, "heldout")
+            if t not in ("single_object", "two_objects")}
     assert held, "the held-out split is not empty"
     train = {p.spec.combination() for p in prompt_pool("train", 3000, seed=0)}
     assert not (held & train)
-    assert all(p.spec.split() == "heldout" or p.spec.task in ("single_object", "two_objects") for p in heldout_prompts())
+    assert all(p.spec.split() == "heldout" or p.spec.task in ("single_object", "two_objects")
+               for p in heldout_prompts())
 
 
 def test_diversity_detects_collapse():
