@@ -12,6 +12,7 @@ NaN and +-inf are refused in every spelling and every number has a ceiling.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, get_origin
@@ -110,10 +111,21 @@ class ControllerSettings(BaseModel):
 def _parse_env(key: str, raw: str, annotation: Any) -> Any:
     if get_origin(annotation) is dict:
         try:
-            return json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise SystemExit(f"bad controller settings: {key} must be a JSON object ({e})") from None
+            return json.loads(raw, parse_constant=_not_a_number, parse_float=_finite_float)
+        except ValueError as e:  # JSONDecodeError is one
+            raise SystemExit(f"bad controller settings: {key} must be a JSON object of finite numbers ({e})") from None
     return raw
+
+
+def _not_a_number(token: str) -> float:
+    raise ValueError(f"{token} is not a number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 parses as inf
+        raise ValueError(f"{text} is not a finite number")
+    return value
 
 
 def redact_url(url: str) -> str:

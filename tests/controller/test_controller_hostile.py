@@ -243,6 +243,9 @@ def test_controller_settings_reject_hostile_numbers_from_the_environment():
         for raw in SETTINGS_STRINGS:
             with pytest.raises(SystemExit, match=key):
                 ControllerSettings.from_env({key: raw})
+    for raw in ('{"env_vars": {"X": NaN}}', '{"a": [Infinity]}', '{"a": 1e999}'):  # the JSON-valued setting
+        with pytest.raises(SystemExit, match="FLOWBP_RUNTIME_ENV"):
+            ControllerSettings.from_env({"FLOWBP_RUNTIME_ENV": raw})
     s = ControllerSettings.from_env({"FLOWBP_RAY_TIMEOUT_S": "2.5", "FLOWBP_PORT": "8001",
                                      "FLOWBP_LIMITS_MAX_LABELS": "3"})
     assert (s.ray_timeout_s, s.port, s.limits) == (2.5, 8001, Limits(max_labels=3))
