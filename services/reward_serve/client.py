@@ -27,8 +27,9 @@ class ServedRewardClient:
     """Calls a reward app through its Serve handle with retries. `app_name` names the Serve application."""
 
     def __init__(self, app_name: str, kind: str = "latents", retries: int = 5, timeout_s: float = 120.0,
-                 backoff_s: float = 0.5):
+                 backoff_s: float = 0.5, max_samples: int | None = None):
         self.app_name = app_name
+        self.max_samples = max_samples  # the service's batch limit: a larger call is sent as several requests
         self.kind = kind
         self.retries = retries
         self.timeout_s = timeout_s
@@ -44,18 +45,33 @@ class ServedRewardClient:
         return self._handle
 
     def call(self, x: torch.Tensor, prompts: list[str], want_grad: bool = True) -> RewardResponse:
-        payload = RewardRequest(x.detach(), tuple(prompts), self.kind, want_grad).to_bytes()
+        """Score `x`: in requests of at most `max_samples` samples, sent together, joined in order."""
+        n = self.max_samples or x.shape[0]
+        payloads = [RewardRequest(x[i:i + n].detach(), tuple(prompts[i:i + n]), self.kind, want_grad).to_bytes()
+                    for i in range(0, x.shape[0], n)]
+        pending = [self._get_handle().score.remote(p) for p in payloads]
+        parts = [self._result(p, r) for p, r in zip(payloads, pending)]
+        if len(parts) == 1:
+            return parts[0]
+        grads = [r.grad for r in parts]
+        return RewardResponse(torch.cat([r.rewards for r in parts]),
+                              None if any(g is None for g in grads) else torch.cat(grads), parts[0].deployment)
+
+    def _result(self, payload: bytes, pending) -> RewardResponse:
         last: Exception | None = None
         for attempt in range(self.retries + 1):
+            if attempt > 0:
+                time.sleep(self.backoff_s * attempt)
+                pending = self._get_handle().score.remote(payload)
             try:
-                resp = self._get_handle().score.remote(payload).result(timeout_s=self.timeout_s)
-                return RewardResponse.from_bytes(resp)
+                return RewardResponse.from_bytes(pending.result(timeout_s=self.timeout_s))
             except RETRYABLE as e:
                 last = e
                 self.retried += 1
+                # A timed-out request still holds its place in a batch: cancel it before asking again.
+                pending.cancel()
                 log.warning("reward app %s: attempt %d failed (%s); retrying", self.app_name, attempt + 1,
                             type(e).__name__)
-                time.sleep(self.backoff_s * (attempt + 1))
         raise RuntimeError(f"reward app {self.app_name!r} failed {self.retries + 1} times: {last}") from last
 
     def __call__(self, x: torch.Tensor, prompts: list[str]) -> torch.Tensor:

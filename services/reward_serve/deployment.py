@@ -17,11 +17,15 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from services.reward_serve.engine import RewardEngine, RewardServiceSpec
-from services.reward_serve.protocol import MEDIA_TYPE, RewardRequest, WireError
+from services.reward_serve.protocol import MEDIA_TYPE, RewardRequest, WireError, request_samples
 from services.runtime import metric_names as M
 
 _SECONDS = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
 _SIZES = [1, 2, 4, 8, 16, 32, 64, 128]
+
+
+def _samples(payloads: list[bytes]) -> int:
+    return sum(request_samples(p) for p in payloads)
 
 
 class _RewardBase:
@@ -38,7 +42,8 @@ class _RewardBase:
                                        tag_keys=("deployment",))
         self.tags = {"deployment": spec.name}
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    # The batch limit counts samples, not requests: a request of 32 latents costs 32 times one of 1.
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, batch_size_fn=_samples)
     async def _batched(self, payloads: list[bytes]) -> list[bytes | Exception]:
         # One bad request must not fail its batch-mates: decode each alone, run the good ones together.
         self.batch_size.observe(len(payloads), tags=self.tags)

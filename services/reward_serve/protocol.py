@@ -37,8 +37,20 @@ def _metadata(data: bytes) -> dict[str, str]:
         raise WireError(f"payload header is not JSON: {e}") from None
     meta = dict(header.get("__metadata__", {}) or {})
     if meta.get("format_version") not in _SUPPORTED:
-        raise WireError(f"format_version={meta.get('format_version')!r} is not supported (supported: {sorted(_SUPPORTED)})")
+        raise WireError(
+            f"format_version={meta.get('format_version')!r} is not supported (supported: {sorted(_SUPPORTED)})")
     return meta
+
+
+def request_samples(data: bytes) -> int:
+    """The samples a request carries (its `input`'s first dimension, read from the header alone); 1 for a payload
+    that is not a request, which the batch then rejects with its reason."""
+    try:
+        (hlen,) = struct.unpack("<Q", bytes(data[:8]))
+        shape = json.loads(bytes(data[8 : 8 + hlen]).decode("utf-8"))["input"]["shape"]
+        return max(1, int(shape[0]))
+    except (struct.error, TypeError, ValueError, KeyError, IndexError, UnicodeDecodeError):
+        return 1
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,8 @@ def build_score(cfg: RunConfig, comp, served_app: str | None = None) -> tuple[Sc
 
     s = cfg.reward.served
     kind = "latents" if s.decode_on_reward_side else "images"
-    client = ServedRewardClient(served_app, kind=kind, retries=s.max_retries, timeout_s=s.request_timeout_s)
+    client = ServedRewardClient(served_app, kind=kind, retries=s.max_retries, timeout_s=s.request_timeout_s,
+                                max_samples=s.max_batch_size)
     bb = comp.backbone
     if kind == "latents":
         return (lambda z, p: client(z, list(p))), client
