@@ -41,7 +41,8 @@ def test_job_runs_to_success_across_a_controller_restart(ray_head, redis_server,
                              "the job's reason to report Ray unreachable")
                 assert j["state"] == "running" and "last: RUNNING" in j["reason"]
                 ready = c.get("/readyz")
-                assert ready.status_code == 503 and ready.json()["checks"]["ray"].startswith("Ray job server unreachable")
+                assert ready.status_code == 503
+                assert ready.json()["checks"]["ray"].startswith("Ray job server unreachable")
         finally:
             blind.stop()  # graceful: releases the lease at once
 
