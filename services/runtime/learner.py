@@ -359,12 +359,13 @@ def make_trainer(cfg: RunConfig, run_id: str, board, served_app: str | None, sto
     from ray.train.torch import TorchConfig, TorchTrainer
 
     rt = cfg.runtime
+    resources = {"CPU": rt.learner_num_cpus, **({"GPU": 1} if rt.use_gpu else {})}
     return TorchTrainer(
         learner_loop,
         train_loop_config={"cfg_json": cfg.model_dump_json(), "board": board, "run_id": run_id,
                            "served_app": served_app},
         scaling_config=ScalingConfig(num_workers=rt.learners, use_gpu=rt.use_gpu,
-                                     resources_per_worker={"CPU": rt.learner_num_cpus, **({"GPU": 1} if rt.use_gpu else {})}),
+                                     resources_per_worker=resources),
         torch_config=TorchConfig(backend=torch_backend(rt.use_gpu)),
         run_config=TrainRunConfig(name=f"learner-{run_id}", storage_path=storage_path,
                                   failure_config=FailureConfig(max_failures=rt.max_actor_restarts)),

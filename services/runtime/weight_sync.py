@@ -68,7 +68,8 @@ def _fetch_blobs(handle: WeightsHandle) -> dict[str, torch.Tensor]:
     for blob in ray.get(list(handle.refs)):
         out.update(st_load(blob))
     if len(out) != handle.n_tensors:
-        raise RuntimeError(f"weights v{handle.policy_version}: got {len(out)} tensors, the handle lists {handle.n_tensors}")
+        raise RuntimeError(f"weights v{handle.policy_version}: got {len(out)} tensors, "
+                           f"the handle lists {handle.n_tensors}")
     return out
 
 
@@ -82,7 +83,8 @@ class LoRASync:
         t0 = time.perf_counter()
         blob = st_save(_to_cpu(state), metadata={"policy_version": str(policy_version)})
         ref = ray.put(blob)
-        return WeightsHandle(self.name, int(policy_version), int(generation), (ref,), len(blob), len(state), time.perf_counter() - t0)
+        return WeightsHandle(self.name, int(policy_version), int(generation), (ref,), len(blob), len(state),
+                             time.perf_counter() - t0)
 
     def fetch(self, handle: WeightsHandle) -> dict[str, torch.Tensor]:
         return _fetch_blobs(handle)
@@ -122,7 +124,8 @@ class BucketedSync:
             blob = st_save(bucket, metadata={"policy_version": str(policy_version), "bucket": str(i)})
             nbytes += len(blob)
             refs.append(ray.put(blob))
-        return WeightsHandle(self.name, int(policy_version), int(generation), tuple(refs), nbytes, len(state), time.perf_counter() - t0)
+        return WeightsHandle(self.name, int(policy_version), int(generation), tuple(refs), nbytes, len(state),
+                             time.perf_counter() - t0)
 
     def fetch(self, handle: WeightsHandle) -> dict[str, torch.Tensor]:
         return _fetch_blobs(handle)

@@ -145,7 +145,8 @@ def test_fsdp_two_ranks_match_one_unsharded_learner_and_resume(tmp_path, finetun
         from safetensors.torch import load_file
 
         ours = load_file(str(run_dir / f"step_{STEPS}" / "lora" / "pytorch_lora_weights.safetensors"))
-        theirs = load_file(str(tmp_path / "ref" / "ref" / f"step_{STEPS}" / "lora" / "pytorch_lora_weights.safetensors"))
+        ref_dir = tmp_path / "ref" / "ref" / f"step_{STEPS}"
+        theirs = load_file(str(ref_dir / "lora" / "pytorch_lora_weights.safetensors"))
         assert set(ours) == set(theirs) and ours
         for k in theirs:
             torch.testing.assert_close(ours[k], theirs[k], rtol=1e-4, atol=1e-6, msg=k)
