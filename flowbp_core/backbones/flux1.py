@@ -10,13 +10,14 @@ from the packed image-token count; decode = VAE(latents / 0.3611 + 0.1159) read 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 
 from flowbp_core.backbones.adapter import (DiffusersBackbone, check_pipeline_source, resolve_dtype,
                                            saved_settings)
 from flowbp_core.backbones.base import BackbonePreset, TextEncoder, register
-from flowbp_core.backbones.sd3 import decode_latents, vae_scale_factor
+from flowbp_core.backbones.sd3 import decode_latents, load_vae_decoder, vae_scale_factor
 from flowbp_core.backbones.text import Flux1TextEncoder, tiny_clip_tokenizer, tiny_t5_tokenizer
 from flowbp_core.guidance import GuidanceConfig
 from flowbp_core.schedules import (FLUX1_BASE_SEQ, FLUX1_BASE_SHIFT, FLUX1_MAX_SEQ, FLUX1_MAX_SHIFT, Schedule,
@@ -138,6 +139,13 @@ class Flux1Backbone(DiffusersBackbone):
             if sc.get(ck) is not None:
                 kw.setdefault(k, sc[ck])
         return cls(pipe.transformer, pipe.vae, text, **kw)
+
+    @classmethod
+    def vae_decoder(cls, path: str | os.PathLike, *, dtype=torch.float32, device="cpu",
+                    local_files_only: bool = True, **_) -> Callable[[torch.Tensor], torch.Tensor]:
+        """`decode` from the folder's VAE alone: no transformer, no text encoders."""
+        check_pipeline_source(path, PIPELINE_CLASSES, cls.name, local_files_only)
+        return load_vae_decoder(path, dtype=dtype, device=device, local_files_only=local_files_only)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, dtype=torch.float32, device="cpu",

@@ -10,7 +10,9 @@ in-memory transformer, `vae=None` (pixel space: latents are images in [-1, 1]) a
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -49,6 +51,17 @@ TINY_TEXT_LEN = 16
 
 def vae_scale_factor(vae) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+
+
+def load_vae_decoder(path: str | os.PathLike, *, dtype=torch.float32, device="cpu",
+                     local_files_only: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`decode_latents` with the VAE of a pipeline folder, loaded alone (a reward replica decodes, nothing else)."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(str(path), subfolder="vae", torch_dtype=resolve_dtype(dtype),
+                                        local_files_only=local_files_only).to(device)
+    vae.requires_grad_(False)
+    return functools.partial(decode_latents, vae)
 
 
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
@@ -127,6 +140,13 @@ class SD3Backbone(DiffusersBackbone):
         pipe = StableDiffusion3Pipeline.from_pretrained(str(path), dtype=resolve_dtype(dtype),
                                                         local_files_only=local_files_only)
         return cls.from_pipeline(pipe.to(device), **{**saved_settings(path), **kw})
+
+    @classmethod
+    def vae_decoder(cls, path: str | os.PathLike, *, dtype=torch.float32, device="cpu",
+                    local_files_only: bool = True, **_) -> Callable[[torch.Tensor], torch.Tensor]:
+        """`decode` from the folder's VAE alone: no transformer, no text encoders."""
+        check_pipeline_source(path, PIPELINE_CLASSES, cls.name, local_files_only)
+        return load_vae_decoder(path, dtype=dtype, device=device, local_files_only=local_files_only)
 
     @classmethod
     def tiny(cls, seed: int = 0, *, dtype=torch.float32, device="cpu", with_t5: bool = True, **kw) -> "SD3Backbone":

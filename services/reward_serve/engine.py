@@ -63,6 +63,9 @@ def build_decoder(spec: DecoderSpec | None, device: str = "cpu") -> Callable[[to
         return None
     from flowbp_core import backbones
 
+    cls = backbones.get(spec.backbone)
+    if not spec.tiny and spec.path is not None and hasattr(cls, "vae_decoder"):
+        return cls.vae_decoder(spec.path, **spec.kwargs)  # the VAE alone: no transformer, no text encoders
     bb = backbones.build(spec.backbone, spec.path, tiny=spec.tiny, **spec.kwargs)
     for p in bb.trainable_parameters():
         p.requires_grad_(False)
