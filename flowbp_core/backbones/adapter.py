@@ -100,6 +100,17 @@ def check_pipeline_source(path: str | os.PathLike, expected: tuple[str, ...], fa
     return cfg
 
 
+class NoTextEncoder:
+    """Stands in for the text encoders of a role whose conditioning comes in the caches (a learner)."""
+
+    def __init__(self, owner: str):
+        self.owner = owner
+
+    def encode(self, prompts: list[str]):
+        raise RuntimeError(f"{self.owner} holds no text encoder in this role (its prompt embeddings come in the "
+                           f"rollout's cache); asked to encode {len(prompts)} prompt(s)")
+
+
 class DiffusersBackbone:
     """Base of the diffusers adapters (see module docstring). Not registered itself."""
 
@@ -228,7 +239,18 @@ class DiffusersBackbone:
             cond.update(self._negative_cond())
         return cond
 
+    def drop_text_encoder(self) -> None:
+        """Free the text encoders (T5-XXL alone is ~9.5 GB) of a role that never encodes a prompt: a learner
+        reads the conditioning from the caches. The negative prompt's embedding is kept for guidance whose cache
+        lacks it; encoding anything else raises."""
+        self._kept_negative = self._negative_cond()
+        self.text_encoder = NoTextEncoder(type(self).__name__)
+        self._prompt_cache.clear()
+
     def _negative_cond(self) -> dict[str, torch.Tensor]:
+        kept = getattr(self, "_kept_negative", None)
+        if kept is not None:
+            return kept
         states, pooled = self._encode_cached([self.negative_prompt])
         out = {"neg_prompt_embeds": states}
         if pooled is not None:

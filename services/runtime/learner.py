@@ -156,6 +156,8 @@ class LearnerRank:
         # build_components seeds torch with train.seed: every rank (and every restart) builds the same LoRA init.
         self.comp = build_components(cfg, with_reward=cfg.reward.placement == "colocated", trainable=True)
         self.backbone = self.comp.backbone
+        if hasattr(self.backbone, "drop_text_encoder"):  # the conditioning comes in the caches
+            self.backbone.drop_text_encoder()
         self.score, self.client = components.build_score(cfg, self.comp, served_app)
         t = cfg.train
         self.guard = BadStepGuard(t.max_bad_steps)

@@ -134,13 +134,14 @@ def test_fsdp_group_resumes_together_skips_together_and_matches_one_rank(tmp_pat
     non-finite reward on rank 1 alone skips the step on both (no hang in FSDP's backward); the next step's loss
     and gradient norm are one unsharded rank's on the whole batch; every small collective on the group's device."""
     from flowbp_core.cache import TrajectoryCache
+    from flowbp_core.run import build_components
     from services.runtime.learner import LearnerRank
 
     torch.set_num_threads(1)
     cfg = _cfg(tmp_path, "grp", method={"name": "draft_lv", "n": 2}, steps=3)
     ref_cfg = cfg.model_copy(update={"runtime": cfg.runtime.model_copy(update={"strategy": "ddp", "learners": 1})})
+    files = _write_caches(build_components(ref_cfg, trainable=False), 3, tmp_path)  # a rollout worker's encoders
     ref = LearnerRank(ref_cfg, "grp")
-    files = _write_caches(ref.comp, 3, tmp_path)
     # One rank on the whole batch: step 0, the checkpoint the group resumes from, then step 2 (step 1 is skipped).
     res0 = ref.train(0, TrajectoryCache.from_bytes(Path(files[0]).read_bytes()))
     ref.save(1, res0)
@@ -253,3 +254,19 @@ def test_gradients_are_averaged_in_flat_buckets_not_one_call_per_tensor():
     assert n == group.calls == 5
     for g, b in zip(grads, before):
         torch.testing.assert_close(g, b, rtol=0, atol=0)
+
+
+def test_a_learner_holds_no_text_encoder_and_still_trains(tmp_path):
+    from flowbp_core.run import build_components, make_cache
+    from services.runtime.learner import LearnerRank
+
+    torch.set_num_threads(1)
+    cfg = _cfg(tmp_path, "notext", strategy="ddp")
+    cfg.runtime.learners = 1
+    cache = make_cache(build_components(cfg, trainable=False), 0, 0)  # a rollout worker's, with its encoders
+    lr = LearnerRank(cfg, "notext")
+    assert not hasattr(lr.backbone.text_encoder, "components")
+    with pytest.raises(RuntimeError, match="holds no text encoder"):
+        lr.backbone.encode_prompts(["a red cube"])
+    res = lr.train(0, cache)
+    assert not res.skipped and res.grad_norm > 0
