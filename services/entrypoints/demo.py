@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import threading
@@ -30,7 +31,8 @@ from pathlib import Path
 import torch
 
 from flowbp_core.config import (BackboneSpec, CheckpointSpec, EvalSpec, LoRASpec, MethodSpec, PromptSource,
-                                RewardSpec, RewardTerm, RunConfig, RuntimeSpec, SamplingSpec, ServedRewardSpec, TrainSpec)
+                                RewardSpec, RewardTerm, RunConfig, RuntimeSpec, SamplingSpec, ServedRewardSpec,
+                                TrainSpec)
 
 
 @dataclass(frozen=True)
@@ -72,9 +74,8 @@ def _reward_kwargs(s: DemoSettings) -> dict:
 
 
 def demo_reward(s: DemoSettings) -> RewardSpec:
-    # `served.num_cpus` sizes the driver's end-of-run score deployment (the Ray runtime always deploys one): with
-    # the rollout worker (0.5) and the learner (1) it must fit the local Ray's 2 CPUs, or the learner group never
-    # gets its CPU and the run hangs.
+    # `served.num_cpus` sizes the driver's end-of-run score deployment (the Ray runtime always deploys one); the
+    # local Ray counts it in (`local_ray_cpus`), or the learner group never gets its CPUs and the run hangs.
     served = ServedRewardSpec(num_cpus=0.25)
     if s.reward == "preference":
         # The preference model's score is a choice logit with no ceiling: every sample keeps a gradient.
@@ -88,7 +89,9 @@ def demo_reward(s: DemoSettings) -> RewardSpec:
                       served=served)
 
 
-def demo_config(s: DemoSettings, out_root: Path, run_id: str, seed: int = 0) -> RunConfig:
+def demo_config(s: DemoSettings, out_root: Path, run_id: str, seed: int = 0, threads: int = 1) -> RunConfig:
+    """The demo's run. In sync mode the rollout worker and the learner take turns, so each is given all `threads`
+    (its torch threads follow its CPUs) and the local Ray declares CPUs for both (`local_ray_cpus`)."""
     return RunConfig(
         run_id=run_id,
         backbone=BackboneSpec(name="embedded", pretrained=s.base, device="cpu", finetune="lora",
@@ -99,7 +102,8 @@ def demo_config(s: DemoSettings, out_root: Path, run_id: str, seed: int = 0) -> 
         sampling=SamplingSpec(n_steps=s.n_steps),
         train=TrainSpec(steps=s.steps, batch_size=s.batch, lr=s.lr, seed=seed, prompts=PromptSource(set="world_train")),
         checkpoint=CheckpointSpec(dir=str(out_root), every=s.steps, keep=1, resume=False),
-        runtime=RuntimeSpec(rollout_workers=1, rollout_num_cpus=0.5, learner_num_cpus=1.0, mode="sync"),
+        runtime=RuntimeSpec(rollout_workers=1, rollout_num_cpus=float(threads), learner_num_cpus=float(threads),
+                            mode="sync"),
         eval=EvalSpec(every=0, limit=4),
     )
 
@@ -130,6 +134,13 @@ def run_core(cfg: RunConfig, run_dir: Path, comp, bar) -> list[dict]:
     return rows
 
 
+def local_ray_cpus(cfg: RunConfig) -> float:
+    """Logical CPUs of the demo's local Ray: the rollout worker, the learner and the served score deployment
+    together (more than the machine's cores: in sync mode the first two never run at once)."""
+    rt = cfg.runtime
+    return rt.rollout_workers * rt.rollout_num_cpus + rt.learners * rt.learner_num_cpus + cfg.reward.served.num_cpus
+
+
 def run_ray(cfg: RunConfig, run_dir: Path, bar) -> list[dict]:
     from services.localproc import RAY_LOCAL_ENV
 
@@ -147,8 +158,8 @@ def run_ray(cfg: RunConfig, run_dir: Path, bar) -> list[dict]:
 
     started = False
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20, _node_ip_address="127.0.0.1",
-                 log_to_driver=False, configure_logging=False)
+        ray.init(num_cpus=math.ceil(local_ray_cpus(cfg)), include_dashboard=False, object_store_memory=256 * 2**20,
+                 _node_ip_address="127.0.0.1", log_to_driver=False, configure_logging=False)
         started = True
     driver = Driver(cfg, run_id=cfg.run_id)
     box: dict = {}
@@ -350,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         runtime = "core"
     run_dir = new_run_dir(a.out.absolute(), f"demo-{time.strftime('%Y%m%d-%H%M%S')}{'-quick' if a.quick else ''}")
     run_id = run_dir.name
-    cfg = demo_config(settings, a.out.absolute(), run_id, seed=a.seed)
+    cfg = demo_config(settings, a.out.absolute(), run_id, seed=a.seed, threads=torch.get_num_threads())
     t_start = time.perf_counter()
 
     from tqdm import tqdm

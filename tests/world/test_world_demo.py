@@ -58,6 +58,9 @@ def test_demo_config_carries_the_chosen_base_and_reward_options(tmp_path):
 
     default = demo.demo_config(demo.FULL, tmp_path, "r")
     assert [t.name for t in default.reward.terms] == ["world_preference"] and default.reward.loss == "neg_mean"
+    two = demo.demo_config(demo.FULL, tmp_path, "r", threads=2)  # sync roles take turns: each gets both threads
+    assert (two.runtime.rollout_num_cpus, two.runtime.learner_num_cpus, two.runtime.mode) == (2.0, 2.0, "sync")
+    assert demo.local_ray_cpus(two) == 2.0 + 2.0 + two.reward.served.num_cpus
     s = demo.DemoSettings(**{**demo.QUICK.__dict__, "base": "/x/transformer.safetensors", "smoothing": 0.1,
                              "contrastive": 24, "gradient_blur": 1.5, "reward": "attributes"})
     cfg = demo.demo_config(s, tmp_path, "r")
