@@ -17,6 +17,7 @@ import ray
 import torch
 
 from flowbp_core.config import RunConfig
+from flowbp_core.dtypes import resolve_dtype
 from flowbp_core.sampling import rollout as cached_rollout
 from flowbp_core.training import derive_seed, generator_for
 from services.runtime.payloads import RolloutRequest, RolloutStats
@@ -44,8 +45,7 @@ class RolloutCore:
         self.guidance = self.comp.guidance
         self.n_steps = self.comp.n_steps
         self.schedule = self.backbone.schedule(self.n_steps)
-        self.state_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
-                            "float16": torch.float16}[cfg.backbone.dtype]
+        self.state_dtype = resolve_dtype(cfg.backbone.dtype)
         self.receiver = WeightReceiver()
         if cfg.runtime.compile_rollout:
             # The straight-through pin keeps the reward's input exact whatever the rollout's numerics, so the
