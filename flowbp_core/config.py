@@ -212,7 +212,7 @@ class CheckpointSpec(_Strict):
 class EvalSpec(_Strict):
     every: int = Field(0, ge=0, le=1_000_000, description="evaluate every N steps; 0: only at the end")
     prompts: PromptSource = Field(default_factory=lambda: PromptSource(set="world_heldout"))
-    limit: int = Field(64, ge=1, le=100_000, description="prompts evaluated")
+    limit: int = Field(64, ge=0, le=100_000, description="prompts evaluated; 0: no in-run evaluation")
     seed: int = Field(42, ge=0, le=MAX_SEED)
 
 

@@ -74,8 +74,8 @@ def _reward_kwargs(s: DemoSettings) -> dict:
 
 
 def demo_reward(s: DemoSettings) -> RewardSpec:
-    # `served.num_cpus` sizes the driver's end-of-run score deployment (the Ray runtime always deploys one); the
-    # local Ray counts it in (`local_ray_cpus`), or the learner group never gets its CPUs and the run hangs.
+    # `served.num_cpus` sizes a Serve deployment of the reward, which the Ray runtime makes only for in-run
+    # evaluation (off in the demo) or a served placement; the local Ray counts it in all the same.
     served = ServedRewardSpec(num_cpus=0.25)
     if s.reward == "preference":
         # The preference model's score is a choice logit with no ceiling: every sample keeps a gradient.
@@ -104,7 +104,7 @@ def demo_config(s: DemoSettings, out_root: Path, run_id: str, seed: int = 0, thr
         checkpoint=CheckpointSpec(dir=str(out_root), every=s.steps, keep=1, resume=False),
         runtime=RuntimeSpec(rollout_workers=1, rollout_num_cpus=float(threads), learner_num_cpus=float(threads),
                             mode="sync"),
-        eval=EvalSpec(every=0, limit=4),
+        eval=EvalSpec(limit=0),  # the demo evaluates 96 held-out samples itself: no in-run eval, no score app
     )
 
 
