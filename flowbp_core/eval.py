@@ -263,10 +263,9 @@ def load_backbone(name: str, pretrained: str | None, checkpoint: str | None, *, 
     from flowbp_core.backbones.base import LoRAConfig
     from flowbp_core.checkpoint import latest_complete, load_checkpoint
 
-    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
-    if dt is None:
-        raise ConfigError("eval.dtype", dtype, "float32, bfloat16 or float16")
-    kw: dict[str, Any] = {"dtype": dt, "device": device}
+    from flowbp_core.dtypes import resolve_dtype
+
+    kw: dict[str, Any] = {"dtype": resolve_dtype(dtype, "eval.dtype"), "device": device}
     if tiny:
         kw["seed"] = seed
     elif pretrained is not None:

@@ -22,6 +22,7 @@ from . import backbones, methods
 from .cache import TrajectoryCache
 from .checkpoint import CheckpointState, latest_complete, load_checkpoint, save_checkpoint
 from .config import PromptSource, RewardSpec, RunConfig
+from .dtypes import resolve_dtype
 from .errors import ConfigError
 from .guidance import GuidanceConfig
 from .sampling import rollout
@@ -30,7 +31,6 @@ from .training import EMA, BadStepGuard, PromptSampler, StepResult, derive_seed,
 log = logging.getLogger("flowbp.run")
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # --------------------------------------------------------------------------------------------- prompts
@@ -72,7 +72,7 @@ def resolve_device(name: str) -> torch.device:
 def build_backbone(cfg: RunConfig, device: torch.device | None = None, trainable: bool = True):
     spec = cfg.backbone
     device = device or resolve_device(spec.device)
-    kw: dict[str, Any] = {"dtype": _DTYPES[spec.dtype], "device": device}
+    kw: dict[str, Any] = {"dtype": resolve_dtype(spec.dtype), "device": device}
     if not spec.tiny and spec.pretrained is not None:
         kw["local_files_only"] = spec.local_files_only
     if spec.height is not None:
@@ -182,7 +182,7 @@ def make_cache(comp: RunComponents, step: int, policy_version: int, prompts: lis
     # States and velocities are cached in the model dtype (bf16 on GPU: 2N latents stay negligible).
     return rollout(bb.bind(cond, comp.guidance), noise, schedule.sigmas, seed=derive_seed(base_seed, step, "noise"),
                    policy_version=policy_version, cond=cond, prompts=prompts, needs=needs,
-                   state_dtype=_DTYPES[comp.cfg.backbone.dtype])
+                   state_dtype=resolve_dtype(comp.cfg.backbone.dtype))
 
 
 def learner_step(comp: RunComponents, cache: TrajectoryCache, step: int, optimizer: torch.optim.Optimizer,

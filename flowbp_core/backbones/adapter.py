@@ -19,21 +19,6 @@ from flowbp_core.errors import ConfigError
 from flowbp_core.guidance import GuidanceConfig, guided_velocity
 from flowbp_core.schedules import Schedule
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-           "half": torch.float16}
-
-
-def resolve_dtype(dtype: torch.dtype | str | None, field: str = "backbone.dtype") -> torch.dtype:
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in _DTYPES:
-        return _DTYPES[dtype.lower().removeprefix("torch.")]
-    raise ConfigError(field, dtype, f"a torch dtype or one of {sorted(_DTYPES)}")
-
-
 def match_batch(t: torch.Tensor | None, batch: int, what: str) -> torch.Tensor | None:
     """Conditioning of batch Bc for states of batch B: equal, broadcast from 1, or tiled when B = k * Bc
     (sample b uses the prompt b % Bc: the layout of methods that repeat the batch, e.g. DRaFT-LV)."""

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from flowbp_core.backbones.adapter import resolve_dtype
+from flowbp_core.dtypes import resolve_dtype
 from flowbp_core.backbones.base import BackbonePreset, register
 from flowbp_core.backbones.sd3 import SD3Backbone
 from flowbp_core.guidance import GuidanceConfig

@@ -14,11 +14,11 @@ from collections.abc import Callable
 
 import torch
 
-from flowbp_core.backbones.adapter import (DiffusersBackbone, check_pipeline_source, resolve_dtype,
-                                           saved_settings)
+from flowbp_core.backbones.adapter import DiffusersBackbone, check_pipeline_source, saved_settings
 from flowbp_core.backbones.base import BackbonePreset, TextEncoder, register
 from flowbp_core.backbones.sd3 import decode_latents, load_vae_decoder, vae_scale_factor
 from flowbp_core.backbones.text import Flux1TextEncoder, tiny_clip_tokenizer, tiny_t5_tokenizer
+from flowbp_core.dtypes import resolve_dtype
 from flowbp_core.guidance import GuidanceConfig
 from flowbp_core.schedules import (FLUX1_BASE_SEQ, FLUX1_BASE_SHIFT, FLUX1_MAX_SEQ, FLUX1_MAX_SHIFT, Schedule,
                                    base_sigmas, dynamic_shift, flux1_mu)

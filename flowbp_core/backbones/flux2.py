@@ -13,11 +13,11 @@ import os
 
 import torch
 
-from flowbp_core.backbones.adapter import (DiffusersBackbone, check_pipeline_source, resolve_dtype,
-                                           saved_settings)
+from flowbp_core.backbones.adapter import DiffusersBackbone, check_pipeline_source, saved_settings
 from flowbp_core.backbones.base import BackbonePreset, TextEncoder, register
 from flowbp_core.backbones.sd3 import vae_scale_factor
 from flowbp_core.backbones.text import Qwen3TextEncoder, tiny_qwen_tokenizer
+from flowbp_core.dtypes import resolve_dtype
 from flowbp_core.guidance import GuidanceConfig
 from flowbp_core.schedules import Schedule, make_schedule
 

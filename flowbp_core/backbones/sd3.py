@@ -16,10 +16,10 @@ from collections.abc import Callable
 
 import torch
 
-from flowbp_core.backbones.adapter import (DiffusersBackbone, check_pipeline_source, resolve_dtype,
-                                           saved_settings)
+from flowbp_core.backbones.adapter import DiffusersBackbone, check_pipeline_source, saved_settings
 from flowbp_core.backbones.base import BackbonePreset, TextEncoder, register
 from flowbp_core.backbones.text import SD3TextEncoder, tiny_clip_tokenizer, tiny_t5_tokenizer
+from flowbp_core.dtypes import resolve_dtype
 from flowbp_core.guidance import GuidanceConfig
 from flowbp_core.schedules import Schedule, make_schedule
 

@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from flowbp_core.dtypes import resolve_dtype
 from flowbp_core.rewards.base import FrozenReward, check_batch, register, require_dir, require_file
-from flowbp_core.rewards.clip_family import check_model_type, load_pipeline, resolve_dtype
+from flowbp_core.rewards.clip_family import check_model_type, load_pipeline
 from flowbp_core.rewards.preprocess import ImagePipeline
 
 

@@ -15,22 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from flowbp_core.dtypes import resolve_dtype
 from flowbp_core.rewards.base import FrozenReward, check_batch, require_dir
 from flowbp_core.rewards.preprocess import ImagePipeline
 
 TEXT_CACHE_SIZE = 4096
-
-
-def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-    if dtype not in table:
-        raise ValueError(f"dtype={dtype!r}: expected one of {', '.join(table)}")
-    return table[dtype]
 
 
 def check_model_type(folder: Path, expected: tuple[str, ...], what: str) -> dict:

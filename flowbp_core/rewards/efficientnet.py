@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from flowbp_core.errors import ConfigError
 from flowbp_core.rewards.base import FrozenReward, check_batch, register, require_file
-from flowbp_core.rewards.clip_family import resolve_dtype
+from flowbp_core.dtypes import resolve_dtype
 from flowbp_core.rewards.preprocess import IMAGENET_MEAN, IMAGENET_STD, ImagePipeline
 
 # (repeats, kernel, stride, expand ratio, out channels) per stage: EfficientNet-B0's block arguments.

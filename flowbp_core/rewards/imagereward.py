@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from flowbp_core.dtypes import resolve_dtype
 from flowbp_core.rewards.aesthetic import AestheticMLP
 from flowbp_core.rewards.base import FrozenReward, check_batch, register, require_dir, require_file
-from flowbp_core.rewards.clip_family import check_model_type, load_tokenizer, resolve_dtype
+from flowbp_core.rewards.clip_family import check_model_type, load_tokenizer
 from flowbp_core.rewards.preprocess import ImagePipeline
 
 # Normalisation constants of the released ImageReward-v1.0 head.
