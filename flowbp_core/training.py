@@ -16,8 +16,7 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 
@@ -246,16 +245,3 @@ class BadStepGuard:
         if self.streak >= self.max_bad_steps:
             raise NonFiniteStreak(f"{self.streak} steps in a row were skipped (last at step {result.step}: "
                                   f"{result.skip_reason}); failing the run rather than training on garbage")
-
-
-def iter_metrics(path: str | Path) -> Iterator[dict[str, Any]]:
-    """Read a metrics.jsonl written by a run (one JSON object a line; a torn last line is ignored)."""
-    p = Path(path)
-    if not p.exists():
-        return
-    with open(p) as fh:
-        for line in fh:
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError:
-                continue

@@ -35,7 +35,7 @@ from .runs import run_folder
 from .settings import ControllerSettings
 from .spec import JobSubmitRequest, SpecError, check_spec
 from .store import IdempotencyConflict, JobNotFound, JobStore, RunBusy, StoreUnavailable
-from .submission import JobBackend, PermanentError, TransientError, UnknownRayJob, build_backend
+from .submission import JobBackend, PermanentError, RayJobBackend, TransientError, UnknownRayJob
 
 log = logging.getLogger("flowbp.controller")
 
@@ -67,7 +67,7 @@ class Controller:
         self.tokens = tokens
         self.store = JobStore(settings.redis_url, settings.redis_prefix, settings.redis_timeout_s)
         self.metrics = ControllerMetrics(self.store)
-        self.backend = backend if backend is not None else build_backend("ray", settings)
+        self.backend = backend if backend is not None else RayJobBackend(settings)
         self.reconciler = Reconciler(settings, self.store, self.backend, self.metrics)
 
 

@@ -104,9 +104,6 @@ class ControllerSettings(BaseModel):
                 f"{ENV_PREFIX}{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}" for err in e.errors())
             raise SystemExit(f"bad controller settings: {problems}") from None
 
-    def redacted_redis_url(self) -> str:
-        return redact_url(self.redis_url)
-
 
 def _parse_env(key: str, raw: str, annotation: Any) -> Any:
     if get_origin(annotation) is dict:

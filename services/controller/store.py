@@ -148,13 +148,6 @@ class JobStore:
             raise JobNotFound(job_id)
         return JobRecord.model_validate_json(raw)
 
-    def get_many(self, job_ids: list[str]) -> list[JobRecord]:
-        if not job_ids:
-            return []
-        with self._available():
-            raws = self.r.mget([self._job_key(i) for i in job_ids])
-        return [JobRecord.model_validate_json(r) for r in raws if r is not None]
-
     # ---- change ----
     def mutate(self, job_id: str, change: Callable[[JobRecord], bool | None]) -> JobRecord:
         """Apply `change` to the current record atomically. `change` edits the record in place (use
@@ -239,10 +232,6 @@ class JobStore:
             for s in JobState:
                 pipe.zcard(self._state_key(s))
             return dict(zip(JobState, pipe.execute()))
-
-    def count_all(self) -> int:
-        with self._available():
-            return self.r.zcard(self._k("jobs"))
 
     # ---- run -> newest complete checkpoint ----
     def set_run_checkpoint(self, run_id: str, ref: CheckpointRef) -> None:

@@ -67,22 +67,6 @@ class JobBackend(Protocol):
     def logs(self, submission_id: str) -> str: ...
 
 
-BACKENDS: dict[str, Callable[[ControllerSettings], JobBackend]] = {}
-
-
-def register(name: str):
-    def deco(factory):
-        BACKENDS[name] = factory
-        return factory
-    return deco
-
-
-def build_backend(name: str, settings: ControllerSettings) -> JobBackend:
-    if name not in BACKENDS:
-        raise ValueError(f"unknown job backend {name!r}; known: {sorted(BACKENDS)}")
-    return BACKENDS[name](settings)
-
-
 def with_retries(fn: Callable[[], T], *, attempts: int, backoff_s: float, backoff_max_s: float,
                  what: str, on_failure: Callable[[TransientError], None] | None = None) -> T:
     """Call fn; on TransientError wait backoff_s, 2*backoff_s, ... (capped) and try again, `attempts` in all."""
@@ -117,7 +101,6 @@ def _ray_client_class():
     return TimeoutJobSubmissionClient
 
 
-@register("ray")
 class RayJobBackend:
     """Ray's JobSubmissionClient, created lazily and re-created after a connection failure."""
 
