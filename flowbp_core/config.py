@@ -129,7 +129,8 @@ class RewardSpec(_Strict):
 
 
 class SamplingSpec(_Strict):
-    n_steps: int = Field(25, ge=1, le=1000, description="rollout Euler steps N")
+    n_steps: int = Field(25, ge=1, le=1000, description="rollout Euler steps N; wins over the backbone's "
+                         "preset n_steps, which only serves sampling outside a run")
     guidance_scale: float | None = Field(None, ge=0.0, le=50.0, description="None: backbone default")
     eval_n_steps: int | None = Field(None, ge=1, le=1000)
 
@@ -246,9 +247,12 @@ class RunConfig(_Strict):
 
     # -- helpers -----------------------------------------------------------------------------------
     def method_preset(self) -> str | None:
+        """`method.preset` when set, else the backbone family's own (`backbones.base.method_preset_of`)."""
         if self.method.preset is not None:
             return self.method.preset
-        return {"sd3": "sd35", "flux1": "flux1", "flux2": "flux2"}.get(self.backbone.name)
+        from flowbp_core.backbones.base import method_preset_of
+
+        return method_preset_of(self.backbone.name)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -33,48 +33,9 @@ from torch import Tensor
 
 from flowbp_core.errors import ConfigError
 from flowbp_core.presets import eval_steps as paper_eval_steps
+from flowbp_core.run import load_prompts
 
-DATA_DIR = Path(__file__).resolve().parent / "data"
-PROMPT_SETS = {"hpdv2": DATA_DIR / "hpdv2_eval_prompts.txt", "geneval": DATA_DIR / "geneval_metadata.jsonl"}
 FORMAT_VERSION = 1
-
-
-# ------------------------------------------------------------------------------------------------- prompts
-WORLD_SETS = ("world_train", "world_heldout")
-
-
-def load_prompts(source: str, limit: int | None = None) -> list[str]:
-    """`hpdv2` / `geneval` (shipped sets), `world_train` / `world_heldout` (the embedded world's caption sets), a
-    .txt file (one prompt a line) or a .jsonl file (a "prompt" field per line)."""
-    if source in WORLD_SETS:
-        from flowbp_core.world.data import heldout_prompts, train_prompts
-
-        items = train_prompts() if source == "world_train" else heldout_prompts()
-        prompts = [it.text for it in items]
-        return prompts[:limit] if limit else prompts
-    path = PROMPT_SETS.get(source, Path(source))
-    if not path.is_file():
-        raise ConfigError("eval.prompts", source,
-                          f"one of {sorted(PROMPT_SETS) + list(WORLD_SETS)} or a path to a .txt/.jsonl file")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        prompts = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                prompts.append(str(json.loads(line)["prompt"]))
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ConfigError(f"eval.prompts line {n}", line[:80], 'a JSON object with a "prompt" field') from e
-    else:
-        prompts = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    if not prompts:
-        raise ConfigError("eval.prompts", source, "a source with at least one prompt")
-    if limit is not None:
-        if limit < 1:
-            raise ConfigError("eval.limit", limit, "an integer >= 1")
-        prompts = prompts[:limit]
-    return prompts
 
 
 # ------------------------------------------------------------------------------------------------- scoring
@@ -394,6 +355,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.batch_size < 1:
             raise ConfigError("--batch-size", args.batch_size, "an integer >= 1")
+        if args.limit is not None and args.limit < 1:
+            raise ConfigError("--limit", args.limit, "an integer >= 1")
         if args.steps is not None and args.steps < 1:
             raise ConfigError("--steps", args.steps, "an integer >= 1")
         names = [n.strip() for n in args.rewards.split(",") if n.strip()]

@@ -34,25 +34,48 @@ DATA_DIR = Path(__file__).resolve().parent / "data"
 
 
 # --------------------------------------------------------------------------------------------- prompts
-def load_prompts(source: PromptSource, limit: int | None = None) -> list[str]:
-    """Inline prompts, a file (one a line, blank lines skipped), or a named set shipped with the project."""
+PROMPT_FILES = {"hpdv2": DATA_DIR / "hpdv2_eval_prompts.txt", "geneval": DATA_DIR / "geneval_metadata.jsonl"}
+WORLD_SETS = ("world_train", "world_heldout")
+
+
+def _read_prompt_file(path: Path) -> list[str]:
+    """One prompt a line (blank lines skipped), or for .jsonl a JSON object with a "prompt" field a line."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix != ".jsonl":
+        return [ln.strip() for ln in text.splitlines() if ln.strip()]
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append(str(json.loads(line)["prompt"]))
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ConfigError(f"prompts.file line {n}", line[:80], 'a JSON object with a "prompt" field') from e
+    return out
+
+
+def load_prompts(source: PromptSource | str, limit: int | None = None) -> list[str]:
+    """The prompts of a run config's `PromptSource` (inline prompts, a file or a named set), or of a string as the
+    eval command line gives it (a set name or a file path). Files: .txt one prompt a line, .jsonl a "prompt" field
+    a line. Sets: `world_train` / `world_heldout` (the embedded world's captions), `hpdv2`, `geneval`. The first
+    `limit` prompts when `limit` is set (None or 0: all)."""
+    if isinstance(source, str):
+        source = PromptSource(set=source) if source in (*WORLD_SETS, *PROMPT_FILES) else PromptSource(file=source)
     if source.prompts is not None:
         out = list(source.prompts)
     elif source.file is not None:
         p = Path(source.file)
         if not p.is_file():
-            raise ConfigError("prompts.file", source.file, "a path to an existing text file (one prompt a line)")
-        out = [ln.strip() for ln in p.read_text().splitlines() if ln.strip()]
-    elif source.set in ("world_train", "world_heldout"):
+            raise ConfigError("prompts.file", source.file, "a path to an existing .txt or .jsonl file (or a set: "
+                              f"{', '.join((*WORLD_SETS, *PROMPT_FILES))})")
+        out = _read_prompt_file(p)
+    elif source.set in WORLD_SETS:
         from .world.data import heldout_prompts, train_prompts
 
         items = train_prompts() if source.set == "world_train" else heldout_prompts()
         out = [it.text for it in items]
-    elif source.set == "hpdv2":
-        out = [ln.strip() for ln in (DATA_DIR / "hpdv2_eval_prompts.txt").read_text().splitlines() if ln.strip()]
-    elif source.set == "geneval":
-        out = [json.loads(ln)["prompt"] for ln in (DATA_DIR / "geneval_metadata.jsonl").read_text().splitlines()
-               if ln.strip()]
+    elif source.set in PROMPT_FILES:
+        out = _read_prompt_file(PROMPT_FILES[source.set])
     else:  # pragma: no cover - PromptSource guarantees one source
         raise ConfigError("prompts", source, "one of prompts, file, set")
     if not out:
@@ -123,10 +146,6 @@ def loss_for(cfg: RunConfig, method, guidance: GuidanceConfig):
     return scaled(loss, method.loss_scale(guidance)) if hasattr(method, "loss_scale") else loss
 
 
-def n_steps_for(cfg: RunConfig, backbone) -> int:
-    return cfg.sampling.n_steps
-
-
 @dataclass
 class RunComponents:
     cfg: RunConfig
@@ -161,7 +180,7 @@ def build_components(cfg: RunConfig, *, device: torch.device | None = None, with
     reward = build_reward(cfg.reward, device) if with_reward else None
     guidance = guidance_for(cfg, backbone, method)
     return RunComponents(cfg=cfg, backbone=backbone, method=method, guidance=guidance,
-                         n_steps=n_steps_for(cfg, backbone), device=device, prompts=prompts, reward=reward,
+                         n_steps=cfg.sampling.n_steps, device=device, prompts=prompts, reward=reward,
                          loss_fn=loss_for(cfg, method, guidance))
 
 

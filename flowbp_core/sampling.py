@@ -10,7 +10,7 @@ Why the numerics are exactly this:
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from typing import Callable
 
 import torch
 
@@ -18,8 +18,8 @@ from flowbp_core.cache import CacheNeeds, TrajectoryCache
 from flowbp_core.schedules import validate_sigmas
 
 
-class VelocityFn(Protocol):
-    def __call__(self, x: torch.Tensor, sigma: float) -> torch.Tensor: ...
+# The one velocity type: v(x, sigma), what `Backbone.bind` returns and what rollouts and methods call.
+VelocityFn = Callable[[torch.Tensor, float], torch.Tensor]
 
 
 def euler_add(z: torch.Tensor, h: float, v: torch.Tensor) -> torch.Tensor:

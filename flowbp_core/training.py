@@ -23,6 +23,7 @@ import torch
 from .cache import TrajectoryCache
 from .errors import ConfigError
 from .losses import weighted_loss
+from .sampling import VelocityFn
 
 ScoreFn = Callable[[torch.Tensor, list[str]], torch.Tensor]
 """latents [B, ...] + prompts -> rewards [B]; differentiable w.r.t. the latents (decode is inside)."""
@@ -153,7 +154,7 @@ def train_step(
     step: int,
     cache: TrajectoryCache,
     method: Any,
-    velocity: Callable[[torch.Tensor, float], torch.Tensor],
+    velocity: VelocityFn,
     score: ScoreFn,
     loss_fn: Callable[[torch.Tensor], torch.Tensor],
     params: list[torch.nn.Parameter],

@@ -58,7 +58,10 @@ class LoRAConfig:
 @dataclass(frozen=True)
 class BackbonePreset:
     """What a family samples with by default, and which of the paper's per-backbone method presets it uses
-    (`flowbp_core.methods.build(name, backbone=preset.method_preset)`)."""
+    (`flowbp_core.methods.build(name, backbone=preset.method_preset)`).
+
+    `n_steps` is the default of sampling outside a run (`schedule(None)`, `world/evaluate.py`); a run samples
+    with `sampling.n_steps`, which always has a value (25 unless set), so the run config wins."""
 
     method_preset: str
     n_steps: int = 25
@@ -164,6 +167,14 @@ def get(name: str) -> type:
     if name not in _REGISTRY:
         raise ConfigError("backbone.name", name, f"one of {names()}")
     return _REGISTRY[name]
+
+
+def method_preset_of(name: str) -> str | None:
+    """The paper method preset backbone `name` follows: its family module's `PRESET.method_preset`, the one
+    mapping that `RunConfig.method_preset()` and `methods.build(..., backbone=name)` both read. None for a
+    family registered without a module-level `PRESET`."""
+    preset = getattr(importlib.import_module(get(name).__module__), "PRESET", None)
+    return preset.method_preset if preset is not None else None
 
 
 def build(name: str, path: str | None = None, *, tiny: bool = False, **kw: Any) -> Any:

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 
 from flowbp_core.cache import CacheNeeds, TrajectoryCache
+from flowbp_core.sampling import VelocityFn
 
-VelocityFn = Callable[[torch.Tensor, float], torch.Tensor]
 
 
 @dataclass(frozen=True)

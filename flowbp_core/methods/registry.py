@@ -15,8 +15,6 @@ from flowbp_core.errors import ConfigError
 _REGISTRY: dict[str, Callable[..., Any]] = {}
 
 BACKBONE_PRESETS = ("sd35", "flux1", "flux2")
-# backbone registry names -> the paper preset they follow; the embedded model uses the generic defaults
-_ALIASES = {"sd3": "sd35", "sd35": "sd35", "flux1": "flux1", "flux2": "flux2", "embedded": None, None: None}
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -36,9 +34,15 @@ def names() -> list[str]:
 
 
 def resolve_backbone(backbone: str | None) -> str | None:
-    if backbone not in _ALIASES:
-        raise ConfigError("backbone", backbone, f"one of {[None, *BACKBONE_PRESETS, 'sd3', 'embedded']}")
-    return _ALIASES[backbone]
+    """A preset name (or None) as is; a backbone registry name -> the preset its family declares."""
+    if backbone is None or backbone in BACKBONE_PRESETS:
+        return backbone
+    from flowbp_core.backbones.base import method_preset_of
+
+    try:
+        return method_preset_of(backbone)
+    except ConfigError:
+        raise ConfigError("backbone", backbone, f"one of {[None, *BACKBONE_PRESETS, 'sd3', 'embedded']}") from None
 
 
 def build(name: str, backbone: str | None = None, **overrides: Any):

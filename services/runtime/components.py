@@ -7,13 +7,11 @@ both. This module only adds the served placement, which needs Ray Serve and so c
 
 from __future__ import annotations
 
-from typing import Callable
 
-import torch
 
 from flowbp_core.config import RunConfig
+from flowbp_core.training import ScoreFn
 
-ScoreFn = Callable[[torch.Tensor, list[str]], torch.Tensor]
 
 
 def reward_panel(cfg: RunConfig) -> tuple[tuple[tuple[str, float], ...], dict[str, dict]]:
