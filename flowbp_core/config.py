@@ -239,10 +239,15 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "RunConfig":
+        from flowbp_core.methods.checks import k_within  # the one k <= N rule, shared with the methods
+
         k = self.method.params.get("k")
-        if isinstance(k, int) and not isinstance(k, bool) and k > self.sampling.n_steps:
-            raise ValueError(f"method.k={k} exceeds sampling.n_steps={self.sampling.n_steps}: "
-                             f"the active set is drawn from the N rollout steps")
+        if isinstance(k, int) and not isinstance(k, bool):
+            try:
+                k_within(k, self.sampling.n_steps)
+            except ConfigError as e:  # a pydantic validator reports a ValueError's text; keep it one sentence
+                raise ValueError(f"method.k={k} exceeds sampling.n_steps={self.sampling.n_steps}: "
+                                 f"expected {e.allowed}") from None
         return self
 
     # -- helpers -----------------------------------------------------------------------------------
