@@ -168,10 +168,7 @@ class Driver:
         return served_app, score_app
 
     def _eval_steps(self) -> set[int]:
-        e, n = self.cfg.eval, self.cfg.train.steps
-        if e.limit <= 0:
-            return set()
-        return set(range(e.every, n + 1, e.every)) | {n} if e.every > 0 else {n}
+        return learner_mod.eval_steps(self.cfg)
 
     def _fit(self, trainer) -> None:
         try:
@@ -325,7 +322,7 @@ class Driver:
                 if inflight and inflight[0].step == o.step:
                     inflight.popleft()
                 # Only the newest weights are kept: an outcome held with its handle pins that version's bytes.
-                self.outcomes[o.step] = replace(o, weights=None)
+                self.outcomes[o.step] = replace(o, weights=None, eval_weights=None)
                 next_learn = o.step + 1
                 samples += o.samples
                 sps = samples / max(time.perf_counter() - t_first, 1e-9)
@@ -334,8 +331,8 @@ class Driver:
                     raise RunFailed(o.failed)
                 if o.weights is not None:
                     weights = o.weights
-                if o.step + 1 in eval_steps and self.score_app:
-                    self._evaluate(o.step + 1, weights)
+                if o.step + 1 in eval_steps and self.score_app:  # on the EMA shadow when EMA is on
+                    self._evaluate(o.step + 1, o.eval_weights or weights)
             if not thread.is_alive() and next_learn < total:
                 raise RunFailed(f"learner group ended at step {next_learn} of {total}: {self._fit_error!r}")
         self.summary.status = "finished"
@@ -388,6 +385,8 @@ class Driver:
         s.checkpoints = sorted({o.checkpoint for o in self.outcomes.values() if o.checkpoint})
 
     def _evaluate(self, step: int, weights) -> None:
+        """Score the eval prompts sampled with `weights`: the learner's EMA shadow (an eval-only handle) when
+        `train.ema_decay` is set, else the live weights. The rollouts after it sample with the live weights."""
         e = self.cfg.eval
         prompts = load_prompts(e.prompts, e.limit)
         refs = []

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import ray
@@ -220,6 +221,21 @@ class LearnerRank:
         """Publish weights (rank 0): `state` is `full_trainable_state()`, gathered on every rank."""
         return self.sync.publish(state, self.version, generation)
 
+    @torch.no_grad()
+    def ema_trainable_state(self) -> dict[str, torch.Tensor]:
+        """The EMA shadow as full tensors under the trainable state's keys, in the parameters' dtype (what a
+        rollout worker would load). Swapped into the live parameters for the gather, then swapped back bitwise.
+        The tensors alias the live parameters unless sharded: publish them before the next step. Collective when
+        sharded: call it on every rank."""
+        live = [p.detach().clone() for p in self.params]
+        try:
+            self.ema.copy_to_params()
+            state = self.full_trainable_state()
+            return state if self.sharded else {k: v.clone() for k, v in state.items()}
+        finally:
+            for p, b in zip(self.params, live):
+                p.copy_(b)
+
     def fetch(self, work) -> tuple[TrajectoryCache, float]:
         t0 = time.perf_counter()
         blobs = ray.get(list(work.cache_refs))
@@ -289,6 +305,14 @@ class LearnerRank:
         return str(save(self.comp, self.run_dir, step, self.version, self.optimizer, self.ema, res, full=full))
 
 
+def eval_steps(cfg: RunConfig) -> set[int]:
+    """The steps done after which the driver evaluates (the learner publishes the EMA shadow at those)."""
+    e, n = cfg.eval, cfg.train.steps
+    if e.limit <= 0:
+        return set()
+    return set(range(e.every, n + 1, e.every)) | {n} if e.every > 0 else {n}
+
+
 def learner_loop(config: dict) -> None:
     """Ray Train's train_loop_per_worker."""
     import ray.train
@@ -309,6 +333,7 @@ def learner_loop(config: dict) -> None:
         ray.get(board.say_hello.remote(LearnerHello(generation, lr.step, lr.version, weights, (os.getpid(),),
                                                     lr.resumed_from)))
     cp = cfg.checkpoint
+    evals = eval_steps(cfg)
     step = lr.step
     while step < cfg.train.steps:
         work = None
@@ -335,6 +360,11 @@ def learner_loop(config: dict) -> None:
         state = lr.full_trainable_state() if not res.skipped else None  # every rank: a collective under FSDP
         if state is not None and (step % cp.every == 0 or step == cfg.train.steps):
             ckpt_path = lr.save(step, res, trainable=state)  # every rank (FSDP gathers the rest); rank 0 writes
+        eval_weights = None
+        if lr.ema is not None and step in evals:  # the driver evaluates the EMA shadow (every rank: FSDP gathers)
+            ema_state = lr.ema_trainable_state()
+            if rank == 0:
+                eval_weights = replace(lr.publish(generation, ema_state), eval_only=True)
         if dist is not None:
             dist.barrier()  # nobody runs ahead of a checkpoint being written
         if rank == 0:
@@ -348,7 +378,8 @@ def learner_loop(config: dict) -> None:
                 step=res.step, generation=generation, loss=res.loss, reward_mean=res.reward_mean,
                 grad_norm=res.grad_norm, residual=residual, skipped=res.skipped, skip_reason=res.skip_reason or "",
                 policy_version=lr.version, staleness=version_before - cache.policy_version,
-                samples=cache.batch_size * world, phase_seconds=phases, weights=weights, checkpoint=ckpt_path)))
+                samples=cache.batch_size * world, phase_seconds=phases, weights=weights, checkpoint=ckpt_path,
+                eval_weights=eval_weights)))
 
 
 def torch_backend(use_gpu: bool) -> str:

@@ -18,7 +18,8 @@ PAYLOAD_VERSION = 1
 class WeightsHandle:
     """Where a published set of trainable weights lives: `refs` are ObjectRefs of safetensors byte buckets.
 
-    `policy_version` is the learner step count the weights belong to (0 = the initial weights).
+    `policy_version` is the learner step count the weights belong to (0 = the initial weights). `eval_only`: the
+    EMA shadow at that version, published for an in-run eval; a rollout never samples with it.
     """
 
     backend: str
@@ -28,6 +29,7 @@ class WeightsHandle:
     nbytes: int
     n_tensors: int
     publish_seconds: float
+    eval_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,7 @@ class StepOutcome:
     weights: WeightsHandle | None
     checkpoint: str | None
     failed: str | None = None  # set when the learner gives up (e.g. too many non-finite steps in a row)
+    eval_weights: WeightsHandle | None = None  # the EMA shadow (eval_only) when an eval is due and EMA is on
 
 
 @dataclass(frozen=True)

@@ -78,14 +78,20 @@ class RolloutCore:
         return blob, stats
 
     @torch.no_grad()
-    def evaluate(self, req: RolloutRequest, score_app: str, offset: int = 0) -> list[float]:
-        """Sample `req.prompts` with the request's weights (keeping no trajectory), decode, and score them on
-        the score-only reward deployment `score_app`. Returns one score per prompt."""
+    def eval_images(self, req: RolloutRequest, offset: int = 0) -> torch.Tensor:
+        """Sample `req.prompts` with the request's weights (keeping no trajectory) and decode them. Eval-only
+        weights (the learner's EMA shadow) are loaded for this call alone: the receiver forgets what it held, so
+        the next rollout reloads the live weights its request names."""
         from flowbp_core.backbones.base import eval_schedule
         from flowbp_core.cache import CacheNeeds
-        from services.reward_serve.client import ServedRewardClient
+        from services.runtime import weight_sync
 
-        self.receiver.apply(req.weights, self.backbone.load_trainable_state_dict)
+        w = req.weights
+        if w is not None and w.eval_only:
+            self.receiver.forget()
+            self.backbone.load_trainable_state_dict(weight_sync.build(w.backend).fetch(w))
+        else:
+            self.receiver.apply(w, self.backbone.load_trainable_state_dict)
         prompts = list(req.prompts)
         cond = self.backbone.encode_prompts(prompts)
         n = self.cfg.sampling.eval_n_steps or self.n_steps
@@ -93,9 +99,15 @@ class RolloutCore:
         cache = cached_rollout(self.backbone.bind(cond, self.guidance), noise,
                                eval_schedule(self.backbone, n).sigmas, cond=cond, prompts=prompts,
                                needs=CacheNeeds(frozenset(), frozenset()))
-        images = self.backbone.decode(cache.final.to(self.backbone.dtype))
+        return self.backbone.decode(cache.final.to(self.backbone.dtype))
+
+    def evaluate(self, req: RolloutRequest, score_app: str, offset: int = 0) -> list[float]:
+        """`eval_images`, scored on the score-only reward deployment `score_app`. Returns one score per prompt."""
+        from services.reward_serve.client import ServedRewardClient
+
+        images = self.eval_images(req, offset)
         client = ServedRewardClient(score_app, kind="images")
-        return [float(r) for r in client.call(images.float(), prompts, want_grad=False).rewards]
+        return [float(r) for r in client.call(images.float(), list(req.prompts), want_grad=False).rewards]
 
 
 @ray.remote

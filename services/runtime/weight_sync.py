@@ -141,6 +141,8 @@ class WeightReceiver:
         self.generation = -1
 
     def apply(self, handle: WeightsHandle | None, load: Callable[[dict[str, torch.Tensor]], None]) -> float:
+        if handle is not None and handle.eval_only:
+            raise ValueError(f"weights v{handle.policy_version} are eval-only (the EMA shadow): not for sampling")
         if handle is None or (handle.generation, handle.policy_version) == (self.generation, self.version):
             return 0.0
         t0 = time.perf_counter()
@@ -148,3 +150,8 @@ class WeightReceiver:
         self.version = handle.policy_version
         self.generation = handle.generation
         return time.perf_counter() - t0
+
+    def forget(self) -> None:
+        """Other weights were loaded behind the receiver's back (an eval's EMA): the next `apply` reloads."""
+        self.version = -1
+        self.generation = -1

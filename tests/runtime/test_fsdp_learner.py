@@ -59,11 +59,14 @@ def _rank_main(rank: int, world: int, port: int, cfg_json: str, cache_files: lis
             log["losses"].append(res.loss)
             log["grad_norms"].append(res.grad_norm)
             lr.save(s + 1, res)
-        state = lr.full_trainable_state()
+        state = {k: v.clone() for k, v in lr.full_trainable_state().items()}
+        ema = lr.ema_trainable_state()  # the eval-only publish's gather (issue 13, item 8)
+        assert all(torch.equal(v, state[k]) for k, v in lr.full_trainable_state().items()), "live weights moved"
         whole = sharding.gather_state(lr.backbone.transformer.state_dict())
         if rank == 0:
             Path(out, "log.json").write_text(json.dumps(log))
-            torch.save({k: v.clone() for k, v in state.items()}, Path(out, "state.pt"))
+            torch.save(state, Path(out, "state.pt"))
+            torch.save(ema, Path(out, "ema.pt"))
             if cfg.backbone.finetune == "full":
                 from flowbp_core.export import export_backbone
 
@@ -108,6 +111,9 @@ def test_fsdp_two_ranks_match_one_unsharded_learner_and_resume(tmp_path, finetun
         ref_norms.append(res.grad_norm)
         ref.save(s + 1, res)
     ref_state = {k: v.clone() for k, v in ref.backbone.trainable_state_dict().items()}
+    ref_ema = ref.ema_trainable_state()
+    assert all(torch.equal(v, ref_state[k]) for k, v in ref.backbone.trainable_state_dict().items())
+    assert any(not torch.equal(ref_ema[k], ref_state[k]) for k in ref_state)
 
     # Two FSDP ranks: steps 0-1, then a fresh group resumes from the step_2 checkpoint and does step 2.
     fsdp_cfg = _cfg(tmp_path / "fsdp", "fsdp", finetune, "fsdp")
@@ -125,6 +131,10 @@ def test_fsdp_two_ranks_match_one_unsharded_learner_and_resume(tmp_path, finetun
     assert set(state) == set(ref_state)
     for k in ref_state:
         torch.testing.assert_close(state[k], ref_state[k], rtol=1e-4, atol=1e-6, msg=k)
+    ema = torch.load(tmp_path / "out2" / "ema.pt")  # the gathered EMA shadow, under the trainable keys
+    assert set(ema) == set(ref_ema)
+    for k in ref_ema:
+        torch.testing.assert_close(ema[k], ref_ema[k], rtol=1e-4, atol=1e-6, msg=k)
 
     # The FSDP checkpoint is an ordinary one: full tensors, loadable by a single process, equal to the reference's.
     run_dir = tmp_path / "fsdp" / "fsdp"
