@@ -33,6 +33,11 @@ log = logging.getLogger("flowbp.run")
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
 
+def new_run_id() -> str:
+    """The id of a run whose config names none: run-<local time YYYYmmdd-HHMMSS>-<6 hex>."""
+    return f"run-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
 # --------------------------------------------------------------------------------------------- prompts
 PROMPT_FILES = {"hpdv2": DATA_DIR / "hpdv2_eval_prompts.txt", "geneval": DATA_DIR / "geneval_metadata.jsonl"}
 WORLD_SETS = ("world_train", "world_heldout")
@@ -234,7 +239,7 @@ class LoopResult:
 
 
 def run_dir_for(cfg: RunConfig) -> Path:
-    run_id = cfg.run_id or f"run-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    run_id = cfg.run_id or new_run_id()
     return Path(cfg.checkpoint.dir) / run_id
 
 
