@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from tests.runtime.helpers import tiny_cfg
+from tests.runtime.helpers import tiny_cfg, write_caches
 
 pytestmark = pytest.mark.integration
 
@@ -86,19 +86,13 @@ def _spawn(cfg, cache_files, steps, out: Path) -> dict:
 @pytest.mark.parametrize("finetune", ["lora", "full"])
 def test_fsdp_two_ranks_match_one_unsharded_learner_and_resume(tmp_path, finetune):
     from flowbp_core import checkpoint as ckpt
-    from flowbp_core.run import build_components, make_cache
+    from flowbp_core.run import build_components
     from services.runtime.learner import LearnerRank
 
     torch.set_num_threads(1)
     # Caches of 3 steps from the initial weights (the equivalence does not need them on-policy).
     ref_cfg = _cfg(tmp_path / "ref", "ref", finetune, "ddp")
-    comp = build_components(ref_cfg, trainable=False)
-    files = []
-    for s in range(STEPS):
-        f = tmp_path / f"cache_{s}.safetensors"
-        f.write_bytes(make_cache(comp, s, 0).to_bytes())
-        files.append(str(f))
-    del comp
+    files = write_caches(build_components(ref_cfg, trainable=False), STEPS, tmp_path)
 
     # One unsharded learner on the whole batch (no process group: the single-process update).
     ref = LearnerRank(ref_cfg, "ref")

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from tests.runtime.helpers import tiny_cfg
+from tests.runtime.helpers import tiny_cfg, write_caches
 
 pytestmark = pytest.mark.integration
 
@@ -71,17 +71,6 @@ def run_group(scenario, args: tuple, out: Path, world: int = 2) -> list[dict]:
     for r, res in enumerate(results):
         assert "error" not in res, f"rank {r}:\n{res['error']}"
     return results
-
-
-def _write_caches(comp, steps: int, directory: Path) -> list[str]:
-    from flowbp_core.run import make_cache
-
-    files = []
-    for s in range(steps):
-        f = directory / f"cache_{s}.safetensors"
-        f.write_bytes(make_cache(comp, s, 0).to_bytes())
-        files.append(str(f))
-    return files
 
 
 # ------------------------------------------------------------------------------------------------ scenarios
@@ -140,7 +129,7 @@ def test_fsdp_group_resumes_together_skips_together_and_matches_one_rank(tmp_pat
     torch.set_num_threads(1)
     cfg = _cfg(tmp_path, "grp", method={"name": "draft_lv", "n": 2}, steps=3)
     ref_cfg = cfg.model_copy(update={"runtime": cfg.runtime.model_copy(update={"strategy": "ddp", "learners": 1})})
-    files = _write_caches(build_components(ref_cfg, trainable=False), 3, tmp_path)  # a rollout worker's encoders
+    files = write_caches(build_components(ref_cfg, trainable=False), 3, tmp_path)  # a rollout worker's encoders
     ref = LearnerRank(ref_cfg, "grp")
     # One rank on the whole batch: step 0, the checkpoint the group resumes from, then step 2 (step 1 is skipped).
     res0 = ref.train(0, TrajectoryCache.from_bytes(Path(files[0]).read_bytes()))
