@@ -23,7 +23,6 @@ import json
 import logging
 import threading
 import time
-import uuid
 from collections import deque
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -32,7 +31,7 @@ import ray
 
 from flowbp_core.config import RunConfig
 from flowbp_core.errors import ConfigError
-from flowbp_core.run import load_prompts
+from flowbp_core.run import load_prompts, new_run_id
 from flowbp_core.training import PromptSampler
 from services.runtime import learner as learner_mod
 from services.runtime import rollout as rollout_mod
@@ -115,7 +114,7 @@ class Driver:
                  hello_timeout_s: float = 600.0):
         check_learner_split(cfg)
         self.cfg = cfg
-        self.run_id = run_id or cfg.run_id or f"run-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        self.run_id = run_id or cfg.run_id or new_run_id()
         self.cancel_event = cancel_event or threading.Event()
         self.hello_timeout_s = hello_timeout_s
         self.run_dir = Path(cfg.checkpoint.dir).absolute() / self.run_id
@@ -157,7 +156,7 @@ class Driver:
             deployment.deploy(spec, app_name=served_app, route_prefix=f"/{served_app}", num_replicas=s.replicas,
                               num_cpus=s.num_cpus, num_gpus=s.num_gpus)
             self._apps.append(served_app)
-        if self._eval_steps():
+        if learner_mod.eval_steps(self.cfg):
             score_app = f"score-{self.run_id}"
             spec = RewardServiceSpec(panel, kwargs, None, device=device, name=score_app,
                                      max_batch_size=s.max_batch_size,
@@ -166,9 +165,6 @@ class Driver:
                               num_cpus=s.num_cpus, num_gpus=s.num_gpus, score_only=True)
             self._apps.append(score_app)
         return served_app, score_app
-
-    def _eval_steps(self) -> set[int]:
-        return learner_mod.eval_steps(self.cfg)
 
     def _fit(self, trainer) -> None:
         try:
@@ -245,7 +241,7 @@ class Driver:
         inflight: deque[_InFlight] = deque()
         seen = 0
         outcome_fut = None
-        eval_steps = self._eval_steps()
+        eval_steps = learner_mod.eval_steps(self.cfg)
         t_first = time.perf_counter()
         samples = 0
         while next_learn < total:

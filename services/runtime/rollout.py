@@ -84,12 +84,10 @@ class RolloutCore:
         the next rollout reloads the live weights its request names."""
         from flowbp_core.backbones.base import eval_schedule
         from flowbp_core.cache import CacheNeeds
-        from services.runtime import weight_sync
 
         w = req.weights
         if w is not None and w.eval_only:
-            self.receiver.forget()
-            self.backbone.load_trainable_state_dict(weight_sync.build(w.backend).fetch(w))
+            self.receiver.apply_once(w, self.backbone.load_trainable_state_dict)
         else:
             self.receiver.apply(w, self.backbone.load_trainable_state_dict)
         prompts = list(req.prompts)

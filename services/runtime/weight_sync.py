@@ -151,7 +151,9 @@ class WeightReceiver:
         self.generation = handle.generation
         return time.perf_counter() - t0
 
-    def forget(self) -> None:
-        """Other weights were loaded behind the receiver's back (an eval's EMA): the next `apply` reloads."""
+    def apply_once(self, handle: WeightsHandle, load: Callable[[dict[str, torch.Tensor]], None]) -> None:
+        """Load `handle` (an eval's EMA shadow) for one call: the receiver forgets what it held, so the next
+        `apply` reloads the weights its request names."""
         self.version = -1
         self.generation = -1
+        load(build(handle.backend).fetch(handle))

@@ -61,11 +61,10 @@ def test_demo_config_carries_the_chosen_base_and_reward_options(tmp_path):
     two = demo.demo_config(demo.FULL, tmp_path, "r", threads=2)  # sync roles take turns: each gets both threads
     assert (two.runtime.rollout_num_cpus, two.runtime.learner_num_cpus, two.runtime.mode) == (2.0, 2.0, "sync")
     assert demo.local_ray_cpus(two) == 2.0 + 2.0 + two.reward.served.num_cpus
-    from services.runtime.driver import Driver
+    from services.runtime.learner import eval_steps
 
-    driver = Driver.__new__(Driver)  # the schedule alone: the demo evaluates itself, so no in-run eval or score app
-    driver.cfg = default
-    assert default.eval.limit == 0 and driver._eval_steps() == set()
+    # the demo evaluates itself: no in-run eval, so the Ray run starts no score app
+    assert default.eval.limit == 0 and eval_steps(default) == set()
     s = demo.DemoSettings(**{**demo.QUICK.__dict__, "base": "/x/transformer.safetensors", "smoothing": 0.1,
                              "contrastive": 24, "gradient_blur": 1.5, "reward": "attributes"})
     cfg = demo.demo_config(s, tmp_path, "r")
