@@ -212,10 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, lo, hi in (("minutes", 0.01, 600.0), ("lr", 1e-6, 1e-1)):
         if not lo <= getattr(a, name) <= hi:
             p.error(f"--{name.replace('_', '-')}={getattr(a, name)}: allowed range is [{lo}, {hi}]")
-    for name in ("render_groups", "pool_groups", "matched_groups", "max_steps"):
-        if getattr(a, name) < (1 if name in ("render_groups", "max_steps") else 0):
-            p.error(f"--{name.replace('_', '-')}={getattr(a, name)}: must be >= "
-                    f"{1 if name in ('render_groups', 'max_steps') else 0}")
+    for name, least in (("render_groups", 1), ("pool_groups", 0), ("matched_groups", 0), ("max_steps", 1)):
+        if getattr(a, name) < least:
+            p.error(f"--{name.replace('_', '-')}={getattr(a, name)}: must be >= {least}")
     if a.threads:
         torch.set_num_threads(a.threads)
     from flowbp_core.world.reward import load_recogniser
