@@ -18,7 +18,7 @@ from starlette.responses import Response
 
 from services.reward_serve.engine import RewardEngine, RewardServiceSpec
 from services.reward_serve.protocol import MEDIA_TYPE, RewardRequest, WireError, request_samples
-from services.runtime import metric_names as M
+from services.reward_serve import metric_names as M
 
 _SECONDS = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
 _SIZES = [1, 2, 4, 8, 16, 32, 64, 128]

@@ -6,6 +6,8 @@ series a dashboard queries is e.g. `ray_flowbp_loss`. Tags are listed beside eac
 
 from __future__ import annotations
 
+from services.reward_serve.metric_names import REWARD_BATCH_SIZE, REWARD_REQUEST_SECONDS
+
 PROMETHEUS_PREFIX = "ray_"
 
 # histogram [phase: rollout|transfer|surrogate|reward|backward|sync] [run_id]
@@ -26,9 +28,7 @@ SKIPPED_STEPS_TOTAL = "flowbp_skipped_steps_total"  # [run_id, reason]
 EVAL_SCORE = "flowbp_eval_score"
 # histogram [run_id, backend]
 WEIGHT_SYNC_SECONDS = "flowbp_weight_sync_seconds"
-# reward service histograms [deployment]
-REWARD_REQUEST_SECONDS = "flowbp_reward_request_seconds"
-REWARD_BATCH_SIZE = "flowbp_reward_batch_size"
+# reward service histograms [deployment]: REWARD_REQUEST_SECONDS, REWARD_BATCH_SIZE (services/reward_serve)
 
 PHASES = ("rollout", "transfer", "surrogate", "reward", "backward", "sync")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 
@@ -27,6 +28,25 @@ def test_metric_names_are_exactly_the_documented_ones():
     assert set(metric_names.ALL) == documented
     assert len(metric_names.ALL) == len(set(metric_names.ALL))
     assert metric_names.PROMETHEUS_PREFIX == "ray_"
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module a file imports, at the top or inside a function."""
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            out |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
+    return out
+
+
+def test_reward_serve_imports_nothing_from_the_runtime():
+    files = sorted((REPO / "services/reward_serve").glob("*.py"))
+    assert len(files) > 3
+    bad = {f.name: sorted(m for m in imported_modules(f) if m.startswith("services.runtime"))
+           for f in files}
+    assert not {k: v for k, v in bad.items() if v}, "services/runtime imports services/reward_serve, not back"
 
 
 # ------------------------------------------------------------------------------------------ wire format
