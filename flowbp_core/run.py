@@ -97,10 +97,15 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_backbone(cfg: RunConfig, device: torch.device | None = None, trainable: bool = True):
+def build_backbone(cfg: RunConfig, device: torch.device | None = None, trainable: bool = True,
+                   text_encoders: bool = True):
+    """The configured backbone; `text_encoders=False` loads none (a learner: its conditioning comes in the
+    caches), and its transformer and trainable init are those of a build with them."""
     spec = cfg.backbone
     device = device or resolve_device(spec.device)
     kw: dict[str, Any] = {"dtype": resolve_dtype(spec.dtype), "device": device}
+    if not text_encoders:
+        kw["text_encoders"] = False
     if not spec.tiny and spec.pretrained is not None:
         kw["local_files_only"] = spec.local_files_only
     if spec.height is not None:
@@ -176,10 +181,10 @@ class RunComponents:
 
 
 def build_components(cfg: RunConfig, *, device: torch.device | None = None, with_reward: bool = True,
-                     trainable: bool = True) -> RunComponents:
+                     trainable: bool = True, text_encoders: bool = True) -> RunComponents:
     device = device or resolve_device(cfg.backbone.device)
     torch.manual_seed(cfg.train.seed)
-    backbone = build_backbone(cfg, device, trainable=trainable)
+    backbone = build_backbone(cfg, device, trainable=trainable, text_encoders=text_encoders)
     method = methods.build(cfg.method.name, backbone=cfg.method_preset(), **cfg.method.params)
     prompts = PromptSampler(load_prompts(cfg.train.prompts), cfg.train.batch_size, cfg.train.seed)
     reward = build_reward(cfg.reward, device) if with_reward else None

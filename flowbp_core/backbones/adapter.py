@@ -96,6 +96,25 @@ class NoTextEncoder:
                            f"rollout's cache); asked to encode {len(prompts)} prompt(s)")
 
 
+def text_encoder_for(owner: str, load: bool, build: Callable[[], TextEncoder],
+                     seed: int | None = None) -> TextEncoder:
+    """`build()` (the family's text encoders), or a `NoTextEncoder` when `load` is false: a learner's
+    conditioning comes in the caches, so T5-XXL and the CLIPs are never built there. `build` runs on a forked
+    random stream (seeded with `seed` when given), so the weights drawn after it (a tiny transformer, the LoRA
+    init) are the same whether or not the encoders were built."""
+    if not load:
+        return NoTextEncoder(owner)
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        return build()
+
+
+def text_components(names: tuple[str, ...], load: bool) -> dict[str, None]:
+    """`from_pretrained` keywords that skip the pipeline's text encoders and tokenizers when `load` is false."""
+    return {} if load else {n: None for n in names}
+
+
 class DiffusersBackbone:
     """Base of the diffusers adapters (see module docstring). Not registered itself."""
 
@@ -224,18 +243,7 @@ class DiffusersBackbone:
             cond.update(self._negative_cond())
         return cond
 
-    def drop_text_encoder(self) -> None:
-        """Free the text encoders (T5-XXL alone is ~9.5 GB) of a role that never encodes a prompt: a learner
-        reads the conditioning from the caches. The negative prompt's embedding is kept for guidance whose cache
-        lacks it; encoding anything else raises."""
-        self._kept_negative = self._negative_cond()
-        self.text_encoder = NoTextEncoder(type(self).__name__)
-        self._prompt_cache.clear()
-
     def _negative_cond(self) -> dict[str, torch.Tensor]:
-        kept = getattr(self, "_kept_negative", None)
-        if kept is not None:
-            return kept
         states, pooled = self._encode_cached([self.negative_prompt])
         out = {"neg_prompt_embeds": states}
         if pooled is not None:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from flowbp_core.dtypes import resolve_dtype
+from flowbp_core.backbones.adapter import text_encoder_for
 from flowbp_core.backbones.base import BackbonePreset, register
 from flowbp_core.backbones.sd3 import SD3Backbone
 from flowbp_core.guidance import GuidanceConfig
@@ -43,9 +44,13 @@ class EmbeddedBackbone(SD3Backbone):
     name = "embedded"
 
     def __init__(self, transformer, text_encoder=None, *, autocast: bool = False, preset: BackbonePreset = PRESET,
-                 **kw):
+                 text_encoders: bool = True, **kw):
+        """`text_encoders=False` (with no `text_encoder` given) loads no MiniLM: a learner's conditioning comes in
+        the caches."""
         kw.setdefault("shift", 1.0)
-        super().__init__(transformer, None, text_encoder or MiniLMTextEncoder(), preset=preset, **kw)
+        if text_encoder is None:
+            text_encoder = text_encoder_for(type(self).__name__, text_encoders, MiniLMTextEncoder)
+        super().__init__(transformer, None, text_encoder, preset=preset, **kw)
         self.autocast = bool(autocast)
         self.checkpoint_meta: dict = {}
 

@@ -14,7 +14,8 @@ from collections.abc import Callable
 
 import torch
 
-from flowbp_core.backbones.adapter import DiffusersBackbone, check_pipeline_source, saved_settings
+from flowbp_core.backbones.adapter import (DiffusersBackbone, check_pipeline_source, saved_settings, text_components,
+                                           text_encoder_for)
 from flowbp_core.backbones.base import BackbonePreset, TextEncoder, register
 from flowbp_core.backbones.sd3 import decode_latents, load_vae_decoder, vae_scale_factor
 from flowbp_core.backbones.text import Flux1TextEncoder, tiny_clip_tokenizer, tiny_t5_tokenizer
@@ -26,6 +27,7 @@ from flowbp_core.schedules import (FLUX1_BASE_SEQ, FLUX1_BASE_SHIFT, FLUX1_MAX_S
 PRESET = BackbonePreset(method_preset="flux1", n_steps=25, guidance=GuidanceConfig("distilled", 4.0),
                         resolution=512)
 PIPELINE_CLASSES = ("FluxPipeline",)
+TEXT_COMPONENTS = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
 
 # FLUX.1-dev (11.9 B parameters) and its VAE: the real sizes, for benchmarks with random weights.
 REAL_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
@@ -132,7 +134,8 @@ class Flux1Backbone(DiffusersBackbone):
     # -------------------------------------------------------------------------------------------- constructors
     @classmethod
     def from_pipeline(cls, pipe, **kw) -> "Flux1Backbone":
-        text = Flux1TextEncoder(pipe.tokenizer, pipe.text_encoder, pipe.tokenizer_2, pipe.text_encoder_2)
+        text = text_encoder_for(cls.__name__, pipe.text_encoder is not None, lambda: Flux1TextEncoder(
+            pipe.tokenizer, pipe.text_encoder, pipe.tokenizer_2, pipe.text_encoder_2))
         sc = pipe.scheduler.config
         for k, ck in (("base_seq_len", "base_image_seq_len"), ("max_seq_len", "max_image_seq_len"),
                       ("base_shift", "base_shift"), ("max_shift", "max_shift")):
@@ -149,33 +152,42 @@ class Flux1Backbone(DiffusersBackbone):
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, dtype=torch.float32, device="cpu",
-                        local_files_only: bool = True, **kw) -> "Flux1Backbone":
+                        local_files_only: bool = True, text_encoders: bool = True, **kw) -> "Flux1Backbone":
+        """`text_encoders=False` loads neither CLIP nor T5 (nor their tokenizers)."""
         from diffusers import FluxPipeline
 
         check_pipeline_source(path, PIPELINE_CLASSES, cls.name, local_files_only)
-        pipe = FluxPipeline.from_pretrained(str(path), dtype=resolve_dtype(dtype),
-                                            local_files_only=local_files_only)
+        pipe = FluxPipeline.from_pretrained(str(path), dtype=resolve_dtype(dtype), local_files_only=local_files_only,
+                                            **text_components(TEXT_COMPONENTS, text_encoders))
         return cls.from_pipeline(pipe.to(device), **{**saved_settings(path), **kw})
 
     @classmethod
-    def tiny(cls, seed: int = 0, *, dtype=torch.float32, device="cpu", **kw) -> "Flux1Backbone":
-        """Random tiny FLUX.1 (1 double + 1 single block, 32 px, 16-token prompts), tokenizers built in code."""
+    def tiny(cls, seed: int = 0, *, dtype=torch.float32, device="cpu", text_encoders: bool = True,
+             **kw) -> "Flux1Backbone":
+        """Random tiny FLUX.1 (1 double + 1 single block, 32 px, 16-token prompts), tokenizers built in code.
+        `text_encoders=False` builds no text encoder; the transformer and VAE are the same either way."""
         from diffusers import AutoencoderKL, FluxTransformer2DModel
-        from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
         torch.manual_seed(seed)
-        tok = tiny_clip_tokenizer(TINY_TEXT_LEN)
-        eos, bos = tok.convert_tokens_to_ids("<|endoftext|>"), tok.convert_tokens_to_ids("<|startoftext|>")
-        clip = CLIPTextModel(CLIPTextConfig(
-            vocab_size=len(tok), hidden_size=TINY_TRANSFORMER["pooled_projection_dim"], intermediate_size=32,
-            num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=TINY_TEXT_LEN,
-            bos_token_id=bos, eos_token_id=eos, pad_token_id=eos))
-        tok_t5 = tiny_t5_tokenizer(TINY_TEXT_LEN)
-        t5 = T5EncoderModel(T5Config(vocab_size=len(tok_t5), d_model=TINY_TRANSFORMER["joint_attention_dim"],
-                                     d_ff=64, d_kv=8, num_layers=1, num_heads=4, relative_attention_num_buckets=8,
-                                     pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
-        text = Flux1TextEncoder(tok, clip, tok_t5, t5, max_sequence_length=TINY_TEXT_LEN)
+        transformer, vae = FluxTransformer2DModel(**TINY_TRANSFORMER), AutoencoderKL(**TINY_VAE)
+        text = text_encoder_for(cls.__name__, text_encoders, _tiny_text, seed=seed + 1)
         kw.setdefault("preset", BackbonePreset("flux1", 25, PRESET.guidance, TINY_RESOLUTION))
-        bb = cls(FluxTransformer2DModel(**TINY_TRANSFORMER), AutoencoderKL(**TINY_VAE), text, **kw)
+        bb = cls(transformer, vae, text, **kw)
         return bb.to(device).cast(resolve_dtype(dtype))
 
+
+def _tiny_text() -> Flux1TextEncoder:
+    """Tiny random CLIP-L and T5 of the tiny transformer's widths."""
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    tok = tiny_clip_tokenizer(TINY_TEXT_LEN)
+    eos, bos = tok.convert_tokens_to_ids("<|endoftext|>"), tok.convert_tokens_to_ids("<|startoftext|>")
+    clip = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tok), hidden_size=TINY_TRANSFORMER["pooled_projection_dim"], intermediate_size=32,
+        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=TINY_TEXT_LEN,
+        bos_token_id=bos, eos_token_id=eos, pad_token_id=eos))
+    tok_t5 = tiny_t5_tokenizer(TINY_TEXT_LEN)
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tok_t5), d_model=TINY_TRANSFORMER["joint_attention_dim"],
+                                 d_ff=64, d_kv=8, num_layers=1, num_heads=4, relative_attention_num_buckets=8,
+                                 pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    return Flux1TextEncoder(tok, clip, tok_t5, t5, max_sequence_length=TINY_TEXT_LEN)

@@ -13,7 +13,8 @@ import os
 
 import torch
 
-from flowbp_core.backbones.adapter import DiffusersBackbone, check_pipeline_source, saved_settings
+from flowbp_core.backbones.adapter import (DiffusersBackbone, check_pipeline_source, saved_settings, text_components,
+                                           text_encoder_for)
 from flowbp_core.backbones.base import BackbonePreset, TextEncoder, register
 from flowbp_core.backbones.sd3 import vae_scale_factor
 from flowbp_core.backbones.text import Qwen3TextEncoder, tiny_qwen_tokenizer
@@ -24,6 +25,7 @@ from flowbp_core.schedules import Schedule, make_schedule
 PRESET = BackbonePreset(method_preset="flux2", n_steps=25, guidance=GuidanceConfig("true", 4.0, True),
                         resolution=512)
 PIPELINE_CLASSES = ("Flux2KleinPipeline",)
+TEXT_COMPONENTS = ("tokenizer", "text_encoder")
 
 # FLUX.2-Klein-base-9B transformer (no guidance embedding) and the FLUX.2 VAE, for benchmarks.
 REAL_TRANSFORMER = dict(patch_size=1, in_channels=128, num_layers=8, num_single_layers=24, attention_head_dim=128,
@@ -130,11 +132,14 @@ class Flux2Backbone(DiffusersBackbone):
     # -------------------------------------------------------------------------------------------- constructors
     @classmethod
     def from_pipeline(cls, pipe, **kw) -> "Flux2Backbone":
-        return cls(pipe.transformer, pipe.vae, Qwen3TextEncoder(pipe.tokenizer, pipe.text_encoder), **kw)
+        text = text_encoder_for(cls.__name__, pipe.text_encoder is not None,
+                                lambda: Qwen3TextEncoder(pipe.tokenizer, pipe.text_encoder))
+        return cls(pipe.transformer, pipe.vae, text, **kw)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, dtype=torch.float32, device="cpu",
-                        local_files_only: bool = True, **kw) -> "Flux2Backbone":
+                        local_files_only: bool = True, text_encoders: bool = True, **kw) -> "Flux2Backbone":
+        """`text_encoders=False` loads neither Qwen3 nor its tokenizer."""
         from diffusers import Flux2KleinPipeline
 
         cfg = check_pipeline_source(path, PIPELINE_CLASSES, cls.name, local_files_only)
@@ -142,27 +147,37 @@ class Flux2Backbone(DiffusersBackbone):
             raise ValueError(f"{path!r} is a step-distilled FLUX.2-Klein (is_distilled=true); reward "
                              "backpropagation with true CFG expects the base model (FLUX.2-klein-base-*)")
         pipe = Flux2KleinPipeline.from_pretrained(str(path), dtype=resolve_dtype(dtype),
-                                                  local_files_only=local_files_only)
+                                                  local_files_only=local_files_only,
+                                                  **text_components(TEXT_COMPONENTS, text_encoders))
         return cls.from_pipeline(pipe.to(device), **{**saved_settings(path), **kw})
 
     @classmethod
-    def tiny(cls, seed: int = 0, *, dtype=torch.float32, device="cpu", **kw) -> "Flux2Backbone":
-        """Random tiny FLUX.2-Klein (1+1 blocks, 32 px, 28-layer 16-wide Qwen3 so layers 9/18/27 exist)."""
+    def tiny(cls, seed: int = 0, *, dtype=torch.float32, device="cpu", text_encoders: bool = True,
+             **kw) -> "Flux2Backbone":
+        """Random tiny FLUX.2-Klein (1+1 blocks, 32 px, 28-layer 16-wide Qwen3 so layers 9/18/27 exist).
+        `text_encoders=False` builds no text encoder; the transformer and VAE are the same either way."""
         from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
-        from transformers import Qwen3Config, Qwen3ForCausalLM
 
         torch.manual_seed(seed)
-        tok = tiny_qwen_tokenizer(TINY_TEXT_LEN)
-        qwen = Qwen3ForCausalLM(Qwen3Config(
-            vocab_size=len(tok), hidden_size=TINY_QWEN_HIDDEN, intermediate_size=32, num_hidden_layers=28,
-            num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=2 * TINY_TEXT_LEN,
-            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True))
-        text = Qwen3TextEncoder(tok, qwen, max_sequence_length=TINY_TEXT_LEN)
+        transformer = Flux2Transformer2DModel(**TINY_TRANSFORMER)
         vae = AutoencoderKLFlux2(**TINY_VAE)
         # non-trivial batch-norm statistics, so that tests see the un-normalisation in decode
         g = torch.Generator().manual_seed(seed)
         vae.bn.running_mean.copy_(0.1 * torch.randn(vae.bn.running_mean.shape, generator=g))
         vae.bn.running_var.copy_(0.5 + torch.rand(vae.bn.running_var.shape, generator=g))
+        text = text_encoder_for(cls.__name__, text_encoders, _tiny_text, seed=seed + 1)
         kw.setdefault("preset", BackbonePreset("flux2", 25, PRESET.guidance, TINY_RESOLUTION))
-        bb = cls(Flux2Transformer2DModel(**TINY_TRANSFORMER), vae, text, **kw)
+        bb = cls(transformer, vae, text, **kw)
         return bb.to(device).cast(resolve_dtype(dtype))
+
+
+def _tiny_text() -> Qwen3TextEncoder:
+    """A tiny random Qwen3 (28 layers of width 16, so that the layers the pipeline reads exist)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tok = tiny_qwen_tokenizer(TINY_TEXT_LEN)
+    qwen = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=len(tok), hidden_size=TINY_QWEN_HIDDEN, intermediate_size=32, num_hidden_layers=28,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=2 * TINY_TEXT_LEN,
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True))
+    return Qwen3TextEncoder(tok, qwen, max_sequence_length=TINY_TEXT_LEN)

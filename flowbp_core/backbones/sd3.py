@@ -16,7 +16,8 @@ from collections.abc import Callable
 
 import torch
 
-from flowbp_core.backbones.adapter import DiffusersBackbone, check_pipeline_source, saved_settings
+from flowbp_core.backbones.adapter import (DiffusersBackbone, check_pipeline_source, saved_settings, text_components,
+                                           text_encoder_for)
 from flowbp_core.backbones.base import BackbonePreset, TextEncoder, register
 from flowbp_core.backbones.text import SD3TextEncoder, tiny_clip_tokenizer, tiny_t5_tokenizer
 from flowbp_core.dtypes import resolve_dtype
@@ -25,6 +26,7 @@ from flowbp_core.schedules import Schedule, make_schedule
 
 PRESET = BackbonePreset(method_preset="sd35", n_steps=25, guidance=GuidanceConfig("true", 3.5, True), resolution=512)
 PIPELINE_CLASSES = ("StableDiffusion3Pipeline",)
+TEXT_COMPONENTS = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "tokenizer_3", "text_encoder_3")
 
 # SD3.5-Medium (2.24 B parameters) and the SD3 VAE: the real sizes, for benchmarks with random weights.
 REAL_TRANSFORMER = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
@@ -125,20 +127,24 @@ class SD3Backbone(DiffusersBackbone):
     # -------------------------------------------------------------------------------------------- constructors
     @classmethod
     def from_pipeline(cls, pipe, **kw) -> "SD3Backbone":
-        text = SD3TextEncoder(pipe.tokenizer, pipe.text_encoder, pipe.tokenizer_2, pipe.text_encoder_2,
-                              pipe.tokenizer_3, pipe.text_encoder_3,
-                              joint_attention_dim=pipe.transformer.config.joint_attention_dim)
+        """The backbone over `pipe`'s modules; a pipeline loaded without text encoders gives one that cannot encode
+        (a learner's: its conditioning comes in the caches)."""
+        text = text_encoder_for(cls.__name__, pipe.text_encoder is not None, lambda: SD3TextEncoder(
+            pipe.tokenizer, pipe.text_encoder, pipe.tokenizer_2, pipe.text_encoder_2, pipe.tokenizer_3,
+            pipe.text_encoder_3, joint_attention_dim=pipe.transformer.config.joint_attention_dim))
         kw.setdefault("shift", float(pipe.scheduler.config.get("shift", 3.0)))
         return cls(pipe.transformer, pipe.vae, text, **kw)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, dtype=torch.float32, device="cpu",
-                        local_files_only: bool = True, **kw) -> "SD3Backbone":
+                        local_files_only: bool = True, text_encoders: bool = True, **kw) -> "SD3Backbone":
+        """`text_encoders=False` loads neither the CLIPs nor T5 (nor their tokenizers)."""
         from diffusers import StableDiffusion3Pipeline
 
         check_pipeline_source(path, PIPELINE_CLASSES, cls.name, local_files_only)
         pipe = StableDiffusion3Pipeline.from_pretrained(str(path), dtype=resolve_dtype(dtype),
-                                                        local_files_only=local_files_only)
+                                                        local_files_only=local_files_only,
+                                                        **text_components(TEXT_COMPONENTS, text_encoders))
         return cls.from_pipeline(pipe.to(device), **{**saved_settings(path), **kw})
 
     @classmethod
@@ -149,31 +155,39 @@ class SD3Backbone(DiffusersBackbone):
         return load_vae_decoder(path, dtype=dtype, device=device, local_files_only=local_files_only)
 
     @classmethod
-    def tiny(cls, seed: int = 0, *, dtype=torch.float32, device="cpu", with_t5: bool = True, **kw) -> "SD3Backbone":
-        """Random tiny SD3 (2 layers, 32 px, 16-token prompts) with real tokenizers built in code."""
+    def tiny(cls, seed: int = 0, *, dtype=torch.float32, device="cpu", with_t5: bool = True,
+             text_encoders: bool = True, **kw) -> "SD3Backbone":
+        """Random tiny SD3 (2 layers, 32 px, 16-token prompts) with real tokenizers built in code.
+        `text_encoders=False` builds no text encoder; the transformer and VAE are the same either way."""
         from diffusers import AutoencoderKL, SD3Transformer2DModel
-        from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
         torch.manual_seed(seed)
-        tok_l, tok_g = tiny_clip_tokenizer(TINY_TEXT_LEN), tiny_clip_tokenizer(TINY_TEXT_LEN)
-        eos = tok_l.convert_tokens_to_ids("<|endoftext|>")
-        bos = tok_l.convert_tokens_to_ids("<|startoftext|>")
-
-        def clip():
-            return CLIPTextModelWithProjection(CLIPTextConfig(
-                vocab_size=len(tok_l), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                num_attention_heads=2, max_position_embeddings=TINY_TEXT_LEN, projection_dim=32,
-                bos_token_id=bos, eos_token_id=eos, pad_token_id=eos))
-
-        tok_t5 = tiny_t5_tokenizer(TINY_TEXT_LEN)
-        t5 = T5EncoderModel(T5Config(vocab_size=len(tok_t5), d_model=32, d_ff=64, d_kv=8, num_layers=1,
-                                     num_heads=4, relative_attention_num_buckets=8, pad_token_id=0,
-                                     eos_token_id=1, decoder_start_token_id=0)) if with_t5 else None
-        text = SD3TextEncoder(tok_l, clip(), tok_g, clip(), tok_t5 if with_t5 else None, t5,
-                              joint_attention_dim=TINY_TRANSFORMER["joint_attention_dim"],
-                              max_sequence_length=TINY_TEXT_LEN)
         transformer = SD3Transformer2DModel(**TINY_TRANSFORMER)
         vae = AutoencoderKL(**TINY_VAE)
+        text = text_encoder_for(cls.__name__, text_encoders, lambda: _tiny_text(with_t5), seed=seed + 1)
         kw.setdefault("preset", BackbonePreset("sd35", 25, PRESET.guidance, TINY_RESOLUTION))
         bb = cls(transformer, vae, text, **kw)
         return bb.to(device).cast(resolve_dtype(dtype))
+
+
+def _tiny_text(with_t5: bool) -> SD3TextEncoder:
+    """Tiny random CLIP-L, CLIP-G and (with_t5) T5 of the tiny transformer's widths."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    tok_l, tok_g = tiny_clip_tokenizer(TINY_TEXT_LEN), tiny_clip_tokenizer(TINY_TEXT_LEN)
+    eos = tok_l.convert_tokens_to_ids("<|endoftext|>")
+    bos = tok_l.convert_tokens_to_ids("<|startoftext|>")
+
+    def clip():
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=len(tok_l), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+            num_attention_heads=2, max_position_embeddings=TINY_TEXT_LEN, projection_dim=32,
+            bos_token_id=bos, eos_token_id=eos, pad_token_id=eos))
+
+    tok_t5 = tiny_t5_tokenizer(TINY_TEXT_LEN)
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tok_t5), d_model=32, d_ff=64, d_kv=8, num_layers=1,
+                                 num_heads=4, relative_attention_num_buckets=8, pad_token_id=0,
+                                 eos_token_id=1, decoder_start_token_id=0)) if with_t5 else None
+    return SD3TextEncoder(tok_l, clip(), tok_g, clip(), tok_t5 if with_t5 else None, t5,
+                          joint_attention_dim=TINY_TRANSFORMER["joint_attention_dim"],
+                          max_sequence_length=TINY_TEXT_LEN)

@@ -155,10 +155,10 @@ class LearnerRank:
 
         self.cfg, self.run_id, self.rank, self.world = cfg, run_id, rank, world
         # build_components seeds torch with train.seed: every rank (and every restart) builds the same LoRA init.
-        self.comp = build_components(cfg, with_reward=cfg.reward.placement == "colocated", trainable=True)
+        # No text encoders: the conditioning comes in the caches.
+        self.comp = build_components(cfg, with_reward=cfg.reward.placement == "colocated", trainable=True,
+                                     text_encoders=False)
         self.backbone = self.comp.backbone
-        if hasattr(self.backbone, "drop_text_encoder"):  # the conditioning comes in the caches
-            self.backbone.drop_text_encoder()
         self.score, self.client = components.build_score(cfg, self.comp, served_app)
         t = cfg.train
         self.guard = BadStepGuard(t.max_bad_steps)

@@ -245,16 +245,33 @@ def test_gradients_are_averaged_in_flat_buckets_not_one_call_per_tensor():
         torch.testing.assert_close(g, b, rtol=0, atol=0)
 
 
-def test_a_learner_holds_no_text_encoder_and_still_trains(tmp_path):
+def test_a_learner_never_builds_a_text_encoder_and_trains_from_the_same_weights(tmp_path, monkeypatch):
+    """Every transformers model (the CLIPs, T5) is counted as it is constructed: a rollout-side build makes the CLIPs
+    and T5, a learner none; its transformer and LoRA init equal the rollout-side build's, and it trains on the cache."""
+    import transformers
+
     from flowbp_core.run import build_components, make_cache
     from services.runtime.learner import LearnerRank
 
+    built: list[str] = []
+    init = transformers.PreTrainedModel.__init__
+
+    def counting_init(self, *args, **kwargs):
+        built.append(type(self).__name__)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "__init__", counting_init)
     torch.set_num_threads(1)
     cfg = _cfg(tmp_path, "notext", strategy="ddp")
     cfg.runtime.learners = 1
-    cache = make_cache(build_components(cfg, trainable=False), 0, 0)  # a rollout worker's, with its encoders
+    rollout = build_components(cfg, trainable=True)  # a rollout worker's (and train_loop's) build
+    assert {"CLIPTextModelWithProjection", "T5EncoderModel"} <= set(built)
+    cache = make_cache(rollout, 0, 0)
+    built.clear()
     lr = LearnerRank(cfg, "notext")
-    assert not hasattr(lr.backbone.text_encoder, "components")
+    assert built == []
+    for k, v in rollout.backbone.transformer.state_dict().items():
+        assert torch.equal(lr.backbone.transformer.state_dict()[k], v), k
     with pytest.raises(RuntimeError, match="holds no text encoder"):
         lr.backbone.encode_prompts(["a red cube"])
     res = lr.train(0, cache)
