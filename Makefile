@@ -24,10 +24,12 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps -e .
 	@touch $(STAMP)
 
-# Redis (controller store) and promtool (alert rules) come from Debian; installed only when missing.
+# Redis (controller store), promtool (alert rules) and prometheus (the live dashboard test) come from Debian;
+# installed only when missing.
 system-deps:
 	@command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server >/dev/null)
-	@command -v promtool >/dev/null || (apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus >/dev/null)
+	@(command -v promtool && command -v prometheus) >/dev/null || \
+		(apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus >/dev/null)
 
 setup: $(STAMP) system-deps
 

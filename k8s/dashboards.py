@@ -194,8 +194,9 @@ SYSTEM = Dashboard(
                 Panel("Requests by route and code", "Requests per second.",
                       (_q(f"sum by (route, code) (rate(flowbp_controller_requests_total[{RATE}]))",
                           "{{route}} {{code}}"),), unit="reqps"),
+                # no 5xx series exists until the first 5xx: `or vector(0)` shows a healthy 0 instead of no data
                 Panel("5xx share", "Share of answers with a 5xx status.",
-                      (_q(f'sum(rate(flowbp_controller_requests_total{{code=~"5.."}}[{RATE}])) / '
+                      (_q(f'(sum(rate(flowbp_controller_requests_total{{code=~"5.."}}[{RATE}])) or vector(0)) / '
                           f"sum(rate(flowbp_controller_requests_total[{RATE}]))", "5xx"),),
                       unit="percentunit"),
                 Panel("Latency p99 by route", "99th percentile request time.",

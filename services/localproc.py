@@ -102,6 +102,8 @@ class RayHead:
     object_store_mb: int = 512
     port: int = field(default_factory=free_port)
     dashboard_port: int = field(default_factory=free_port)
+    # where the head's metrics agent serves Prometheus text (Ray's system metrics and every ray.util.metrics)
+    metrics_export_port: int = field(default_factory=free_port)
     temp_dir: Path | None = None
     started: bool = False
 
@@ -134,7 +136,7 @@ class RayHead:
                # Fixed defaults (agent 52365, metrics 8080, ...) collide with other Ray heads on a shared machine,
                # and a job agent that cannot bind answers every submit with "No available agent".
                f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-               f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
+               f"--metrics-export-port={self.metrics_export_port}", f"--runtime-env-agent-port={free_port()}"]
         cmd.append(f"--temp-dir={self.temp_dir}")
         # From here on, whatever fails, stop() ends what was started: a half-started head must never outlive
         # its caller (the fixture's teardown does not run when start() raises).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import yaml
@@ -9,6 +10,31 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "k8s" / "helm" / "flowbp"
 RELEASE, NAMESPACE = "flowbp", "flowbp"
+DASHBOARDS = REPO / "deploy" / "grafana"
+ALERT_RULES = REPO / "deploy" / "prometheus" / "flowbp-alerts.yaml"
+
+
+def panel_targets() -> list[tuple[str, str]]:
+    """(where, PromQL) for every panel target of every dashboard; where is "<file> / <panel title> / <refId>"."""
+    out = []
+    for path in sorted(DASHBOARDS.glob("*.json")):
+        for panel in json.loads(path.read_text())["panels"]:
+            for target in panel.get("targets", []):
+                out.append((f"{path.name} / {panel['title']} / {target['refId']}", target["expr"]))
+    return out
+
+
+def template_queries() -> list[tuple[str, str, str]]:
+    """(dashboard file, variable name, Grafana query) for every query variable, e.g. label_values(m, run_id)."""
+    return [(path.name, var["name"], var["query"]["query"])
+            for path in sorted(DASHBOARDS.glob("*.json"))
+            for var in json.loads(path.read_text())["templating"]["list"] if var["type"] == "query"]
+
+
+def alert_exprs() -> list[tuple[str, str]]:
+    """(alert name, PromQL) for every rule of deploy/prometheus/flowbp-alerts.yaml."""
+    rules = yaml.safe_load(ALERT_RULES.read_text())
+    return [(r.get("alert") or r["record"], r["expr"]) for g in rules["groups"] for r in g["rules"]]
 
 
 def load_values(name: str) -> dict:

@@ -3,14 +3,12 @@ metric), and every metric our code exports is on some panel."""
 
 from __future__ import annotations
 
-import json
 import re
 from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
-import yaml
-from deploy_helpers import REPO
+from deploy_helpers import DASHBOARDS, REPO, alert_exprs, panel_targets, template_queries
 
 from k8s import ray_system_metrics
 from k8s.promql import metric_names
@@ -42,20 +40,16 @@ def exported_series() -> dict[str, str]:
 
 def dashboard_queries() -> dict[str, list[str]]:
     """Dashboard file -> every PromQL string in it (panel targets and template-variable queries)."""
-    out = {}
-    for path in sorted((REPO / "deploy" / "grafana").glob("*.json")):
-        board = json.loads(path.read_text())
-        exprs = [t["expr"] for p in board["panels"] for t in p.get("targets", [])]
-        for var in board["templating"]["list"]:
-            if var["type"] == "query":
-                exprs.append(re.sub(r"^label_values\((.*),[^,]*\)$", r"\1", var["query"]["query"]))
-        out[path.name] = exprs
+    out: dict[str, list[str]] = {p.name: [] for p in sorted(DASHBOARDS.glob("*.json"))}
+    for where, expr in panel_targets():
+        out[where.split(" / ")[0]].append(expr)
+    for board, _, query in template_queries():
+        out[board].append(re.sub(r"^label_values\((.*),[^,]*\)$", r"\1", query))
     return out
 
 
 def rule_queries() -> list[str]:
-    rules = yaml.safe_load((REPO / "deploy" / "prometheus" / "flowbp-alerts.yaml").read_text())
-    return [r["expr"] for g in rules["groups"] for r in g["rules"]]
+    return [expr for _, expr in alert_exprs()]
 
 
 def test_the_contract_and_the_modules_list_the_same_metrics():
