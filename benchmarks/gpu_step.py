@@ -274,7 +274,7 @@ def _measure_modes(name: str, args, dev: torch.device, dtype: torch.dtype, repor
         def step():
             plan = method.plan(n, torch.Generator().manual_seed(114))
             cache = rollout(velocity, noise, sched.sigmas, cond=cond, prompts=prompts, needs=method.needs(plan, n))
-            ep = method.endpoint(cache, velocity, plan=plan)
+            ep = method.endpoint(cache.with_plan(plan), velocity)
             r = reward(bb.decode(ep.value))
             (-(ep.weights.to(r) * r).mean()).backward()
 

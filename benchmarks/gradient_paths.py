@@ -119,7 +119,8 @@ class Grader:
         velocity = self.bb.bind(self.cache.cond, guidance)
         # process CPU time, not wall time: the machine is shared and wall time mostly measures the neighbours
         t0 = time.process_time()
-        nbytes, ep = saved_tensor_bytes(lambda: method.endpoint(self.cache, velocity, plan=plan), exclude=self.params)
+        cache = self.cache.with_plan(plan)
+        nbytes, ep = saved_tensor_bytes(lambda: method.endpoint(cache, velocity), exclude=self.params)
         self.loss_of_value(ep.value, [self.prompts[int(i)] for i in ep.sample_index]).backward()
         return flat_grad(self.params), nbytes, time.process_time() - t0, ep
 

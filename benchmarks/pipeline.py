@@ -64,20 +64,24 @@ def rollout_alone(cfg, workers: int, steps: int) -> float:
     """Samples/s of `workers` rollout actors sampling back to back (no learner), after one warm-up step."""
     import ray
 
+    from flowbp_core.run import build_method, load_prompts
+    from flowbp_core.step import step_plan
     from flowbp_core.training import PromptSampler
-    from flowbp_core.run import load_prompts
     from services.runtime import rollout
     from services.runtime.driver import shard_bounds
     from services.runtime.payloads import RolloutRequest
 
     ws = rollout.spawn(cfg, workers)
     sampler = PromptSampler(load_prompts(cfg.train.prompts), cfg.train.batch_size, cfg.train.seed)
+    method = build_method(cfg)
 
     def one(step):
         p = sampler.batch(step)
+        plan = step_plan(method, cfg.sampling.n_steps, 0, step)
         refs = []
         for w, (a, b) in zip(ws, shard_bounds(len(p), len(ws))):
-            _, s = w.rollout.remote(RolloutRequest(step, 0, tuple(p[a:b]), None, len(p)), a)
+            req = RolloutRequest(step=step, seed=0, prompts=tuple(p[a:b]), weights=None, total_batch=len(p), plan=plan)
+            _, s = w.rollout.remote(req, a)
             refs.append(s)
         return refs
 
@@ -100,8 +104,9 @@ def learner_alone(cfg, steps: int) -> tuple[float, int]:
     from services.runtime.learner import LearnerRank
     from services.runtime.rollout import RolloutCore
     from services.runtime.payloads import LearnerWork, RolloutRequest
-    from flowbp_core.training import PromptSampler
     from flowbp_core.run import load_prompts
+    from flowbp_core.step import step_plan
+    from flowbp_core.training import PromptSampler
 
     @ray.remote(num_cpus=cfg.runtime.learner_num_cpus)
     class Bench:
@@ -111,14 +116,13 @@ def learner_alone(cfg, steps: int) -> tuple[float, int]:
             from flowbp_core.config import RunConfig
 
             torch.set_num_threads(1)
-            self.lr = LearnerRank(RunConfig.model_validate_json(cfg_json), "bench-learner")
+            self.learner = LearnerRank(RunConfig.model_validate_json(cfg_json), "bench-learner")
 
         def run(self, works):
             times = []
             for i, w in enumerate(works):
                 t0 = time.perf_counter()
-                cache, _ = self.lr.fetch(w)
-                self.lr.train(i, cache)
+                self.learner.train(i, self.learner.fetch(w))
                 times.append(time.perf_counter() - t0)
             return times
 
@@ -127,8 +131,10 @@ def learner_alone(cfg, steps: int) -> tuple[float, int]:
     works = []
     for s in range(steps + 1):
         p = sampler.batch(s)
-        blob, _ = core.run(RolloutRequest(s, 0, tuple(p), None, len(p)))
-        works.append(LearnerWork(s, (ray.put(blob),), 0))
+        plan = step_plan(core.comp.method, cfg.sampling.n_steps, 0, s)
+        req = RolloutRequest(step=s, seed=0, prompts=tuple(p), weights=None, total_batch=len(p), plan=plan)
+        blob, _ = core.run(req)
+        works.append(LearnerWork(step=s, cache_refs=(ray.put(blob),), rollout_policy_version=0))
     cache_bytes = len(blob)
     b = Bench.remote(cfg.model_dump_json())
     times = ray.get(b.run.remote(works))[1:]

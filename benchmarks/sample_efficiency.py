@@ -37,7 +37,6 @@ sys.path.insert(0, str(ROOT))
 from flowbp_core.config import (BackboneSpec, CheckpointSpec, LoRASpec, MethodSpec, PromptSource,  # noqa: E402
                                 RewardSpec, RunConfig, SamplingSpec, TrainSpec)
 from flowbp_core.methods.memory import saved_tensor_bytes  # noqa: E402
-from flowbp_core.training import generator_for  # noqa: E402
 
 METHODS = ("flowbp_sparse", "flowbp_bridge", "flowbp_lagrange", "refl", "draft_lv", "drtune", "leapalign",
            "draft_k", "alignprop")
@@ -95,14 +94,14 @@ def run_config(method: str, s: Settings, seed: int) -> RunConfig:
     )
 
 
-def measure_saved_bytes(comp, cache, step: int) -> int:
+def measure_saved_bytes(comp, cache) -> int:
     """Bytes saved for backward by one learner step's graph (endpoint -> decode -> reward), then discarded."""
     velocity = comp.backbone.bind(cache.cond, comp.guidance)
     params = comp.backbone.trainable_parameters()
     score = comp.score_fn()
 
     def forward():
-        ep = comp.method.endpoint(cache, velocity, generator=generator_for(comp.cfg.train.seed, step, "plan"))
+        ep = comp.method.endpoint(cache, velocity)
         prompts = [cache.prompts[int(i)] for i in ep.sample_index.tolist()]
         return score(ep.value, prompts)
 
@@ -112,7 +111,8 @@ def measure_saved_bytes(comp, cache, step: int) -> int:
 
 
 def run_one(method: str, seed: int, s: Settings, reward, items, progress) -> RunRecord:
-    from flowbp_core.run import build_components, learner_step, make_cache, make_optimizer
+    from flowbp_core.run import build_components, make_optimizer, rollout_for
+    from flowbp_core.step import learn_step
 
     cfg = run_config(method, s, seed)
     comp = build_components(cfg, with_reward=False)
@@ -122,12 +122,12 @@ def run_one(method: str, seed: int, s: Settings, reward, items, progress) -> Run
     version, samples = 0, 0
     for step in range(s.steps):
         t0 = time.perf_counter()
-        cache = make_cache(comp, step, version)
+        cache = rollout_for(comp, step, version)
         t_roll = time.perf_counter() - t0
         if step == 0:  # the probe builds (and drops) one extra graph; it is not part of the step time
-            rec.saved_bytes = measure_saved_bytes(comp, cache, step)
+            rec.saved_bytes = measure_saved_bytes(comp, cache)
         t1 = time.perf_counter()
-        res = learner_step(comp, cache, step, opt, None)
+        res = learn_step(cache, comp, step=step, optimizer=opt)
         dt = t_roll + (time.perf_counter() - t1)
         if not res.skipped:
             version += 1

@@ -3,7 +3,8 @@
 It holds the noise z_0, the kept intermediate states z_i (1 <= i <= N-1), the kept velocities v_i (0 <= i <= N-1),
 the float64 sigmas, the float32 final latent z_N, prompt conditioning and provenance (seed, policy_version).
 States and velocities stay in the model dtype (bf16 on GPUs: 2N latents per sample, negligible); `final` is
-float32 because the straight-through pin must reproduce it bitwise.
+float32 because the straight-through pin must reproduce it bitwise. The cache carries the `Plan` it was compacted
+for, so the learner runs the plan its issuer sampled.
 
 The wire format is safetensors: tensors under flat names, scalars and prompts in the string metadata, with a
 `format_version` so that a reader can refuse what it does not understand. No pickle crosses a process boundary.
@@ -20,34 +21,39 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from flowbp_core.plan import CacheNeeds, Plan
 from flowbp_core.schedules import validate_sigmas
+
+__all__ = ["CacheNeeds", "TrajectoryCache"]
 
 FORMAT_VERSION = "1"
 _SUPPORTED_VERSIONS = frozenset({"1"})
 
 
-@dataclass(frozen=True)
-class CacheNeeds:
-    """Which cached states / velocities a method will read. None means all of them."""
-
-    states: frozenset[int] | None = None
-    velocities: frozenset[int] | None = None
-
-    @staticmethod
-    def of(states: Iterable[int] | None, velocities: Iterable[int] | None) -> "CacheNeeds":
-        return CacheNeeds(
-            None if states is None else frozenset(int(i) for i in states),
-            None if velocities is None else frozenset(int(i) for i in velocities),
-        )
-
-
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class TrajectoryCache:
+    """One no-grad rollout of a batch, kept for the learner's surrogate (built by `sampling.rollout`).
+
+    Attributes:
+        noise (Tensor): z_0 [B, ...] in the state dtype.
+        states (dict[int, Tensor]): kept intermediate states z_i [B, ...], 1 <= i <= N-1, state dtype.
+        velocities (dict[int, Tensor]): kept velocities v_i [B, ...], 0 <= i <= N-1, state dtype.
+        sigmas (Tensor): the schedule [N + 1], float64, from 1 down to 0.
+        final (Tensor): z_N [B, ...], float32 (the straight-through pin reproduces it bitwise).
+        plan (Plan | None): the plan the rollout was compacted for; the learner's endpoint runs it.
+        seed (int): the noise seed of the step (DRaFT-LV's re-noising draws derive from it).
+        policy_version (int): the learner version of the weights that sampled it.
+        cond (dict[str, Tensor]): prompt conditioning; per-sample tensors [B, ...] or shared ones (any shape).
+        prompts (list[str]): the B prompts.
+        meta (dict[str, str]): provenance (step, worker, offset, batch_offset of a split).
+    """
+
     noise: torch.Tensor
     states: dict[int, torch.Tensor]
     velocities: dict[int, torch.Tensor]
     sigmas: torch.Tensor
     final: torch.Tensor
+    plan: Plan | None = None
     seed: int = 0
     policy_version: int = 0
     cond: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -55,7 +61,9 @@ class TrajectoryCache:
     meta: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.sigmas = torch.as_tensor(self.sigmas).to(torch.float64)
+        # normalised once here; the cache is frozen after construction
+        setattr_ = object.__setattr__
+        setattr_(self, "sigmas", torch.as_tensor(self.sigmas).to(torch.float64))
         validate_sigmas(self.sigmas.cpu())
         n = self.n_steps
         shape = tuple(self.noise.shape)
@@ -63,8 +71,10 @@ class TrajectoryCache:
             raise ValueError(f"final has shape {tuple(self.final.shape)}, noise has {shape}: they must match")
         if self.final.dtype != torch.float32:
             raise ValueError(f"final must be float32 (the pin reproduces it bitwise), got {self.final.dtype}")
-        self.states = {int(i): t for i, t in self.states.items()}
-        self.velocities = {int(i): t for i, t in self.velocities.items()}
+        if self.plan is not None and self.plan.n_steps != n:
+            raise ValueError(f"plan is for N={self.plan.n_steps} steps, the cache has N={n}")
+        setattr_(self, "states", {int(i): t for i, t in self.states.items()})
+        setattr_(self, "velocities", {int(i): t for i, t in self.velocities.items()})
         for i, t in self.states.items():
             if not 1 <= i <= n - 1:
                 raise ValueError(f"states key {i} out of range: cached states are z_1..z_{n - 1} (N={n})")
@@ -76,10 +86,10 @@ class TrajectoryCache:
             if tuple(t.shape) != shape:
                 raise ValueError(f"velocities[{i}] has shape {tuple(t.shape)}, expected {shape}")
         if not self.prompts:
-            self.prompts = [""] * self.batch_size
+            setattr_(self, "prompts", [""] * self.batch_size)
         if len(self.prompts) != self.batch_size:
             raise ValueError(f"prompts has {len(self.prompts)} entries, batch size is {self.batch_size}")
-        self.meta = {str(k): str(v) for k, v in self.meta.items()}
+        setattr_(self, "meta", {str(k): str(v) for k, v in self.meta.items()})
 
     # ---- shape -----------------------------------------------------------------------------------------
     @property
@@ -143,6 +153,7 @@ class TrajectoryCache:
             velocities=dict(self.velocities),
             sigmas=self.sigmas,
             final=self.final,
+            plan=self.plan,
             seed=self.seed,
             policy_version=self.policy_version,
             cond=dict(self.cond),
@@ -151,6 +162,10 @@ class TrajectoryCache:
         )
         d.update(kw)
         return TrajectoryCache(**d)
+
+    def with_plan(self, plan: Plan) -> "TrajectoryCache":
+        """This cache carrying `plan` (a full cache serves any plan; a compacted one only its own)."""
+        return self._replace(plan=plan)
 
     def to(self, device: torch.device | str) -> "TrajectoryCache":
         """A copy on `device`; dtypes are kept (sigmas stay float64, final float32)."""
@@ -228,6 +243,8 @@ class TrajectoryCache:
             "prompts": json.dumps(list(self.prompts)),
             "meta": json.dumps(dict(self.meta)),
         }
+        if self.plan is not None:
+            metadata["plan"] = self.plan.to_json()
         return st_save(tensors, metadata=metadata)
 
     @classmethod
@@ -254,6 +271,7 @@ class TrajectoryCache:
             velocities=vels,
             sigmas=tensors["sigmas"],
             final=tensors["final"],
+            plan=Plan.from_json(metadata["plan"]) if "plan" in metadata else None,
             seed=int(metadata["seed"]),
             policy_version=int(metadata["policy_version"]),
             cond=cond,

@@ -1,9 +1,9 @@
 """From a RunConfig to the parts of a run, and the single-process loop that drives them.
 
 `build_components` is shared by everything that runs a job: this loop (no Ray), the Ray rollout workers and
-learners (services/runtime) and the demo, so a config means the same thing everywhere. `make_cache` is the
-rollout half of a step and `train_step` (flowbp_core.training) the learner half; the loop here simply calls them
-one after the other, which is also the reference the distributed runtime is tested against.
+learners (services/runtime) and the demo, so a config means the same thing everywhere. The loop here calls
+`flowbp_core.step`'s `rollout_step` and `learn_step` one after the other, which is also the reference the
+distributed runtime is tested against.
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ from .config import PromptSource, RewardSpec, RunConfig
 from .dtypes import resolve_dtype
 from .errors import ConfigError
 from .guidance import GuidanceConfig
-from .sampling import rollout
-from .training import EMA, BadStepGuard, PromptSampler, StepResult, derive_seed, generator_for, train_step
+from .stages import ROLLOUT, timed
+from .step import StepResult, learn_step, rollout_step, step_plan
+from .training import EMA, BadStepGuard, PromptSampler
 
 log = logging.getLogger("flowbp.run")
 
@@ -156,6 +157,11 @@ def loss_for(cfg: RunConfig, method, guidance: GuidanceConfig):
     return scaled(loss, method.loss_scale(guidance)) if hasattr(method, "loss_scale") else loss
 
 
+def build_method(cfg: RunConfig):
+    """The configured method with the backbone's preset (no model: the Ray driver builds it to draw plans)."""
+    return methods.build(cfg.method.name, backbone=cfg.method_preset(), **cfg.method.params)
+
+
 @dataclass
 class RunComponents:
     cfg: RunConfig
@@ -185,7 +191,7 @@ def build_components(cfg: RunConfig, *, device: torch.device | None = None, with
     device = device or resolve_device(cfg.backbone.device)
     torch.manual_seed(cfg.train.seed)
     backbone = build_backbone(cfg, device, trainable=trainable, text_encoders=text_encoders)
-    method = methods.build(cfg.method.name, backbone=cfg.method_preset(), **cfg.method.params)
+    method = build_method(cfg)
     prompts = PromptSampler(load_prompts(cfg.train.prompts), cfg.train.batch_size, cfg.train.seed)
     reward = build_reward(cfg.reward, device) if with_reward else None
     guidance = guidance_for(cfg, backbone, method)
@@ -194,37 +200,16 @@ def build_components(cfg: RunConfig, *, device: torch.device | None = None, with
                          loss_fn=loss_for(cfg, method, guidance))
 
 
-@torch.no_grad()
-def make_cache(comp: RunComponents, step: int, policy_version: int, prompts: list[str] | None = None,
-               seed: int | None = None) -> TrajectoryCache:
-    """The rollout half of step `step`: prompts, noise and the method's plan all derive from (seed, step), so a
-    rollout worker and the learner (and every learner rank) agree without talking."""
-    base_seed = comp.cfg.train.seed if seed is None else seed
-    prompts = prompts if prompts is not None else comp.prompts.batch(step)
-    bb = comp.backbone
-    cond = bb.encode_prompts(prompts)
-    noise_gen = generator_for(base_seed, step, "noise")
-    noise = torch.randn(bb.latent_shape(len(prompts)), generator=noise_gen).to(comp.device)
-    schedule = bb.schedule(comp.n_steps)
-    plan = comp.method.plan(comp.n_steps, generator_for(base_seed, step, "plan"))
-    needs = comp.method.needs(plan, comp.n_steps)
-    # States and velocities are cached in the model dtype (bf16 on GPU: 2N latents stay negligible).
-    return rollout(bb.bind(cond, comp.guidance), noise, schedule.sigmas, seed=derive_seed(base_seed, step, "noise"),
-                   policy_version=policy_version, cond=cond, prompts=prompts, needs=needs,
-                   state_dtype=resolve_dtype(comp.cfg.backbone.dtype))
-
-
-def learner_step(comp: RunComponents, cache: TrajectoryCache, step: int, optimizer: torch.optim.Optimizer,
-                 ema: EMA | None, score: Callable | None = None, apply: bool = True,
-                 all_finite: Callable[[bool], bool] | None = None) -> StepResult:
-    cache = cache.to(comp.device)
-    velocity = comp.backbone.bind(cache.cond, comp.guidance)
-    return train_step(step=step, cache=cache, method=comp.method, velocity=velocity,
-                      score=score or comp.score_fn(), loss_fn=comp.loss_fn,
-                      params=comp.backbone.trainable_parameters(), optimizer=optimizer,
-                      generator=generator_for(comp.cfg.train.seed, step, "plan"),
-                      grad_clip=comp.cfg.train.grad_clip, ema=ema, policy_version=cache.policy_version, apply=apply,
-                      all_finite=all_finite)
+def rollout_for(comp: RunComponents, step: int, policy_version: int,
+                prompts: list[str] | None = None) -> TrajectoryCache:
+    """Step `step`'s whole-batch rollout in this process, issued with the step's plan (the loop's rollout, and a
+    test's stand-in for a rollout worker); `prompts` default to the run's batch of that step."""
+    seed = comp.cfg.train.seed
+    return rollout_step(backbone=comp.backbone, guidance=comp.guidance,
+                        plan=step_plan(comp.method, comp.n_steps, seed, step),
+                        prompts=comp.prompts.batch(step) if prompts is None else prompts, seed=seed, step=step,
+                        policy_version=policy_version, state_dtype=resolve_dtype(comp.cfg.backbone.dtype),
+                        device=comp.device)
 
 
 def make_optimizer(cfg: RunConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -273,15 +258,15 @@ def train_loop(cfg: RunConfig, *, run_dir: Path | None = None, comp: RunComponen
     metrics_path = run_dir / "metrics.jsonl"
     _truncate_metrics(metrics_path, start)
     guard = BadStepGuard(cfg.train.max_bad_steps)
+    score = comp.score_fn()
     out = LoopResult(run_dir=run_dir, steps_done=start, resumed_from=resumed)
     for step in range(start, cfg.train.steps):
         if should_stop is not None and should_stop():
             break
-        t0 = time.perf_counter()
-        cache = make_cache(comp, step, policy_version)
-        t_roll = time.perf_counter() - t0
-        res = learner_step(comp, cache, step, optimizer, ema)
-        res.timings["rollout"] = t_roll
+        timings: dict[str, float] = {}
+        with timed(ROLLOUT, timings):
+            cache = rollout_for(comp, step, policy_version)
+        res = learn_step(cache, comp, step=step, optimizer=optimizer, ema=ema, score=score, timings=timings)
         if not res.skipped:
             policy_version += 1
         out.results.append(res)

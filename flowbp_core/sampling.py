@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 
 from flowbp_core.cache import CacheNeeds, TrajectoryCache
+from flowbp_core.plan import Plan
 from flowbp_core.schedules import validate_sigmas
 
 
@@ -41,13 +42,17 @@ def rollout(
     state_dtype: torch.dtype | None = None,
     progress: Callable[[int, int], None] | None = None,
     needs: CacheNeeds | None = None,
+    plan: Plan | None = None,
     meta: dict[str, str] | None = None,
 ) -> TrajectoryCache:
     """Integrate dz/dsigma = v from sigma_0 = 1 (z_0 = noise) to sigma_N = 0 and cache the trajectory.
 
-    `velocity(x, sigma)` is any callable returning a tensor shaped like x. `needs` (from `Method.needs`) limits
-    which states / velocities are kept; None keeps all. `progress(i, n)` is called after step i.
+    `velocity(x, sigma)` is any callable returning a tensor shaped like x. `plan` (the step's sampled plan)
+    travels in the cache and, unless `needs` says otherwise, limits which states / velocities are kept to
+    `plan.needs()`; with neither, every state and velocity is kept. `progress(i, n)` is called after step i.
     """
+    if needs is None and plan is not None:
+        needs = plan.needs()
     sig = torch.as_tensor(sigmas).to(torch.float64).cpu()
     validate_sigmas(sig)
     n = int(sig.numel()) - 1
@@ -80,6 +85,7 @@ def rollout(
         velocities=velocities,
         sigmas=sig,
         final=z32,
+        plan=plan,
         seed=int(seed),
         policy_version=int(policy_version),
         cond=dict(cond or {}),

@@ -1,32 +1,19 @@
-"""One learner step, and the single-process loop built from it.
-
-`train_step` is the only place where a FlowBP update happens: the Ray learner, the single-process loop, the
-demo and the benchmarks all call it, so the order of operations (endpoint -> score -> loss -> finite check ->
-backward -> clip -> finite check -> optimizer -> EMA) is written once.
-
-A step whose reward, loss or gradient is not finite is skipped, not applied: the parameters and optimizer
-state are left exactly as they were, the caller counts it, and `max_bad_steps` in a row fail the run. A poisoned
-step never reaches a checkpoint because nothing of it is applied.
-"""
+"""What a training run keeps across steps: the per-(seed, step) seeds, the prompt batches, the EMA of the
+weights, and the guard that fails a run after `max_bad_steps` skipped steps in a row. The step itself is
+`flowbp_core.step`."""
 
 from __future__ import annotations
 
 import hashlib
-import json
-import math
-import time
-from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from .cache import TrajectoryCache
 from .errors import ConfigError
-from .losses import weighted_loss
-from .sampling import VelocityFn
 
-ScoreFn = Callable[[torch.Tensor, list[str]], torch.Tensor]
-"""latents [B, ...] + prompts -> rewards [B]; differentiable w.r.t. the latents (decode is inside)."""
+if TYPE_CHECKING:
+    from .step import StepResult
 
 
 class NonFiniteStreak(RuntimeError):
@@ -101,132 +88,6 @@ class EMA:
     def copy_to_params(self) -> None:
         for s, p in zip(self.shadow, self.params):
             p.copy_(s.to(p.dtype))
-
-
-# ---------------------------------------------------------------------------------------------- the step
-@dataclass
-class StepResult:
-    step: int
-    loss: float
-    reward_mean: float
-    rewards: list[float]
-    grad_norm: float
-    skipped: bool
-    skip_reason: str | None
-    policy_version: int
-    n_samples: int
-    diagnostics: dict[str, Any] = field(default_factory=dict)
-    timings: dict[str, float] = field(default_factory=dict)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
-
-def local_part(t: torch.Tensor) -> torch.Tensor:
-    """This process's part of a tensor: the local shard of a sharded one (a DTensor, under FSDP), else itself."""
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
-def _finite(t: torch.Tensor) -> bool:
-    return bool(torch.isfinite(t).all())
-
-
-def _summarise_diagnostics(diag: Any) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    if diag is None:
-        return out
-    out["active"] = list(getattr(diag, "active", []) or [])
-    anchors = getattr(diag, "anchors", None)
-    if anchors is not None:
-        out["anchors"] = list(anchors)
-    for name in ("residual_j", "residual_0"):
-        val = getattr(diag, name, None)
-        if val is not None:
-            out[name] = float(torch.as_tensor(val).float().mean())
-    out["jacobian_factors"] = int(getattr(diag, "jacobian_factors", 0))
-    extra = getattr(diag, "extra", None) or {}
-    out.update({k: float(v) for k, v in extra.items()})
-    return out
-
-
-def train_step(
-    *,
-    step: int,
-    cache: TrajectoryCache,
-    method: Any,
-    velocity: VelocityFn,
-    score: ScoreFn,
-    loss_fn: Callable[[torch.Tensor], torch.Tensor],
-    params: list[torch.nn.Parameter],
-    optimizer: torch.optim.Optimizer,
-    generator: torch.Generator | None = None,
-    grad_clip: float | None = 1.0,
-    ema: EMA | None = None,
-    policy_version: int = 0,
-    apply: bool = True,
-    all_finite: Callable[[bool], bool] | None = None,
-) -> StepResult:
-    """One FlowBP update from one cache.
-
-    `velocity` is the trainable model bound to the cache's conditioning (`backbone.bind(cache.cond, g)`);
-    `score(latents, prompts)` decodes and scores (colocated) or asks the reward service (served).
-    `loss_fn(rewards) -> per-sample loss` is a `flowbp_core.losses` loss; the endpoint's sample weights are applied
-    by `weighted_loss`. With `apply=False` gradients are left in
-    `.grad` (the caller all-reduces or inspects them) and no optimizer/EMA step is taken.
-    `all_finite(this_rank_finite) -> every_rank_finite` (data-parallel ranks) makes all ranks agree on skipping
-    before backward, which is a collective under FSDP that a rank skipping alone would never join.
-    """
-    t0 = time.perf_counter()
-    optimizer.zero_grad(set_to_none=True)
-    endpoint = method.endpoint(cache, velocity, generator=generator)
-    t1 = time.perf_counter()
-    prompts = [cache.prompts[int(i)] for i in endpoint.sample_index.tolist()]
-    rewards = score(endpoint.value, prompts)
-    t2 = time.perf_counter()
-    loss = weighted_loss(loss_fn(rewards), endpoint.weights.to(rewards.device))
-    diag = _summarise_diagnostics(endpoint.diagnostics)
-    reward_list = [float(r) for r in rewards.detach().float().cpu()]
-    base = dict(step=step, rewards=reward_list, policy_version=policy_version, n_samples=len(reward_list),
-                diagnostics=diag)
-
-    def skipped(reason: str, grad_norm: float = float("nan")) -> StepResult:
-        optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss=float(loss.detach()), reward_mean=float(rewards.detach().float().mean()),
-                          grad_norm=grad_norm, skipped=True, skip_reason=reason,
-                          timings={"surrogate": t1 - t0, "reward": t2 - t1}, **base)
-
-    reason = ("non_finite_reward" if not _finite(rewards.detach())
-              else "non_finite_loss" if not _finite(loss.detach()) else None)
-    if all_finite is not None and not all_finite(reason is None) and reason is None:
-        reason = "non_finite_on_other_rank"
-    if reason is not None:
-        return skipped(reason)
-    loss.backward()
-    t3 = time.perf_counter()
-    # This rank's part of each gradient: under FSDP a gradient is a shard and the learner combines the ranks'
-    # norms itself.
-    grads = [local_part(p.grad) for p in params if p.grad is not None]
-    if grads:
-        grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
-    else:
-        grad_norm = 0.0
-    if not math.isfinite(grad_norm):
-        return skipped("non_finite_gradient", grad_norm)
-    if endpoint.diagnostics is not None and hasattr(endpoint.diagnostics, "grad_norm"):
-        endpoint.diagnostics.grad_norm = grad_norm
-    diag["grad_norm"] = grad_norm
-    if apply:
-        if grad_clip is not None and grads:
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.update()
-    t4 = time.perf_counter()
-    return StepResult(loss=float(loss.detach()), reward_mean=float(rewards.detach().float().mean()),
-                      grad_norm=grad_norm, skipped=False, skip_reason=None,
-                      timings={"surrogate": t1 - t0, "reward": t2 - t1, "backward": t3 - t2, "optimizer": t4 - t3},
-                      **base)
 
 
 class BadStepGuard:

@@ -25,7 +25,7 @@ from flowbp_core.errors import ConfigError
 from flowbp_core.guidance import GuidanceConfig
 from flowbp_core.methods import checks
 from flowbp_core.methods.base import Diagnostics, Endpoint, Plan, VelocityFn
-from flowbp_core.methods.common import EngineMethod, GuidanceParams
+from flowbp_core.methods.common import EngineMethod, GuidanceParams, cache_plan
 from flowbp_core.methods.engine import per_sample_mean_abs, run_chain
 from flowbp_core.methods.registry import make_params, register
 
@@ -104,9 +104,8 @@ class ChainMethod(EngineMethod):
             k = n_steps if p.k is None else p.k
         return Plan(method=self.name, n_steps=n_steps, chain_start=n_steps - k)
 
-    def endpoint(self, cache: TrajectoryCache, velocity: VelocityFn, generator: torch.Generator | None = None,
-                 plan: Plan | None = None) -> Endpoint:
-        plan = self._resolve_plan(cache, generator, plan)
+    def endpoint(self, cache: TrajectoryCache, velocity: VelocityFn) -> Endpoint:
+        plan = cache_plan(cache, self.name)
         if plan.chain_start is None:
             raise ValueError(f"{self.name} needs a chain plan, got segments")
         value, raw = run_chain(cache, velocity, plan.chain_start, checkpoint=self.params.checkpoint,

@@ -33,17 +33,16 @@ class GuidanceParams:
         checks.boolean("cfg_grad_norm_compensate", self.cfg_grad_norm_compensate)
 
 
-def default_generator(cache: TrajectoryCache) -> torch.Generator:
-    """Without an explicit generator the plan is a function of the cache's seed (reproducible, rank-agnostic)."""
-    return torch.Generator().manual_seed(int(cache.seed))
-
-
-def plan_from_cache(cache: TrajectoryCache, method: str) -> Plan | None:
-    text = cache.meta.get("plan")
-    if not text:
-        return None
-    plan = Plan.from_json(text)
-    return plan if plan.method == method and plan.n_steps == cache.n_steps else None
+def cache_plan(cache: TrajectoryCache, method: str) -> Plan:
+    """The plan `cache` was kept for, which must be `method`'s (a compacted cache serves only its own plan)."""
+    plan = cache.plan
+    if plan is None:
+        raise ValueError("cache.plan is None: a learner step runs the plan its rollout was issued with; pass "
+                         "rollout(..., plan=method.plan(n, generator)) or cache.with_plan(plan)")
+    if plan.method != method:
+        raise ValueError(f"cache.plan.method={plan.method!r}, but this endpoint is {method!r}'s: a method runs only "
+                         "its own plans")
+    return plan
 
 
 class EngineMethod:
@@ -70,25 +69,8 @@ class EngineMethod:
             raise ValueError(f"plan is for N={plan.n_steps} steps, asked for N={n_steps}")
         return plan.needs()
 
-    def _resolve_plan(self, cache: TrajectoryCache, generator: torch.Generator | None, plan: Plan | None) -> Plan:
-        """An explicit plan wins; else the plan the rollout stamped into `cache.meta["plan"]` (the cache was
-        compacted for exactly that plan); else a fresh draw from `generator` (or one seeded from cache.seed)."""
-        if plan is None:
-            plan = plan_from_cache(cache, self.name)
-        if plan is None:
-            plan = self.plan(cache.n_steps, generator if generator is not None else default_generator(cache))
-        if plan.n_steps != cache.n_steps:
-            raise ValueError(f"plan is for N={plan.n_steps} steps, cache has N={cache.n_steps}")
-        return plan
-
-    def endpoint(
-        self,
-        cache: TrajectoryCache,
-        velocity: VelocityFn,
-        generator: torch.Generator | None = None,
-        plan: Plan | None = None,
-    ) -> Endpoint:
-        plan = self._resolve_plan(cache, generator, plan)
+    def endpoint(self, cache: TrajectoryCache, velocity: VelocityFn) -> Endpoint:
+        plan = cache_plan(cache, self.name)
         res = run_surrogate(plan, cache, velocity)
         return self._endpoint_from(plan, cache, res)
 

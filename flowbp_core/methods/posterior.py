@@ -13,14 +13,15 @@ import torch
 from flowbp_core.cache import TrajectoryCache
 from flowbp_core.methods import checks
 from flowbp_core.methods.base import Endpoint, Plan, SegmentPlan, VelocityFn
-from flowbp_core.methods.common import EngineMethod, GuidanceParams
+from flowbp_core.methods.common import EngineMethod, GuidanceParams, cache_plan
 from flowbp_core.methods.engine import compute_dtype, per_sample_mean_abs, run_surrogate
 from flowbp_core.methods.registry import make_params, register
 from flowbp_core.samplers import evenly_spaced
 
 
 def _leap(s: int, n: int, active: bool) -> SegmentPlan:
-    return SegmentPlan(s, n, (s,), "lagrange", ((s, 1.0),) if active else (), 0.0, False, 1.0, None)
+    return SegmentPlan(start=s, end=n, nodes=(s,), quadrature="lagrange", active=((s, 1.0),) if active else (),
+                       pin=False)
 
 
 # ---- ReFL ------------------------------------------------------------------------------------------------------
@@ -87,7 +88,8 @@ class DRTune(EngineMethod):
         train = evenly_spaced(s, k, generator)
         segs = []
         if s > 0:
-            segs.append(SegmentPlan(0, s, tuple(range(s)), "euler", tuple((i, 1.0) for i in train if i < s)))
+            segs.append(SegmentPlan(start=0, end=s, nodes=tuple(range(s)), quadrature="euler",
+                                    active=tuple((i, 1.0) for i in train if i < s)))
         segs.append(_leap(s, n_steps, s in train))
         return Plan(method=self.name, n_steps=n_steps, segments=tuple(segs), gamma=p.gamma, anchors=None)
 
@@ -134,9 +136,8 @@ class DraftLV(EngineMethod):
         return Plan(method=self.name, n_steps=n_steps, segments=(_leap(n_steps - 1, n_steps, True),),
                     renoise=self.params.n, noise_seed=seed)
 
-    def endpoint(self, cache: TrajectoryCache, velocity: VelocityFn, generator: torch.Generator | None = None,
-                 plan: Plan | None = None) -> Endpoint:
-        plan = self._resolve_plan(cache, generator, plan)
+    def endpoint(self, cache: TrajectoryCache, velocity: VelocityFn) -> Endpoint:
+        plan = cache_plan(cache, self.name)
         res = run_surrogate(plan, cache, velocity)
         base = self._endpoint_from(plan, cache, res)
         s = plan.n_steps - 1

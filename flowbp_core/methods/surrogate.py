@@ -193,10 +193,11 @@ class SurrogateMethod(EngineMethod):
             head = []
             if s > 0:
                 nd = tuple(range(0, s))
-                head = [SegmentPlan(0, s, nd, "euler", keep, 0.0, True, 1.0,
-                                    tuple(m for m in nd if last.window is None or m in last.window))]
+                head = [SegmentPlan(start=0, end=s, nodes=nd, quadrature="euler", active=keep,
+                                    window=tuple(m for m in nd if last.window is None or m in last.window))]
         bridge = last.bridge_alpha if head else 0.0
-        leap = SegmentPlan(s, n, (s,), "lagrange", ((s, 1.0),), bridge, False, 1.0, None)
+        leap = SegmentPlan(start=s, end=n, nodes=(s,), quadrature="lagrange", active=((s, 1.0),),
+                           bridge_alpha=bridge, pin=False)
         return [*head, leap]
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 
 from flowbp_core.config import RunConfig
-from flowbp_core.training import ScoreFn
+from flowbp_core.step import ScoreFn
 
 
 

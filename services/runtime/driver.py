@@ -31,7 +31,8 @@ import ray
 
 from flowbp_core.config import RunConfig
 from flowbp_core.errors import ConfigError
-from flowbp_core.run import load_prompts, new_run_id
+from flowbp_core.run import build_method, load_prompts, new_run_id
+from flowbp_core.step import step_plan
 from flowbp_core.training import PromptSampler
 from services.runtime import learner as learner_mod
 from services.runtime import rollout as rollout_mod
@@ -120,6 +121,7 @@ class Driver:
         self.run_dir = Path(cfg.checkpoint.dir).absolute() / self.run_id
         self.telemetry = Telemetry(self.run_id, self.run_dir / "events.jsonl")
         self.sampler = PromptSampler(load_prompts(cfg.train.prompts), cfg.train.batch_size, cfg.train.seed)
+        self.method = build_method(cfg)  # draws each step's plan once; the rollouts carry it to the learner
         self.summary = RunSummary(run_id=self.run_id, status="running", steps_done=0, policy_version=0)
         self.counters = _Counters()
         self.outcomes: dict[int, StepOutcome] = {}
@@ -222,10 +224,11 @@ class Driver:
 
     def _submit(self, step: int, weights) -> _InFlight:
         prompts = self.sampler.batch(step)
+        plan = step_plan(self.method, self.cfg.sampling.n_steps, self.cfg.train.seed, step)
         cache_refs, stats_refs = [], []
         for w, (a, b) in zip(self.workers, shard_bounds(len(prompts), len(self.workers))):
             req = RolloutRequest(step=step, seed=self.cfg.train.seed, prompts=tuple(prompts[a:b]), weights=weights,
-                                 total_batch=len(prompts))
+                                 total_batch=len(prompts), plan=plan)
             c, s = w.rollout.remote(req, a)
             cache_refs.append(c)
             stats_refs.append(s)

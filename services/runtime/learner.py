@@ -2,14 +2,14 @@
 build the method's endpoint, score it, step the optimizer (and EMA), publish weights and write checkpoints.
 
 - Every rank takes the same offer, merges the shards and keeps its slice (`split`), so the batch is data-parallel.
-  Gradients are averaged with one all-reduce per flattened bucket after `train_step(apply=False)`; we do not wrap
-  the model in DDP because the methods call the transformer several times per step (K re-forwards), which DDP's
-  one-forward-one-backward bucketing does not allow without `find_unused_parameters` gymnastics. The result is
-  what DDP computes. Backend: gloo on CPU, `cpu:gloo,cuda:nccl` on GPU (Ray Train sets the process group up);
-  the small collectives (skip flag, loss, norms, generation) use tensors on the group's device.
+  The step is `flowbp_core.step.learn_step` with the group's reducer (flowbp_core.reducers): `AllReduceMean`
+  averages the gradients in flat buckets (what DDP computes; DDP itself does not allow the methods' several
+  re-forwards per step), `FSDPReduce` under FSDP, `NoReduce` for a group of one. Backend: gloo on CPU,
+  `cpu:gloo,cuda:nccl` on GPU (Ray Train sets the process group up); the small collectives (skip flag, loss,
+  norms, generation) use tensors on the group's device.
 - The batch must split evenly over the ranks (the driver refuses it otherwise, `check_learner_split`).
 - `runtime.strategy: fsdp` shards the transformer over the ranks instead (`sharding.py`, PyTorch's FSDP2):
-  its backward reduce-scatters the mean gradient, so the all-reduce above is skipped; checkpoints, exports
+  its backward reduce-scatters the mean gradient; checkpoints, exports
   and weight publishes gather full tensors on every rank (collectives) and rank 0 writes them, so an FSDP
   checkpoint is the same file a single process writes, and resumes under either strategy.
 - A non-finite reward/loss/gradient on any rank skips the step on every rank (agreed before backward, which is a
@@ -23,7 +23,6 @@ build the method's endpoint, score it, step the optimizer (and EMA), publish wei
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -34,7 +33,10 @@ from flowbp_core import checkpoint as ckpt
 from flowbp_core.cache import TrajectoryCache
 from flowbp_core.config import RunConfig
 from flowbp_core.errors import ConfigError
-from flowbp_core.training import EMA, BadStepGuard, NonFiniteStreak, local_part
+from flowbp_core.reducers import AllReduceMean, FSDPReduce, NoReduce, collective_device
+from flowbp_core.stages import SYNC, TRANSFER, timed
+from flowbp_core.step import StepResult, learn_step
+from flowbp_core.training import EMA, BadStepGuard, NonFiniteStreak
 from services.runtime import components, sharding, weight_sync
 from services.runtime.board import STOP
 from services.runtime.payloads import LearnerHello, StepOutcome
@@ -47,8 +49,9 @@ def concat_caches(caches: list[TrajectoryCache]) -> TrajectoryCache:
     first = caches[0]
     for c in caches[1:]:
         if not torch.equal(c.sigmas, first.sigmas) or set(c.states) != set(first.states) \
-                or set(c.velocities) != set(first.velocities) or set(c.cond) != set(first.cond):
-            raise ValueError("rollout shards of one step disagree on schedule or kept states/velocities")
+                or set(c.velocities) != set(first.velocities) or set(c.cond) != set(first.cond) \
+                or c.plan != first.plan:
+            raise ValueError("rollout shards of one step disagree on schedule, plan or kept states/velocities")
 
     def cat_cond(k: str) -> torch.Tensor:
         ts = [c.cond[k] for c in caches]
@@ -61,6 +64,7 @@ def concat_caches(caches: list[TrajectoryCache]) -> TrajectoryCache:
         velocities={i: torch.cat([c.velocities[i] for c in caches]) for i in first.velocities},
         sigmas=first.sigmas,
         final=torch.cat([c.final for c in caches]),
+        plan=first.plan,
         seed=first.seed,
         policy_version=min(c.policy_version for c in caches),
         cond={k: cat_cond(k) for k in first.cond},
@@ -75,21 +79,6 @@ def _dist():
     return dist if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 else None
 
 
-def collective_device(dist) -> torch.device:
-    """The device of the group's small collectives: the current CUDA device when the group has an NCCL backend
-    (NCCL reduces CUDA tensors only), else the CPU (gloo)."""
-    if "nccl" in str(dist.get_backend()):
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def all_sum(dist, values: list[float]) -> list[float]:
-    """The sums over ranks of a few numbers (one all-reduce of one float64 tensor on the group's device)."""
-    t = torch.tensor(values, dtype=torch.float64, device=collective_device(dist))
-    dist.all_reduce(t)
-    return t.tolist()
-
-
 def broadcast_int(dist, value: int, src: int = 0) -> int:
     """Rank `src`'s `value` on every rank."""
     t = torch.tensor([int(value)], dtype=torch.int64, device=collective_device(dist))
@@ -97,54 +86,9 @@ def broadcast_int(dist, value: int, src: int = 0) -> int:
     return int(t.item())
 
 
-GRAD_BUCKET_BYTES = 32 * 2**20
-
-
-def grad_buckets(tensors: list[torch.Tensor], bucket_bytes: int = GRAD_BUCKET_BYTES) -> list[list[torch.Tensor]]:
-    """Consecutive tensors of one dtype and device, at most `bucket_bytes` a bucket (a bigger tensor alone)."""
-    out: list[list[torch.Tensor]] = []
-    cur: list[torch.Tensor] = []
-    size = 0
-    for t in tensors:
-        n = t.numel() * t.element_size()
-        if cur and (size + n > bucket_bytes or t.dtype != cur[0].dtype or t.device != cur[0].device):
-            out.append(cur)
-            cur, size = [], 0
-        cur.append(t)
-        size += n
-    if cur:
-        out.append(cur)
-    return out
-
-
-def all_reduce_mean(dist, tensors: list[torch.Tensor], world: int, bucket_bytes: int = GRAD_BUCKET_BYTES) -> int:
-    """Average `tensors` over the ranks in place: one all-reduce per flattened bucket (a call per tensor pays the
-    collective's latency hundreds of times a step). Returns the number of all-reduces."""
-    buckets = grad_buckets(tensors, bucket_bytes)
-    for bucket in buckets:
-        flat = torch.cat([t.reshape(-1) for t in bucket])
-        dist.all_reduce(flat)
-        flat.div_(world)
-        offset = 0
-        for t in bucket:
-            t.copy_(flat[offset:offset + t.numel()].view_as(t))
-            offset += t.numel()
-    return len(buckets)
-
-
-def _apply_update(params, optimizer, grad_clip, ema) -> None:
-    # Mirrors the tail of flowbp_core.training.train_step(apply=True), after our gradient all-reduce.
-    if grad_clip is not None:
-        torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    if ema is not None:
-        ema.update()
-
-
 class LearnerRank:
     """One rank's state and step logic (no Ray Train inside, so a test can drive it in-process). The parts and
-    the step are flowbp_core.run's (`build_components`, `learner_step`, `save`), as in the single-process loop.
+    the step are the single-process loop's (`run.build_components`, `step.learn_step`, `run.save`).
 
     Start-up order matters under FSDP: the newest complete checkpoint is loaded into the whole model first (its
     tensors are full), then the transformer is sharded, and only then are the optimizer and EMA built over the
@@ -172,6 +116,8 @@ class LearnerRank:
         self.resumed_from: str | None = None
         dist = _dist()
         self.sharded = cfg.runtime.strategy == "fsdp" and dist is not None
+        self.reducer = (NoReduce() if dist is None else FSDPReduce(dist, world) if self.sharded
+                        else AllReduceMean(dist, world))
 
         state = self._load_newest()
         if dist is not None:  # identical start on every rank whatever each one built
@@ -236,49 +182,20 @@ class LearnerRank:
             for p, b in zip(self.params, live):
                 p.copy_(b)
 
-    def fetch(self, work) -> tuple[TrajectoryCache, float]:
-        t0 = time.perf_counter()
+    def fetch(self, work) -> TrajectoryCache:
+        """This rank's slice of the step's cache: the shards joined, then split evenly over the ranks."""
         blobs = ray.get(list(work.cache_refs))
         cache = concat_caches([TrajectoryCache.from_bytes(b) for b in blobs])
         if self.world > 1:
             if cache.batch_size % self.world:  # the driver refuses such a config at start-up (check_learner_split)
                 raise ConfigError("train.batch_size", cache.batch_size, f"a multiple of runtime.learners={self.world}")
             cache = cache.split(cache.batch_size // self.world)[self.rank]
-        return cache, time.perf_counter() - t0
+        return cache
 
-    def train(self, step: int, cache: TrajectoryCache):
-        """One step (flowbp_core.run.learner_step); raises NonFiniteStreak after too many bad steps in a row."""
-        from flowbp_core.run import learner_step
-
-        dist = _dist()
-        agree = None if dist is None else (lambda ok: all_sum(dist, [0.0 if ok else 1.0])[0] == 0)
-        res = learner_step(self.comp, cache, step, self.optimizer, self.ema, score=self.score, apply=dist is None,
-                           all_finite=agree)
-        if dist is not None:
-            skips, loss, reward = all_sum(dist, [1.0 if res.skipped else 0.0, res.loss, res.reward_mean])
-            if skips > 0 and not res.skipped:
-                self.optimizer.zero_grad(set_to_none=True)
-                res.skipped, res.skip_reason = True, "non_finite_on_other_rank"
-            # The group's loss and reward are the means over ranks (equal shards), as one rank would report.
-            res.loss, res.reward_mean = loss / self.world, reward / self.world
-            if not res.skipped:
-                if self.sharded:
-                    # FSDP's backward already reduce-scattered the mean gradient: each rank holds its shard.
-                    dev = collective_device(dist)
-                    sq = torch.zeros((), dtype=torch.float64, device=dev)
-                    for p in self.params:
-                        if p.grad is not None:
-                            sq += local_part(p.grad).double().pow(2).sum().to(dev)
-                    dist.all_reduce(sq)
-                    res.grad_norm = float(sq.sqrt())
-                else:
-                    for p in self.params:
-                        if p.grad is None:
-                            p.grad = torch.zeros_like(p)
-                    all_reduce_mean(dist, [p.grad for p in self.params], self.world)
-                    res.grad_norm = float(torch.linalg.vector_norm(
-                        torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in self.params])))
-                _apply_update(self.params, self.optimizer, self.cfg.train.grad_clip, self.ema)
+    def train(self, step: int, cache: TrajectoryCache, timings: dict[str, float] | None = None) -> StepResult:
+        """One step (flowbp_core.step.learn_step); raises NonFiniteStreak after too many bad steps in a row."""
+        res = learn_step(cache, self.comp, step=step, optimizer=self.optimizer, ema=self.ema, score=self.score,
+                         reducer=self.reducer, timings=timings)
         if not res.skipped:
             self.version += 1
         self.guard.observe(res)  # may raise NonFiniteStreak
@@ -322,64 +239,64 @@ def learner_loop(config: dict) -> None:
     cfg = RunConfig.model_validate_json(config["cfg_json"])
     board = config["board"]
     torch.set_num_threads(max(1, int(cfg.runtime.learner_num_cpus)))
-    lr = LearnerRank(cfg, config["run_id"], rank, world, config.get("served_app"))  # resumes, shards if FSDP
+    learner = LearnerRank(cfg, config["run_id"], rank, world, config.get("served_app"))  # resumes, shards if FSDP
     generation = ray.get(board.next_generation.remote()) if rank == 0 else 0
     dist = _dist()
     if dist is not None:
         generation = broadcast_int(dist, generation)
-    state = lr.full_trainable_state()  # every rank: a collective under FSDP
+    state = learner.full_trainable_state()  # every rank: a collective under FSDP
     if rank == 0:
-        weights = lr.publish(generation, state)
-        ray.get(board.say_hello.remote(LearnerHello(generation, lr.step, lr.version, weights, (os.getpid(),),
-                                                    lr.resumed_from)))
+        weights = learner.publish(generation, state)
+        ray.get(board.say_hello.remote(LearnerHello(
+            generation=generation, start_step=learner.step, policy_version=learner.version, weights=weights,
+            pids=(os.getpid(),), resumed_from=learner.resumed_from)))
     cp = cfg.checkpoint
     evals = eval_steps(cfg)
-    step = lr.step
+    step = learner.step
     while step < cfg.train.steps:
         work = None
         while work is None:
             work = ray.get(board.take.remote(step, generation))
         if work == STOP:
             return
-        cache, transfer_s = lr.fetch(work)
-        version_before = lr.version
-        failed = None
+        timings: dict[str, float] = {}
+        with timed(TRANSFER, timings):
+            cache = learner.fetch(work)
+        staleness = learner.version - cache.policy_version
         try:
-            res = lr.train(step, cache)
-        except NonFiniteStreak as e:
-            res, failed = None, str(e)
-        if res is None:  # the streak's last step; report it as skipped and failed, then stop
-            outcome = StepOutcome(step, generation, float("nan"), float("nan"), float("nan"), float("nan"), True,
-                                  "non_finite_streak", lr.version, version_before - cache.policy_version,
-                                  cache.batch_size, {"transfer": transfer_s}, None, None, failed)
+            res = learner.train(step, cache, timings)
+        except NonFiniteStreak as e:  # the streak's last step: report it as skipped and failed, then stop
             if rank == 0:
-                ray.get(board.report.remote(outcome))
+                nan = float("nan")
+                ray.get(board.report.remote(StepOutcome(
+                    step=step, generation=generation, loss=nan, reward_mean=nan, grad_norm=nan, residual=nan,
+                    skipped=True, skip_reason="non_finite_streak", policy_version=learner.version,
+                    staleness=staleness, samples=cache.batch_size, phase_seconds=timings, weights=None,
+                    checkpoint=None, failed=str(e))))
             return
         step += 1
         ckpt_path = None
-        state = lr.full_trainable_state() if not res.skipped else None  # every rank: a collective under FSDP
+        state = learner.full_trainable_state() if not res.skipped else None  # every rank: a collective under FSDP
         if state is not None and (step % cp.every == 0 or step == cfg.train.steps):
-            ckpt_path = lr.save(step, res, trainable=state)  # every rank (FSDP gathers the rest); rank 0 writes
+            ckpt_path = learner.save(step, res, trainable=state)  # every rank (FSDP gathers the rest); rank 0 writes
         eval_weights = None
-        if lr.ema is not None and step in evals:  # the driver evaluates the EMA shadow (every rank: FSDP gathers)
-            ema_state = lr.ema_trainable_state()
+        if learner.ema is not None and step in evals:  # the driver evaluates the EMA shadow (every rank: FSDP gathers)
+            ema_state = learner.ema_trainable_state()
             if rank == 0:
-                eval_weights = replace(lr.publish(generation, ema_state), eval_only=True)
+                eval_weights = replace(learner.publish(generation, ema_state), eval_only=True)
         if dist is not None:
             dist.barrier()  # nobody runs ahead of a checkpoint being written
         if rank == 0:
-            t0 = time.perf_counter()
-            weights = lr.publish(generation, state) if state is not None else None
-            phases = {"transfer": transfer_s, **{k: v for k, v in res.timings.items()}}
-            if weights is not None:
-                phases["sync"] = time.perf_counter() - t0
-            residual = float(res.diagnostics.get("residual_0", float("nan")))
+            weights = None
+            if state is not None:
+                with timed(SYNC, timings):
+                    weights = learner.publish(generation, state)
             ray.get(board.report.remote(StepOutcome(
                 step=res.step, generation=generation, loss=res.loss, reward_mean=res.reward_mean,
-                grad_norm=res.grad_norm, residual=residual, skipped=res.skipped, skip_reason=res.skip_reason or "",
-                policy_version=lr.version, staleness=version_before - cache.policy_version,
-                samples=cache.batch_size * world, phase_seconds=phases, weights=weights, checkpoint=ckpt_path,
-                eval_weights=eval_weights)))
+                grad_norm=res.grad_norm, residual=float(res.diagnostics.get("residual_0", float("nan"))),
+                skipped=res.skipped, skip_reason=res.skip_reason or "", policy_version=learner.version,
+                staleness=staleness, samples=cache.batch_size * world, phase_seconds=res.timings, weights=weights,
+                checkpoint=ckpt_path, eval_weights=eval_weights)))
 
 
 def torch_backend(use_gpu: bool) -> str:

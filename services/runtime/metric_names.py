@@ -6,11 +6,12 @@ series a dashboard queries is e.g. `ray_flowbp_loss`. Tags are listed beside eac
 
 from __future__ import annotations
 
+from flowbp_core.stages import STAGES
 from services.reward_serve.metric_names import REWARD_BATCH_SIZE, REWARD_REQUEST_SECONDS
 
 PROMETHEUS_PREFIX = "ray_"
 
-# histogram [phase: rollout|transfer|surrogate|reward|backward|sync] [run_id]
+# histogram [phase: rollout|transfer|surrogate|reward|backward|update|sync] [run_id]
 STEP_PHASE_SECONDS = "flowbp_step_phase_seconds"
 # gauges [run_id]
 REWARD_MEAN = "flowbp_reward_mean"
@@ -30,7 +31,7 @@ EVAL_SCORE = "flowbp_eval_score"
 WEIGHT_SYNC_SECONDS = "flowbp_weight_sync_seconds"
 # reward service histograms [deployment]: REWARD_REQUEST_SECONDS, REWARD_BATCH_SIZE (services/reward_serve)
 
-PHASES = ("rollout", "transfer", "surrogate", "reward", "backward", "sync")
+PHASES = STAGES  # the `phase` tag's values: the step's stages, named once in flowbp_core.stages
 
 ALL = (
     STEP_PHASE_SECONDS,

@@ -11,20 +11,31 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from flowbp_core.plan import Plan
+
 PAYLOAD_VERSION = 1
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class WeightsHandle:
-    """Where a published set of trainable weights lives: `refs` are ObjectRefs of safetensors byte buckets.
+    """Where a published set of trainable weights lives.
 
-    `policy_version` is the learner step count the weights belong to (0 = the initial weights). `eval_only`: the
-    EMA shadow at that version, published for an in-run eval; a rollout never samples with it.
+    Attributes:
+        backend (str): the weight-sync backend that wrote it (weight_sync.build names).
+        policy_version (int): the learner step count the weights belong to (0 = the initial weights).
+        generation (int): the learner (re)start count: a resumed learner may publish an older version than a
+            worker holds, and the generation tells the worker to take it anyway.
+        refs (tuple[ObjectRef, ...]): one ObjectRef per safetensors byte bucket.
+        nbytes (int): the buckets' total size in bytes.
+        n_tensors (int): the tensors in the buckets.
+        publish_seconds (float): the time the learner spent publishing them.
+        eval_only (bool): the EMA shadow at that version, published for an in-run eval; a rollout never samples
+            with it.
     """
 
     backend: str
     policy_version: int
-    generation: int  # learner (re)start count: a resumed learner may publish an *older* version than a worker has
+    generation: int
     refs: tuple[Any, ...]
     nbytes: int
     n_tensors: int
@@ -32,21 +43,42 @@ class WeightsHandle:
     eval_only: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RolloutRequest:
-    """One batch of prompts to sample at `step`, with the weights it must be sampled with."""
+    """One batch of prompts to sample at `step`, with the weights and the plan it must be sampled with.
+
+    Attributes:
+        step (int): the training step (or, for an eval, the step done).
+        seed (int): the run's seed; noise derives from (seed, step).
+        prompts (tuple[str, ...]): this request's rows of the step's batch.
+        weights (WeightsHandle | None): the weights to sample with (None: the worker's current ones).
+        total_batch (int): the step's whole batch (this request may be one shard of it).
+        plan (Plan | None): the step's plan, drawn once by the driver; the cache is kept for it and carries it.
+            None for an eval, which keeps no trajectory.
+        version (int): PAYLOAD_VERSION of the sender.
+    """
 
     step: int
     seed: int
     prompts: tuple[str, ...]
     weights: WeightsHandle | None
-    total_batch: int  # the step's whole batch (this request may be one shard of it)
+    total_batch: int
+    plan: Plan | None = None
     version: int = PAYLOAD_VERSION
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RolloutStats:
-    """What a rollout worker says about a cache it produced (the cache itself is a separate ObjectRef)."""
+    """What a rollout worker says about a cache it produced (the cache itself is a separate ObjectRef).
+
+    Attributes:
+        step (int), worker (int), pid (int): which step, which worker, which process.
+        policy_version (int): the version of the weights it sampled with.
+        samples (int): its rows of the step's batch.
+        nbytes (int): the serialised cache's size.
+        rollout_seconds (float): the `rollout` stage: encode, sample and serialise.
+        sync_seconds (float): applying new weights before this rollout (0 when already current).
+    """
 
     step: int
     worker: int
@@ -55,24 +87,45 @@ class RolloutStats:
     samples: int
     nbytes: int
     rollout_seconds: float
-    sync_seconds: float  # time spent applying new weights before this rollout (0 when already current)
-    encode_seconds: float
+    sync_seconds: float
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LearnerWork:
-    """The driver's offer to the learner group: the cache(s) for `step`. `cache_refs` is a list of ObjectRefs
-    (one per rollout worker shard), kept in a list so that Ray hands the refs, not the bytes, to the board."""
+    """The driver's offer to the learner group: the cache(s) for `step`.
+
+    Attributes:
+        step (int): the training step.
+        cache_refs (tuple[ObjectRef, ...]): one ObjectRef per rollout shard, in shard order, kept in a tuple so
+            that Ray hands the refs, not the bytes, to the board.
+        rollout_policy_version (int): the version the shards were sampled with.
+        generation (int): the learner generation whose weights sampled it; the board drops other generations'.
+    """
 
     step: int
     cache_refs: tuple[Any, ...]
     rollout_policy_version: int
-    generation: int = 0  # the learner generation whose weights sampled it; the board drops other generations'
+    generation: int = 0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class StepOutcome:
-    """One learner step as rank 0 saw it. Phase seconds are rank 0's own; `weights` is the published handle."""
+    """One learner step as rank 0 saw it.
+
+    Attributes:
+        step (int): the step index; generation (int): the learner generation that ran it.
+        loss (float), reward_mean (float), grad_norm (float): the group's (nan when the run failed at it).
+        residual (float): the straight-through residual at the end, mean over the batch.
+        skipped (bool), skip_reason (str): not applied, and why ("" when applied).
+        policy_version (int): the learner version after the step.
+        staleness (int): the learner version before the step minus the version the cache was sampled with.
+        samples (int): the step's whole batch.
+        phase_seconds (dict[str, float]): rank 0's seconds per stage (flowbp_core.stages).
+        weights (WeightsHandle | None): the weights published after the step (None when skipped).
+        checkpoint (str | None): the checkpoint written after the step.
+        failed (str | None): set when the learner gives up (too many non-finite steps in a row).
+        eval_weights (WeightsHandle | None): the EMA shadow (eval_only) when an eval is due and EMA is on.
+    """
 
     step: int
     generation: int
@@ -88,13 +141,22 @@ class StepOutcome:
     phase_seconds: dict[str, float]
     weights: WeightsHandle | None
     checkpoint: str | None
-    failed: str | None = None  # set when the learner gives up (e.g. too many non-finite steps in a row)
-    eval_weights: WeightsHandle | None = None  # the EMA shadow (eval_only) when an eval is due and EMA is on
+    failed: str | None = None
+    eval_weights: WeightsHandle | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LearnerHello:
-    """Sent by rank 0 each time the learner group (re)starts: where it resumed and with which weights."""
+    """Sent by rank 0 each time the learner group (re)starts.
+
+    Attributes:
+        generation (int): the new learner generation.
+        start_step (int): the step it resumes at (0 on a fresh run).
+        policy_version (int): the version of the weights it resumed with.
+        weights (WeightsHandle): those weights, published.
+        pids (tuple[int, ...]): the learner processes (rank 0's).
+        resumed_from (str | None): the checkpoint it loaded.
+    """
 
     generation: int
     start_step: int

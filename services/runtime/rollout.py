@@ -11,7 +11,6 @@ share a step.
 from __future__ import annotations
 
 import os
-import time
 
 import ray
 import torch
@@ -19,7 +18,8 @@ import torch
 from flowbp_core.config import RunConfig
 from flowbp_core.dtypes import resolve_dtype
 from flowbp_core.sampling import rollout as cached_rollout
-from flowbp_core.training import derive_seed, generator_for
+from flowbp_core.stages import ROLLOUT, timed
+from flowbp_core.step import rollout_step, step_noise
 from services.runtime.payloads import RolloutRequest, RolloutStats
 from services.runtime.weight_sync import WeightReceiver
 
@@ -27,9 +27,9 @@ from services.runtime.weight_sync import WeightReceiver
 class RolloutCore:
     """The worker's logic without Ray (used by the actor, by the benchmark's stage-alone timing and in tests).
 
-    Same seeds as `flowbp_core.run.make_cache` (noise of the whole step's batch from (seed, step, "noise"),
-    plan from (seed, step, "plan")): a shard [a, b) takes rows a..b-1 of that noise, so one worker reproduces the
-    single-process loop bitwise and any number of workers joins into the same batch.
+    A rollout is `flowbp_core.step.rollout_step` with the request's plan (drawn once by the driver): a shard
+    [a, b) takes rows a..b-1 of the step's noise, so one worker reproduces the single-process loop bitwise and
+    any number of workers joins into the same batch.
     """
 
     def __init__(self, cfg: RunConfig, worker: int = 0):
@@ -41,10 +41,6 @@ class RolloutCore:
         # keys match; "trainable" is requires_grad in the backbone, so we leave it, and sample under no_grad.
         self.comp = build_components(cfg, with_reward=False, trainable=True)
         self.backbone = self.comp.backbone
-        self.method = self.comp.method
-        self.guidance = self.comp.guidance
-        self.n_steps = self.comp.n_steps
-        self.schedule = self.backbone.schedule(self.n_steps)
         self.state_dtype = resolve_dtype(cfg.backbone.dtype)
         self.receiver = WeightReceiver()
         if cfg.runtime.compile_rollout:
@@ -52,29 +48,22 @@ class RolloutCore:
             # rollout may run a compiled transformer; the learner re-forwards eagerly.
             self.backbone.transformer = torch.compile(self.backbone.transformer)
 
-    def noise(self, seed: int, step: int, offset: int, batch: int, total: int) -> torch.Tensor:
-        full = torch.randn(self.backbone.latent_shape(total), generator=generator_for(seed, step, "noise"))
-        return full[offset : offset + batch].to(self.comp.device)
-
     def run(self, req: RolloutRequest, offset: int = 0):
+        if req.plan is None:
+            raise ValueError(f"RolloutRequest.plan is None for step {req.step}: a training rollout is issued with its "
+                             "step's plan (flowbp_core.step.step_plan)")
         sync_s = self.receiver.apply(req.weights, self.backbone.load_trainable_state_dict)
-        t0 = time.perf_counter()
-        prompts = list(req.prompts)
-        cond = self.backbone.encode_prompts(prompts)
-        t_enc = time.perf_counter() - t0
-        plan = self.method.plan(self.n_steps, generator_for(req.seed, req.step, "plan"))
-        needs = self.method.needs(plan, self.n_steps)
-        noise = self.noise(req.seed, req.step, offset, len(prompts), req.total_batch)
-        cache = cached_rollout(self.backbone.bind(cond, self.guidance), noise, self.schedule.sigmas,
-                               seed=derive_seed(req.seed, req.step, "noise"),
-                               policy_version=max(self.receiver.version, 0), cond=cond, prompts=prompts,
-                               needs=needs, state_dtype=self.state_dtype,
-                               meta={"step": str(req.step), "worker": str(self.worker), "offset": str(offset),
-                                     "plan": plan.to_json()})
-        blob = cache.to_bytes()
+        timings: dict[str, float] = {}
+        with timed(ROLLOUT, timings):
+            cache = rollout_step(backbone=self.backbone, guidance=self.comp.guidance, plan=req.plan,
+                                 prompts=list(req.prompts), seed=req.seed, step=req.step,
+                                 policy_version=max(self.receiver.version, 0), state_dtype=self.state_dtype,
+                                 device=self.comp.device, offset=offset, total=req.total_batch,
+                                 meta={"step": str(req.step), "worker": str(self.worker), "offset": str(offset)})
+            blob = cache.to_bytes()
         stats = RolloutStats(step=req.step, worker=self.worker, pid=os.getpid(), policy_version=cache.policy_version,
-                             samples=len(prompts), nbytes=len(blob), rollout_seconds=time.perf_counter() - t0,
-                             sync_seconds=sync_s, encode_seconds=t_enc)
+                             samples=len(req.prompts), nbytes=len(blob), rollout_seconds=timings[ROLLOUT],
+                             sync_seconds=sync_s)
         return blob, stats
 
     @torch.no_grad()
@@ -92,9 +81,9 @@ class RolloutCore:
             self.receiver.apply(w, self.backbone.load_trainable_state_dict)
         prompts = list(req.prompts)
         cond = self.backbone.encode_prompts(prompts)
-        n = self.cfg.sampling.eval_n_steps or self.n_steps
-        noise = self.noise(req.seed, req.step, offset, len(prompts), req.total_batch)
-        cache = cached_rollout(self.backbone.bind(cond, self.guidance), noise,
+        n = self.cfg.sampling.eval_n_steps or self.comp.n_steps
+        noise = step_noise(self.backbone, req.seed, req.step, req.total_batch, offset, len(prompts))
+        cache = cached_rollout(self.backbone.bind(cond, self.comp.guidance), noise.to(self.comp.device),
                                eval_schedule(self.backbone, n).sigmas, cond=cond, prompts=prompts,
                                needs=CacheNeeds(frozenset(), frozenset()))
         return self.backbone.decode(cache.final.to(self.backbone.dtype))

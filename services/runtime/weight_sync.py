@@ -83,8 +83,9 @@ class LoRASync:
         t0 = time.perf_counter()
         blob = st_save(_to_cpu(state), metadata={"policy_version": str(policy_version)})
         ref = ray.put(blob)
-        return WeightsHandle(self.name, int(policy_version), int(generation), (ref,), len(blob), len(state),
-                             time.perf_counter() - t0)
+        return WeightsHandle(backend=self.name, policy_version=int(policy_version), generation=int(generation),
+                             refs=(ref,), nbytes=len(blob), n_tensors=len(state),
+                             publish_seconds=time.perf_counter() - t0)
 
     def fetch(self, handle: WeightsHandle) -> dict[str, torch.Tensor]:
         return _fetch_blobs(handle)
@@ -124,8 +125,9 @@ class BucketedSync:
             blob = st_save(bucket, metadata={"policy_version": str(policy_version), "bucket": str(i)})
             nbytes += len(blob)
             refs.append(ray.put(blob))
-        return WeightsHandle(self.name, int(policy_version), int(generation), tuple(refs), nbytes, len(state),
-                             time.perf_counter() - t0)
+        return WeightsHandle(backend=self.name, policy_version=int(policy_version), generation=int(generation),
+                             refs=tuple(refs), nbytes=nbytes, n_tensors=len(state),
+                             publish_seconds=time.perf_counter() - t0)
 
     def fetch(self, handle: WeightsHandle) -> dict[str, torch.Tensor]:
         return _fetch_blobs(handle)

@@ -58,7 +58,7 @@ def test_pixel_space_backbone_samples_decodes_and_trains(tmp_path):
     noise = torch.randn(bb.latent_shape(2), generator=torch.Generator().manual_seed(1))
     cache = rollout(bb.bind(cond), noise, bb.schedule(5).sigmas, cond=cond, prompts=prompts,
                     needs=method.needs(plan, 5))
-    ep = method.endpoint(cache, bb.bind(cache.cond), plan=plan)
+    ep = method.endpoint(cache.with_plan(plan), bb.bind(cache.cond))
     bb.decode(ep.value)[:, 0].mean().backward()
     assert all(p.grad is not None for p in bb.trainable_parameters())
     # the LoRA export still uses the SD3 pipeline's format, so diffusers users can load it into an SD3 model

@@ -35,7 +35,7 @@ def _step(bb, method_name: str):
     noise = torch.randn(bb.latent_shape(2), generator=torch.Generator().manual_seed(4))
     cache = rollout(bb.bind(cond), noise, bb.schedule(N).sigmas, cond=cond, prompts=PROMPTS,
                     needs=method.needs(plan, N))
-    ep = method.endpoint(cache, bb.bind(cache.cond), plan=plan)
+    ep = method.endpoint(cache.with_plan(plan), bb.bind(cache.cond))
     img = bb.decode(ep.value)
     reward = img[:, 0].mean(dim=(1, 2)) - img[:, 2].mean(dim=(1, 2))  # "redness": a differentiable stand-in
     loss = -(ep.weights.to(reward) * reward).mean()

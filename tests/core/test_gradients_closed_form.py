@@ -22,7 +22,7 @@ def _plan_and_endpoint(name, field, cache, seed=3, **kw):
     m = methods.build(name, **kw)
     plan = m.plan(cache.n_steps, torch.Generator().manual_seed(seed))
     field.zero()
-    ep = m.endpoint(cache, field, plan=plan)
+    ep = m.endpoint(cache.with_plan(plan), field)
     field.forward_calls = list(field.calls)  # before backward (checkpointing re-runs forwards there)
     return m, plan, ep
 
@@ -161,7 +161,7 @@ def test_draft_k_with_k_equal_n_is_full_backprop(linear_field, make_cache, check
     got = _loss_grads(f, ep, cot)
     _assert_close(got, want)
     f.zero()
-    ep = methods.build("full_bptt", checkpoint=checkpoint).endpoint(c, f)
+    _, _, ep = _plan_and_endpoint("full_bptt", f, c, checkpoint=checkpoint)
     _assert_close(_loss_grads(f, ep, cot), want)
     assert ep.diagnostics.jacobian_factors == 9
 
@@ -211,11 +211,11 @@ def test_draft_lv_rows_and_gradient(linear_field, make_cache):
     m = methods.build("draft_lv", n=2)
     plan = m.plan(6, torch.Generator().manual_seed(0))
     f.zero()
-    ep = m.endpoint(c, f, plan=plan)
+    ep = m.endpoint(c.with_plan(plan), f)
     assert f.calls == [False, False, False]  # last step + 2 re-noised copies, all on detached inputs
     assert ep.value.shape[0] == 6 and ep.sample_index.tolist() == [0, 1, 0, 1, 0, 1]
     assert ep.diagnostics.jacobian_factors == 0
-    ep2 = m.endpoint(c, f, plan=plan)
+    ep2 = m.endpoint(c.with_plan(plan), f)
     torch.testing.assert_close(ep.value, ep2.value)  # replayable: same plan, same cache -> same noise
     f.zero()
     ep.value.sum().backward()

@@ -30,7 +30,7 @@ def test_pinned_endpoint_is_the_cached_final_bitwise(name, backbone, dtype):
     net, c = _mlp_cache(12, dtype)
     m = methods.build(name, backbone=backbone)
     for seed in range(3):
-        ep = m.endpoint(c, net, generator=torch.Generator().manual_seed(seed))
+        ep = m.endpoint(c.with_plan(m.plan(12, torch.Generator().manual_seed(seed))), net)
         assert ep.value.dtype == torch.float32
         assert torch.equal(ep.value.detach(), c.final), name
         assert ep.value.requires_grad
@@ -39,12 +39,16 @@ def test_pinned_endpoint_is_the_cached_final_bitwise(name, backbone, dtype):
 def test_exact_euler_connectors_have_zero_residual_in_float32():
     # a deterministic re-forward on the cached float32 state reproduces v_i bitwise, so d_j = d_0 = 0 exactly
     net, c = _mlp_cache(15)
+    def diagnostics(name):
+        m = methods.build(name)
+        return m.endpoint(c.with_plan(m.plan(15, torch.Generator().manual_seed(1))), net).diagnostics
+
     for name in ("flowbp_sparse", "flowbp_bridge", "draft_k", "full_bptt"):
-        d = methods.build(name).endpoint(c, net, generator=torch.Generator().manual_seed(1)).diagnostics
+        d = diagnostics(name)
         assert float(d.residual_0.abs().max()) == 0.0, name
         if d.residual_j is not None:
             assert float(d.residual_j.abs().max()) == 0.0, name
-    d = methods.build("leapalign").endpoint(c, net, generator=torch.Generator().manual_seed(1)).diagnostics
+    d = diagnostics("leapalign")
     assert float(d.residual_0.min()) > 0  # a one-velocity leap is not the trajectory
 
 
@@ -58,7 +62,7 @@ def test_alpha_zero_lets_no_gradient_reach_a_state_input(linear_field, make_cach
     for alpha, factors in ((0.0, 0), (0.7, 1)):
         f.zero()
         m = methods.build(name, alpha=alpha, **kw)
-        ep = m.endpoint(c, f, generator=torch.Generator().manual_seed(2))
+        ep = m.endpoint(c.with_plan(m.plan(14, torch.Generator().manual_seed(2))), f)
         inputs_with_grad = sum(f.calls)
         ep.value.sum().backward()
         assert inputs_with_grad == factors == ep.diagnostics.jacobian_factors
@@ -70,7 +74,7 @@ def test_alpha_zero_lets_no_gradient_reach_a_state_input(linear_field, make_cach
 def _bytes(method, n, seed, net, dtype=torch.float32):
     _, c = _mlp_cache(n, dtype, net=net)
     plan = method.plan(n, torch.Generator().manual_seed(seed))
-    nbytes, ep = saved_tensor_bytes(lambda: method.endpoint(c, net, plan=plan), exclude=net.parameters())
+    nbytes, ep = saved_tensor_bytes(lambda: method.endpoint(c.with_plan(plan), net), exclude=net.parameters())
     return nbytes, plan, ep
 
 
@@ -123,8 +127,8 @@ def test_plan_json_roundtrip_and_compacted_cache_gives_the_same_endpoint(name):
     needs = m.needs(plan, 20)
     small = TrajectoryCache.from_bytes(c.compact(needs).to_bytes())
     assert small.nbytes() <= c.nbytes()
-    a = m.endpoint(c, net, plan=plan)
-    b = m.endpoint(small, net, plan=plan)
+    a = m.endpoint(c.with_plan(plan), net)
+    b = m.endpoint(small.with_plan(plan), net)
     assert torch.equal(a.value, b.value)
     torch.testing.assert_close(a.weights, b.weights)
     ga = torch.autograd.grad(a.value.square().sum(), list(net.parameters()))
@@ -152,16 +156,21 @@ def test_same_seed_same_plan_on_every_rank_regardless_of_global_rng():
         assert plans[0] == plans[1] == plans[2], name
 
 
-def test_endpoint_uses_the_plan_stamped_into_the_cache():
+def test_endpoint_runs_the_plan_the_cache_carries():
     net = TinyMLP(dim=16, seed=1)
     m = methods.build("flowbp_bridge")
     plan = m.plan(20, torch.Generator().manual_seed(3))
     noise = torch.randn(2, 16, generator=torch.Generator().manual_seed(0))
-    c = rollout(net, noise, make_schedule("sd3", 20).sigmas, needs=m.needs(plan, 20), meta={"plan": plan.to_json()})
+    c = rollout(net, noise, make_schedule("sd3", 20).sigmas, plan=plan)
+    assert (c.plan, set(c.states), set(c.velocities)) == (plan, plan.needs().states, plan.needs().velocities)
     c = TrajectoryCache.from_bytes(c.to_bytes())
-    ep = m.endpoint(c, net, generator=torch.Generator().manual_seed(999))  # a different draw would miss states
+    assert c.plan == plan
+    ep = m.endpoint(c, net)
     assert ep.diagnostics.active == plan.active and ep.diagnostics.anchors == plan.anchors
-    other = methods.build("flowbp_sparse")  # a plan for another method is ignored
-    with pytest.raises(KeyError, match="not kept"):
-        for seed in range(20):
-            other.endpoint(c, net, generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(ep.value.detach(), c.final)
+    with pytest.raises(ValueError, match="cache.plan.method='flowbp_bridge'.*'flowbp_sparse'"):
+        methods.build("flowbp_sparse").endpoint(c, net)  # a method runs only its own plans
+    with pytest.raises(ValueError, match="cache.plan is None"):
+        m.endpoint(rollout(net, noise, make_schedule("sd3", 20).sigmas), net)
+    with pytest.raises(ValueError, match="plan is for N=20 steps, the cache has N=10"):
+        rollout(net, noise, make_schedule("sd3", 10).sigmas, plan=plan)

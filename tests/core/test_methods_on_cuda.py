@@ -17,7 +17,8 @@ def test_methods_run_on_cuda_with_bf16_cache(name):
     noise = torch.randn(3, 16, generator=torch.Generator().manual_seed(0)).cuda()
     c = rollout(net, noise, make_schedule("sd3", 12).sigmas, state_dtype=torch.bfloat16)
     c = type(c).from_bytes(c.to_bytes()).to("cuda")
-    ep = methods.build(name).endpoint(c, net, generator=torch.Generator().manual_seed(0))
+    m = methods.build(name)
+    ep = m.endpoint(c.with_plan(m.plan(12, torch.Generator().manual_seed(0))), net)
     assert ep.value.device.type == "cuda" and ep.weights.device.type == "cuda"
     if name not in ("refl", "drtune", "draft_lv"):
         assert torch.equal(ep.value.detach(), c.final)

@@ -24,9 +24,9 @@ def test_endpoint_on_tiny_sd3(sd3, name):
     m = methods.build(name, backbone="sd35")
     plan = m.plan(8, torch.Generator().manual_seed(0))
     noise = torch.randn(sd3.latent_shape(2), generator=torch.Generator().manual_seed(0))
-    cache = rollout(velocity, noise, sd3.schedule(8).sigmas, cond=cond, prompts=prompts, needs=m.needs(plan, 8))
+    cache = rollout(velocity, noise, sd3.schedule(8).sigmas, cond=cond, prompts=prompts, plan=plan)
     cache = TrajectoryCache.from_bytes(cache.to_bytes())
-    ep = m.endpoint(cache, sd3.bind(cache.cond), plan=plan)
+    ep = m.endpoint(cache, sd3.bind(cache.cond))
     assert torch.equal(ep.value.detach(), cache.final)
     params = sd3.trainable_parameters()
     for p in params:

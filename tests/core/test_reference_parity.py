@@ -88,7 +88,7 @@ def test_full_chain_under_true_cfg_is_the_gradient_of_the_guided_map(make_cache,
     velocity = _guided(cond, neg, guidance)
     c = make_cache(velocity, n=8)
     cot = torch.randn(c.final.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
-    ep = m.endpoint(c, velocity, plan=m.plan(8, torch.Generator().manual_seed(0)))
+    ep = m.endpoint(c.with_plan(m.plan(8, torch.Generator().manual_seed(0))), velocity)
     (ep.value * cot).sum().backward()
     want_c, want_n = _guided_full_chain_closed_form(cond, neg, scale, c, cot)
     for field, want in ((cond, want_c), (neg, want_n)):
@@ -127,7 +127,7 @@ def test_sd35_leapalign_sends_gradient_into_the_negative_branch(make_cache):
         c = make_cache(velocity, n=10)
         for f in (cond, neg):
             f.zero()
-        ep = m.endpoint(c, velocity, plan=m.plan(10, torch.Generator().manual_seed(2)))
+        ep = m.endpoint(c.with_plan(m.plan(10, torch.Generator().manual_seed(2))), velocity)
         ep.value.sum().backward()
         assert (neg.A.grad is not None and float(neg.A.grad.abs().sum()) > 0) is reaches, preset
 
@@ -199,8 +199,8 @@ def test_lam_blends_the_first_leap_only(linear_field, make_cache):
     assert [s.lam for s in plan.segments] == [0.5, 1.0]
     ref = plain.plan(16, torch.Generator().manual_seed(3))
     assert ref.anchors == plan.anchors
-    d_blend = blended.endpoint(c, f, plan=plan).diagnostics
-    d_plain = plain.endpoint(c, f, plan=ref).diagnostics
+    d_blend = blended.endpoint(c.with_plan(plan), f).diagnostics
+    d_plain = plain.endpoint(c.with_plan(ref), f).diagnostics
     torch.testing.assert_close(d_blend.residual_0, d_plain.residual_0)  # the j -> N leap is the same
     assert not torch.allclose(d_blend.residual_j, d_plain.residual_j)  # the k -> j leap is blended
 
@@ -248,7 +248,7 @@ def test_alignprop_gradient_flows_through_the_latent_of_idle_steps(linear_field,
     m = methods.build("alignprop")
     cot = torch.randn(c.final.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
     f.zero()
-    ep = m.endpoint(c, f, plan=plan)
+    ep = m.endpoint(c.with_plan(plan), f)
     (ep.value * cot).sum().backward()
     got = f.grads()
     # the chain: active steps re-forward on the grad-carrying latent, idle ones add their cached velocity

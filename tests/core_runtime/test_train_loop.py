@@ -7,7 +7,9 @@ import torch
 
 from flowbp_core.checkpoint import latest_complete, list_complete
 from flowbp_core.config import config_from_dict
-from flowbp_core.run import build_components, make_cache, train_loop
+from flowbp_core.cache import TrajectoryCache
+from flowbp_core.run import build_components, rollout_for, train_loop
+from flowbp_core.step import step_plan
 from flowbp_core.training import NonFiniteStreak, PromptSampler
 
 PROMPTS = ["a red circle", "two blue squares", "a green triangle on the left", "one yellow disk"]
@@ -34,9 +36,12 @@ def test_prompt_sampler_is_a_function_of_seed_and_step():
 
 def test_cache_is_pinned_and_compacted_for_the_plan(tmp_path):
     comp = build_components(tiny_cfg(tmp_path))
-    cache = make_cache(comp, step=0, policy_version=7)
+    cache = rollout_for(comp, step=0, policy_version=7)
     assert cache.policy_version == 7 and cache.prompts == comp.prompts.batch(0)
     assert cache.n_steps == 6 and len(cache.states) <= 6
+    assert cache.plan == step_plan(comp.method, 6, comp.cfg.train.seed, 0)  # the plan travels in the cache
+    assert set(cache.states) == cache.plan.needs().states
+    assert TrajectoryCache.from_bytes(cache.to_bytes()).plan == cache.plan
 
 
 def test_loop_checkpoints_and_resume_reproduces_losses(tmp_path):

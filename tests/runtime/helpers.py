@@ -33,11 +33,11 @@ def tiny_cfg(tmp_dir, run_id: str, **sections) -> RunConfig:
 
 def write_caches(comp, steps: int, directory) -> list[str]:
     """Serialised rollout caches of steps 0..steps-1 (offset 0) from `comp`'s current weights, one file each."""
-    from flowbp_core.run import make_cache
+    from flowbp_core.run import rollout_for
 
     files = []
     for s in range(steps):
         f = directory / f"cache_{s}.safetensors"
-        f.write_bytes(make_cache(comp, s, 0).to_bytes())
+        f.write_bytes(rollout_for(comp, s, 0).to_bytes())
         files.append(str(f))
     return files

@@ -50,7 +50,8 @@ def _actors():
 
             gen = ray.get(board.next_generation.remote())
             weights = self.sync.publish(self.state, 0, gen)
-            ray.get(board.say_hello.remote(LearnerHello(gen, 0, 0, weights, (os.getpid(),), None)))
+            ray.get(board.say_hello.remote(LearnerHello(generation=gen, start_step=0, policy_version=0, weights=weights,
+                                                        pids=(os.getpid(),), resumed_from=None)))
             for step in range(steps):
                 work = None
                 while work is None:
@@ -68,8 +69,8 @@ def _actors():
     class ScriptedRollout:
         @ray.method(num_returns=2)
         def rollout(self, req, offset: int = 0):
-            return b"cache", RolloutStats(req.step, 0, 0, req.weights.policy_version, len(req.prompts), 5, 0.01,
-                                          0.0, 0.0)
+            return b"cache", RolloutStats(step=req.step, worker=0, pid=0, policy_version=req.weights.policy_version,
+                                          samples=len(req.prompts), nbytes=5, rollout_seconds=0.01, sync_seconds=0.0)
 
     return FakeLearner, ScriptedRollout
 
@@ -133,7 +134,9 @@ def test_an_offer_for_a_dead_generation_is_not_taken_by_the_new_one(ray_client):
                                publish_seconds=0.0)
         assert ray.get(board.next_generation.remote()) == 1
         assert ray.get(board.next_generation.remote()) == 2
-        ray.get(board.say_hello.remote(LearnerHello(2, 0, 0, handle, (1,), None)))
+        hello = LearnerHello(generation=2, start_step=0, policy_version=0, weights=handle, pids=(1,),
+                             resumed_from=None)
+        ray.get(board.say_hello.remote(hello))
         # The driver made this offer for generation 1 before it saw generation 2's hello.
         stale = LearnerWork(step=0, cache_refs=(), rollout_policy_version=0, generation=1)
         assert ray.get(board.offer.remote(stale)) is False

@@ -43,7 +43,8 @@ def _actors():
     @ray.remote(num_cpus=0)
     class ScriptedBoard:
         def __init__(self):
-            self.hello = LearnerHello(1, 0, 0, _weights(1, 0), (1,), None)
+            self.hello = LearnerHello(generation=1, start_step=0, policy_version=0, weights=_weights(1, 0), pids=(1,),
+                                      resumed_from=None)
             self.outcomes: list = []
             self.dead: set[int] = set()
 
@@ -52,15 +53,18 @@ def _actors():
 
         async def _restart(self):
             await asyncio.sleep(1.5)
-            self.hello = LearnerHello(2, 2, 2, _weights(2, 2), (2,), "step_2")
+            self.hello = LearnerHello(generation=2, start_step=2, policy_version=2, weights=_weights(2, 2),
+                                      pids=(2,), resumed_from="step_2")
 
         async def offer(self, work):
             g = self.hello.generation
             if g in self.dead:
                 return
             version = work.step + 1
-            self.outcomes.append(StepOutcome(work.step, g, float(work.step), 0.0, 1.0, 0.0, False, "", version, 0, 1,
-                                             {}, _weights(g, version), None))
+            self.outcomes.append(StepOutcome(
+                step=work.step, generation=g, loss=float(work.step), reward_mean=0.0, grad_norm=1.0, residual=0.0,
+                skipped=False, skip_reason="", policy_version=version, staleness=0, samples=1, phase_seconds={},
+                weights=_weights(g, version), checkpoint=None))
             if g == 1 and work.step == 1:
                 self.dead.add(1)
                 asyncio.get_running_loop().create_task(self._restart())
@@ -91,8 +95,8 @@ def _actors():
         def rollout(self, req, offset: int = 0):
             if ray.get(self.board.is_dead.remote(req.weights.generation)):
                 raise ray.exceptions.ObjectLostError("00" * 28, "", "")
-            return b"cache", RolloutStats(req.step, 0, 0, req.weights.policy_version, len(req.prompts), 5, 0.01, 0.0,
-                                          0.0)
+            return b"cache", RolloutStats(step=req.step, worker=0, pid=0, policy_version=req.weights.policy_version,
+                                          samples=len(req.prompts), nbytes=5, rollout_seconds=0.01, sync_seconds=0.0)
 
     return ScriptedBoard, ScriptedRollout
 

@@ -18,6 +18,7 @@ def test_eval_only_weights_serve_the_eval_and_the_next_rollout_samples_live(ray_
     """RolloutCore: an eval with an eval-only handle samples with those weights, a rollout refuses it, and the
     rollout after the eval equals the one before it, tensor for tensor (the live weights are back)."""
     from flowbp_core.cache import TrajectoryCache
+    from flowbp_core.step import step_plan
     from services.runtime import weight_sync
     from services.runtime.payloads import RolloutRequest
     from services.runtime.rollout import RolloutCore
@@ -31,14 +32,15 @@ def test_eval_only_weights_serve_the_eval_and_the_next_rollout_samples_live(ray_
     sync = weight_sync.build("lora_delta")
     h = sync.publish(live, 1, 1)
     e = replace(sync.publish(ema, 1, 1), eval_only=True)  # same (generation, version) as the live handle
-    req = RolloutRequest(step=1, seed=0, prompts=tuple(PROMPTS[:2]), weights=h, total_batch=2)
+    plan = step_plan(core.comp.method, core.comp.n_steps, 0, 1)
+    req = RolloutRequest(step=1, seed=0, prompts=tuple(PROMPTS[:2]), weights=h, total_batch=2, plan=plan)
     ereq = RolloutRequest(step=1, seed=7, prompts=tuple(PROMPTS[:2]), weights=e, total_batch=2)
 
     before, _ = core.run(req)
     img_ema = core.eval_images(ereq)
     after, stats = core.run(req)
     a, b = TrajectoryCache.from_bytes(after), TrajectoryCache.from_bytes(before)
-    assert stats.policy_version == 1 and a.meta == b.meta and a.prompts == b.prompts
+    assert stats.policy_version == 1 and a.meta == b.meta and a.prompts == b.prompts and a.plan == b.plan == plan
     assert torch.equal(a.final, b.final) and torch.equal(a.noise, b.noise)
     assert set(a.states) == set(b.states) and all(torch.equal(a.states[i], b.states[i]) for i in a.states)
     assert set(a.velocities) == set(b.velocities) and all(

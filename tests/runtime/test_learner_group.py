@@ -96,7 +96,8 @@ def _resume_skip_then_step(rank: int, world: int, cfg_json: str, cache_files: li
     from flowbp_core import checkpoint as ckpt
     from flowbp_core.cache import TrajectoryCache
     from flowbp_core.config import RunConfig
-    from services.runtime.learner import LearnerRank, collective_device
+    from flowbp_core.reducers import collective_device
+    from services.runtime.learner import LearnerRank
 
     devices: list[str] = []
     _record_collectives(devices)
@@ -157,10 +158,10 @@ class _FakeGroup:
 
 @pytest.mark.parametrize("backend, expected", [("gloo", "cpu"), ("nccl", "cuda:0"), ("cpu:gloo,cuda:nccl", "cuda:0")])
 def test_collective_device_is_the_one_the_group_reduces(monkeypatch, backend, expected):
-    from services.runtime import learner
+    from flowbp_core.reducers import collective_device
 
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    assert learner.collective_device(_FakeGroup(backend)) == torch.device(expected)
+    assert collective_device(_FakeGroup(backend)) == torch.device(expected)
 
 
 def test_gpu_learner_group_has_a_backend_for_cpu_and_cuda_tensors(tmp_path):
@@ -175,19 +176,17 @@ def test_gpu_learner_group_has_a_backend_for_cpu_and_cuda_tensors(tmp_path):
 
 
 def test_draft_lv_renoising_of_two_halves_is_that_of_the_whole_batch(tmp_path):
-    from flowbp_core.run import build_components, make_cache
-    from flowbp_core.training import generator_for
+    from flowbp_core.run import build_components, rollout_for
 
     torch.set_num_threads(1)
     comp = build_components(_cfg(tmp_path, "lv", strategy="ddp", method={"name": "draft_lv", "n": 2}),
                             trainable=False)
-    cache = make_cache(comp, 0, 0)
+    cache = rollout_for(comp, 0, 0)
     b = cache.batch_size
 
     def endpoint(c):
         with torch.no_grad():
-            return comp.method.endpoint(c, comp.backbone.bind(c.cond, comp.guidance),
-                                        generator=generator_for(0, 0, "plan")).value
+            return comp.method.endpoint(c, comp.backbone.bind(c.cond, comp.guidance)).value
 
     whole = endpoint(cache).unflatten(0, (3, b))
     halves = [endpoint(part).unflatten(0, (3, b // 2)) for part in cache.split(b // 2)]
@@ -232,7 +231,7 @@ class _TwoEqualRanks:
 
 
 def test_gradients_are_averaged_in_flat_buckets_not_one_call_per_tensor():
-    from services.runtime.learner import all_reduce_mean
+    from flowbp_core.reducers import all_reduce_mean
 
     torch.manual_seed(0)
     grads = [torch.randn(64, 64) for _ in range(10)] + [torch.randn(300, 300), torch.randn(7)]
@@ -250,7 +249,7 @@ def test_a_learner_never_builds_a_text_encoder_and_trains_from_the_same_weights(
     and T5, a learner none; its transformer and LoRA init equal the rollout-side build's, and it trains on the cache."""
     import transformers
 
-    from flowbp_core.run import build_components, make_cache
+    from flowbp_core.run import build_components, rollout_for
     from services.runtime.learner import LearnerRank
 
     built: list[str] = []
@@ -266,7 +265,7 @@ def test_a_learner_never_builds_a_text_encoder_and_trains_from_the_same_weights(
     cfg.runtime.learners = 1
     rollout = build_components(cfg, trainable=True)  # a rollout worker's (and train_loop's) build
     assert {"CLIPTextModelWithProjection", "T5EncoderModel"} <= set(built)
-    cache = make_cache(rollout, 0, 0)
+    cache = rollout_for(rollout, 0, 0)
     built.clear()
     lr = LearnerRank(cfg, "notext")
     assert built == []

@@ -15,23 +15,31 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
-    from flowbp_core.run import build_components, make_cache
+    from flowbp_core.run import build_components, rollout_for
 
     cfg = tiny_cfg(tmp_path_factory.mktemp("serve"), "serve", reward={
         "terms": [{"name": "saturation", "weight": 0.7}, {"name": "contrast", "weight": 0.3}],
         "loss": "hinge", "clip": 0.9, "placement": "colocated"})
     comp = build_components(cfg)
-    cache = make_cache(comp, step=0, policy_version=0)
+    cache = rollout_for(comp, step=0, policy_version=0)
     return cfg, comp, cache
 
 
 def _param_grad(comp, cache, score) -> tuple[float, list[torch.Tensor]]:
-    from flowbp_core.run import learner_step, make_optimizer
+    """The step's loss and parameter gradient; a zero learning rate leaves the shared weights as they were."""
+    from flowbp_core.reducers import NoReduce
+    from flowbp_core.step import learn_step
 
-    opt = make_optimizer(comp.cfg, comp.backbone.trainable_parameters())
-    res = learner_step(comp, cache, 0, opt, None, score=score, apply=False)
+    class KeepGrads(NoReduce):
+        def gradients(self, params):
+            self.grads = [p.grad.detach().clone() for p in params]
+            return super().gradients(params)
+
+    keep = KeepGrads()
+    opt = torch.optim.SGD(comp.backbone.trainable_parameters(), lr=0.0)
+    res = learn_step(cache, comp, step=0, optimizer=opt, score=score, reducer=keep)
     assert not res.skipped, res.skip_reason
-    return res.loss, [p.grad.detach().clone() for p in comp.backbone.trainable_parameters()]
+    return res.loss, keep.grads
 
 
 @pytest.mark.parametrize("decode_on_reward_side", [True, False])

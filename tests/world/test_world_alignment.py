@@ -82,7 +82,8 @@ def test_embedded_backbone_is_registered_and_samples_the_base_model():
 def test_two_step_alignment_raises_the_reward_on_its_batch(reward):
     from flowbp_core.config import (BackboneSpec, LoRASpec, MethodSpec, PromptSource, RewardSpec, RunConfig,
                                     SamplingSpec, TrainSpec)
-    from flowbp_core.run import build_components, learner_step, make_cache, make_optimizer
+    from flowbp_core.run import build_components, make_optimizer, rollout_for
+    from flowbp_core.step import learn_step
 
     torch.manual_seed(0)
     prompts = [p.text for p in prompt_pool("train", 4, seed=21, tasks=("colours", "position"))]
@@ -95,13 +96,13 @@ def test_two_step_alignment_raises_the_reward_on_its_batch(reward):
     opt = make_optimizer(cfg, comp.backbone.trainable_parameters())
 
     def batch_reward() -> float:
-        cache = make_cache(comp, 0, 0, prompts=prompts)
+        cache = rollout_for(comp, 0, 0, prompts=prompts)
         with torch.no_grad():
             return float(reward(comp.backbone.decode(cache.final), prompts).mean())
 
     before = batch_reward()
     for step in range(2):
-        res = learner_step(comp, make_cache(comp, step, step, prompts=prompts), step, opt, None)
+        res = learn_step(rollout_for(comp, step, step, prompts=prompts), comp, step=step, optimizer=opt)
         assert not res.skipped and res.grad_norm > 0
     after = batch_reward()
     assert after > before, (before, after)
