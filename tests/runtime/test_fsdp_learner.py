@@ -50,19 +50,19 @@ def _rank_main(rank: int, world: int, port: int, cfg_json: str, cache_files: lis
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         cfg = RunConfig.model_validate_json(cfg_json)
-        lr = LearnerRank(cfg, cfg.run_id, rank, world)
-        assert lr.sharded and sharding.is_sharded(lr.params[0])
-        log = {"start_step": lr.step, "losses": [], "grad_norms": []}
+        learner = LearnerRank(cfg, cfg.run_id, rank, world)
+        assert learner.sharded and sharding.is_sharded(learner.params[0])
+        log = {"start_step": learner.step, "losses": [], "grad_norms": []}
         for s in steps:
             cache = TrajectoryCache.from_bytes(Path(cache_files[s]).read_bytes())
-            res = lr.train(s, cache.split(cache.batch_size // world)[rank])
+            res = learner.train(s, cache.split(cache.batch_size // world)[rank])
             log["losses"].append(res.loss)
             log["grad_norms"].append(res.grad_norm)
-            lr.save(s + 1, res)
-        state = {k: v.clone() for k, v in lr.full_trainable_state().items()}
-        ema = lr.ema_trainable_state()  # the eval-only publish's gather (issue 13, item 8)
-        assert all(torch.equal(v, state[k]) for k, v in lr.full_trainable_state().items()), "live weights moved"
-        whole = sharding.gather_state(lr.backbone.transformer.state_dict())
+            learner.save(s + 1, res)
+        state = {k: v.clone() for k, v in learner.full_trainable_state().items()}
+        ema = learner.ema_trainable_state()  # the eval-only publish's gather (issue 13, item 8)
+        assert all(torch.equal(v, state[k]) for k, v in learner.full_trainable_state().items()), "live weights moved"
+        whole = sharding.gather_state(learner.backbone.transformer.state_dict())
         if rank == 0:
             Path(out, "log.json").write_text(json.dumps(log))
             torch.save(state, Path(out, "state.pt"))
@@ -70,7 +70,7 @@ def _rank_main(rank: int, world: int, port: int, cfg_json: str, cache_files: lis
             if cfg.backbone.finetune == "full":
                 from flowbp_core.export import export_backbone
 
-                export_backbone(lr.backbone, Path(out, "export"), gathered=whole)
+                export_backbone(learner.backbone, Path(out, "export"), gathered=whole)
         dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -104,14 +104,14 @@ def _resume_skip_then_step(rank: int, world: int, cfg_json: str, cache_files: li
     if rank == 1:
         ckpt.latest_complete = lambda run_dir: None
     cfg = RunConfig.model_validate_json(cfg_json)
-    lr = LearnerRank(cfg, cfg.run_id, rank, world)
-    score = lr.comp.score_fn()
-    out = {"device": str(collective_device(dist)), "start_step": lr.step, "steps": []}
+    learner = LearnerRank(cfg, cfg.run_id, rank, world)
+    score = learner.comp.score_fn()
+    out = {"device": str(collective_device(dist)), "start_step": learner.step, "steps": []}
     for s in (1, 2):
         poisoned = rank == 1 and s == 1
-        lr.score = (lambda z, p: score(z, p) * float("nan")) if poisoned else score
+        learner.score = (lambda z, p: score(z, p) * float("nan")) if poisoned else score
         cache = TrajectoryCache.from_bytes(Path(cache_files[s]).read_bytes())
-        res = lr.train(s, cache.split(cache.batch_size // world)[rank])
+        res = learner.train(s, cache.split(cache.batch_size // world)[rank])
         out["steps"].append({"skipped": res.skipped, "reason": res.skip_reason, "grad_norm": res.grad_norm,
                              "loss": res.loss})
     out["devices"] = devices
@@ -267,11 +267,11 @@ def test_a_learner_never_builds_a_text_encoder_and_trains_from_the_same_weights(
     assert {"CLIPTextModelWithProjection", "T5EncoderModel"} <= set(built)
     cache = rollout_for(rollout, 0, 0)
     built.clear()
-    lr = LearnerRank(cfg, "notext")
+    learner = LearnerRank(cfg, "notext")
     assert built == []
     for k, v in rollout.backbone.transformer.state_dict().items():
-        assert torch.equal(lr.backbone.transformer.state_dict()[k], v), k
+        assert torch.equal(learner.backbone.transformer.state_dict()[k], v), k
     with pytest.raises(RuntimeError, match="holds no text encoder"):
-        lr.backbone.encode_prompts(["a red cube"])
-    res = lr.train(0, cache)
+        learner.backbone.encode_prompts(["a red cube"])
+    res = learner.train(0, cache)
     assert not res.skipped and res.grad_norm > 0
