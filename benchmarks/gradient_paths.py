@@ -113,7 +113,7 @@ class Grader:
         self.bb, self.cache, self.prompts, self.loss_of_value = bb, cache, prompts, loss_of_value
         self.params = bb.trainable_parameters()
 
-    def grad(self, method, guidance: GuidanceConfig, plan=None):
+    def grad(self, method, guidance: GuidanceConfig, plan):
         for p in self.params:
             p.grad = None
         velocity = self.bb.bind(self.cache.cond, guidance)
@@ -126,8 +126,8 @@ class Grader:
 
 
 def exact_grad(grader: Grader, guidance: GuidanceConfig) -> torch.Tensor:
-    m = methods.build("full_bptt", checkpoint=False)
-    return grader.grad(m, m.guidance(guidance))[0]
+    m = methods.build("full_bptt", checkpoint=False)  # its plan (every step) draws nothing from the generator
+    return grader.grad(m, m.guidance(guidance), m.plan(grader.cache.n_steps, torch.Generator().manual_seed(0)))[0]
 
 
 def before_vs_now(grader: Grader, preset: str | None, guidance: GuidanceConfig, n: int, seeds: list[int],

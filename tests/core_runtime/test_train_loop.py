@@ -55,7 +55,7 @@ def test_loop_checkpoints_and_resume_reproduces_losses(tmp_path):
     resumed = train_loop(cfg_b)
     assert resumed.resumed_from == 2
     losses_resumed = [r.loss for r in part.results] + [r.loss for r in resumed.results]
-    assert losses_resumed == pytest.approx(losses_full, rel=1e-5, abs=1e-7)
+    assert losses_resumed == losses_full  # bitwise: noise, plan and prompts are functions of (seed, step)
     lines = [json.loads(x) for x in (resumed.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [0, 1, 2, 3]  # each step counted once
 
