@@ -58,6 +58,7 @@ def test_loop_checkpoints_and_resume_reproduces_losses(tmp_path):
     assert losses_resumed == losses_full  # bitwise: noise, plan and prompts are functions of (seed, step)
     lines = [json.loads(x) for x in (resumed.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [0, 1, 2, 3]  # each step counted once
+    assert list(lines[0]["timings"]) == ["rollout", "surrogate", "reward", "backward", "update"]  # stages.STAGES
 
 
 def test_non_finite_reward_skips_and_streak_fails(tmp_path):

@@ -15,6 +15,8 @@ import time
 
 import pytest
 
+from flowbp_core.stages import STAGES
+
 from tests.runtime.helpers import tiny_cfg
 
 pytestmark = pytest.mark.integration
@@ -58,7 +60,7 @@ def test_end_to_end_served_two_workers(baseline):
     assert 4 in s.eval_scores and math.isfinite(s.eval_scores[4]["reward_mean"])
     steps = [e["step"] for e in _events(drv.run_dir) if e["event"] == "step"]
     assert steps == [0, 1, 2, 3]
-    for phase in ("rollout", "transfer", "surrogate", "reward", "backward", "sync"):
+    for phase in STAGES:  # every stage of the step, named once in flowbp_core.stages
         assert s.phase_seconds.get(phase, 0) > 0, phase
 
 

@@ -49,6 +49,27 @@ def test_reward_serve_imports_nothing_from_the_runtime():
     assert not {k: v for k, v in bad.items() if v}, "services/runtime imports services/reward_serve, not back"
 
 
+def test_boundary_types_are_keyword_only_and_document_every_field():
+    import dataclasses
+
+    from flowbp_core.cache import TrajectoryCache
+    from flowbp_core.plan import Plan, SegmentPlan
+    from flowbp_core.step import StepResult
+    from services.runtime import payloads
+
+    types = [Plan, SegmentPlan, TrajectoryCache, StepResult, payloads.WeightsHandle, payloads.RolloutRequest,
+             payloads.RolloutStats, payloads.LearnerWork, payloads.StepOutcome, payloads.LearnerHello]
+    for t in types:
+        fields = dataclasses.fields(t)
+        assert all(f.kw_only for f in fields), f"{t.__name__} takes positional arguments"
+        doc = t.__doc__.split("Attributes:", 1)
+        assert len(doc) == 2, f"{t.__name__} has no Attributes: block"
+        missing = [f.name for f in fields if not re.search(rf"\b{f.name}\b", doc[1])]
+        assert not missing, f"{t.__name__}'s Attributes: block leaves out {missing}"
+    with pytest.raises(TypeError):
+        SegmentPlan(3, 4, (3,))
+
+
 # ------------------------------------------------------------------------------------------ wire format
 def test_request_and_response_round_trip_as_safetensors():
     x = torch.randn(2, 4, 8, 8)
