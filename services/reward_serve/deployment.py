@@ -21,7 +21,9 @@ from services.reward_serve.protocol import MEDIA_TYPE, RewardRequest, WireError,
 from services.reward_serve import metric_names as M
 
 _SECONDS = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
-_SIZES = [1, 2, 4, 8, 16, 32, 64, 128]
+# Ray exports a histogram's _sum as each bucket's midpoint times its count: boundaries half-way between integers
+# make a batch of 1-4 requests count as exactly its size (the dashboard's mean batch), larger ones to the bucket.
+_SIZES = [0.5, 1.5, 2.5, 3.5, 4.5, 8.5, 16.5, 32.5, 64.5, 128.5]
 
 
 def _samples(payloads: list[bytes]) -> int:

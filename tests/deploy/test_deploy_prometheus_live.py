@@ -102,6 +102,15 @@ EVENTS: dict[str, Event] = {
 }
 
 
+# Reviewed: panels whose every finite value must also lie in a range (lowest, highest; None: unbounded).
+BOUNDS: dict[str, tuple[float | None, float | None]] = {
+    "system.json / Mean reward batch / A": (1.0, None),  # a batch holds at least one request
+    "system.json / 5xx share / A": (0.0, 1.0),
+    "system.json / Object store fill / A": (0.0, 1.0),
+    "job-overview.json / Staleness / A": (0.0, 0.0),  # the run is in sync mode
+}
+
+
 @dataclass
 class PrometheusServer:
     """Debian's prometheus on a loopback port, its TSDB in `data_dir`, stopped by its pid."""
@@ -182,15 +191,14 @@ def fill(expr: str, variables: dict[str, str]) -> str:
     return re.sub(r"\$\{?(\w+)\}?", lambda m: variables[m.group(1)], expr)
 
 
-def finite_answer(result: list[dict]) -> str | None:
-    """A short description of the first finite sample, or None when the result holds none (empty or all NaN)."""
-    for sample in result:
-        value = float(sample["value"][1])
-        if math.isfinite(value):
-            labels = {k: v for k, v in sample["metric"].items() if k in ("run_id", "phase", "reason", "state",
-                                                                            "deployment", "route", "code")}
-            return f"{value:g} {labels}"
-    return None
+def finite_values(result: list[dict]) -> list[float]:
+    """The finite sample values of an instant query's result (empty when it has none: no series, or all NaN)."""
+    return [v for v in (float(sample["value"][1]) for sample in result) if math.isfinite(v)]
+
+
+def out_of_bounds(values: list[float], bounds: tuple[float | None, float | None]) -> list[float]:
+    low, high = bounds
+    return [v for v in values if (low is not None and v < low) or (high is not None and v > high)]
 
 
 class Answers:
@@ -199,14 +207,16 @@ class Answers:
     def __init__(self, prom: PrometheusServer, queries: dict[str, str]):
         self.prom = prom
         self.pending = dict(queries)
-        self.seen: dict[str, str] = {}
+        self.wrong: list[str] = []  # answers outside their BOUNDS
 
     def sweep(self) -> None:
         for key, expr in list(self.pending.items()):
-            got = finite_answer(self.prom.query(expr))
-            if got is not None:
-                self.seen[key] = got
+            values = finite_values(self.prom.query(expr))
+            if values:
                 del self.pending[key]
+                bad = out_of_bounds(values, BOUNDS.get(key, (None, None)))
+                if bad:
+                    self.wrong.append(f"{key}: `{expr}` answered {bad}, outside {BOUNDS[key]}")
 
     def wait(self, timeout: float, poke=lambda: None) -> None:
         deadline = time.monotonic() + timeout
@@ -215,8 +225,8 @@ class Answers:
             self.sweep()
             time.sleep(1.0)
 
-    def missing(self, what: str) -> list[str]:
-        return [f"{key}: `{expr}` returned no finite value {what}" for key, expr in self.pending.items()]
+    def problems(self, what: str) -> list[str]:
+        return self.wrong + [f"{key}: `{expr}` returned no finite value {what}" for key, expr in self.pending.items()]
 
 
 def flowbp(url: str, *args: str) -> str:
@@ -231,20 +241,21 @@ def flowbp(url: str, *args: str) -> str:
 def test_the_event_table_names_shipped_queries_and_real_parts_of_them():
     queries = shipped_queries()
     assert len(queries) >= 30  # the walk found the panels and the rules
-    assert set(EVENTS) <= set(queries), set(EVENTS) - set(queries)
+    assert set(EVENTS) | set(BOUNDS) <= set(queries), (set(EVENTS) | set(BOUNDS)) - set(queries)
     for key, event in EVENTS.items():
         assert event.fault in (None, *FAULTS), key
         for part in event.operands:
             assert part in queries[key], f"{key}: operand {part!r} is not in `{queries[key]}`"
 
 
-def test_fill_names_a_variable_without_a_value():
+def test_fill_finite_values_and_bounds():
     assert fill('x{run_id=~"$run_id"}[$__rate_interval]', {"run_id": "r", "__rate_interval": "1m"}) == \
         'x{run_id=~"r"}[1m]'
     with pytest.raises(AssertionError, match=r"\['node'\]"):
         fill('x{instance=~"${node}"}', {})
-    assert finite_answer([{"metric": {}, "value": [0, "NaN"]}]) is None
-    assert finite_answer([]) is None and finite_answer([{"metric": {}, "value": [0, "0"]}]) == "0 {}"
+    assert finite_values([{"metric": {}, "value": [0, "NaN"]}, {"metric": {}, "value": [0, "+Inf"]}]) == []
+    assert finite_values([]) == [] and finite_values([{"metric": {}, "value": [0, "0.5"]}]) == [0.5]
+    assert out_of_bounds([0.5, 1.0, 3.0], (1.0, None)) == [0.5] and out_of_bounds([2.0], (0.0, 1.0)) == [2.0]
 
 
 def test_prometheus_answers_every_panel_and_alert(tmp_path):
@@ -295,7 +306,7 @@ def test_prometheus_answers_every_panel_and_alert(tmp_path):
         logs = api.get(f"/v1/jobs/{job}/logs", params={"tail": 40}).json()["text"]
         assert state == "succeeded", f"job {job} {state}:\n{logs}"
         healthy.wait(20)  # counters and histograms outlive the run by a few scrapes
-        problems += healthy.missing("during the run")
+        problems += healthy.problems("during the run")
         problems += [f"{where}: the job's run {run_id!r} is not among {vals}" for where, vals in picked.items()
                      if run_id not in vals]
         firing = {name: prom.query(queries[name]) for name in alerts}
@@ -319,7 +330,7 @@ def test_prometheus_answers_every_panel_and_alert(tmp_path):
             else:
                 ctl.stop()
             waiting.wait(EVENT_DEADLINE_S, poke)
-            problems += waiting.missing(f"within {EVENT_DEADLINE_S}s of: {fault}")
+            problems += waiting.problems(f"within {EVENT_DEADLINE_S}s of: {fault}")
             if fault == REDIS_DOWN:
                 assert codes and set(codes) == {503}, f"API calls with Redis down answered {sorted(set(codes))}"
         assert not problems, "\n".join(problems)
