@@ -105,6 +105,7 @@ class RayHead:
     # where the head's metrics agent serves Prometheus text (Ray's system metrics and every ray.util.metrics)
     metrics_export_port: int = field(default_factory=free_port)
     temp_dir: Path | None = None
+    env: dict[str, str] = field(default_factory=dict)  # extra environment of the head, e.g. RAY_REDIS_ADDRESS
     started: bool = False
 
     def __post_init__(self) -> None:
@@ -127,7 +128,7 @@ class RayHead:
 
     def start(self, timeout: float = 120.0) -> "RayHead":
         apply_ray_env()
-        env = {**os.environ, **RAY_LOCAL_ENV}
+        env = {**os.environ, **RAY_LOCAL_ENV, **self.env}
         cmd = [self._ray_bin(), "start", "--head", f"--node-ip-address={LOOPBACK}", f"--port={self.port}",
                f"--num-cpus={self.num_cpus}", "--num-gpus=0",
                f"--object-store-memory={self.object_store_mb * 1024 * 1024}",
@@ -198,6 +199,44 @@ class RayHead:
             except (urllib.error.URLError, OSError, ValueError):
                 pass
             time.sleep(0.3)
+
+    def pids_of(self, program: str) -> list[int]:
+        """Live processes of this cluster whose executable is named `program` (e.g. "gcs_server", "raylet")."""
+        found = []
+        for pid in self._our_pids():
+            try:
+                exe = (Path("/proc") / str(pid) / "cmdline").read_bytes().split(b"\0", 1)[0]
+                state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                continue
+            if os.path.basename(exe.decode(errors="replace")) == program and state != "Z":
+                found.append(pid)
+        return found
+
+    def submit_job(self, entrypoint: str, submission_id: str, runtime_env: dict | None = None) -> str:
+        """Submit a job over the job server's REST API (a timeout on every request, unlike JobSubmissionClient)."""
+        body = {"entrypoint": entrypoint, "submission_id": submission_id, "runtime_env": runtime_env or {}}
+        return self._job_api("", body)["submission_id"]
+
+    def job_status(self, submission_id: str) -> str | None:
+        """PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED; None while the job server does not answer."""
+        try:
+            return self._job_api(submission_id)["status"]
+        except OSError:
+            return None
+
+    def job_logs(self, submission_id: str) -> str:
+        return self._job_api(f"{submission_id}/logs")["logs"]
+
+    def _job_api(self, path: str, body: dict | None = None) -> dict:
+        import json
+        import urllib.request
+
+        req = urllib.request.Request(f"{self.dashboard_url}/api/jobs/{path}", method="GET" if body is None else "POST",
+                                     data=None if body is None else json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read())
 
     def _our_pids(self) -> list[int]:
         """Processes naming our temp dir or GCS address, plus all their descendants (workers rename themselves)."""
