@@ -43,6 +43,7 @@ class _RewardBase:
         self.batch_size = rm.Histogram(M.REWARD_BATCH_SIZE, "requests per reward batch", _SIZES,
                                        tag_keys=("deployment",))
         self.tags = {"deployment": spec.name}
+        self.in_flight = 0
 
     # The batch limit counts samples, not requests: a request of 32 latents costs 32 times one of 1.
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, batch_size_fn=_samples)
@@ -68,7 +69,11 @@ class _RewardBase:
     async def score(self, payload: bytes) -> bytes:
         """Handle entry point: request bytes in, response bytes out."""
         t0 = time.perf_counter()
-        res = await self._batched(payload)
+        self.in_flight += 1
+        try:
+            res = await self._batched(payload)
+        finally:
+            self.in_flight -= 1
         self.req_seconds.observe(time.perf_counter() - t0, tags=self.tags)
         if isinstance(res, Exception):
             raise res
@@ -84,6 +89,10 @@ class _RewardBase:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def requests_in_flight(self) -> int:
+        """Requests this replica holds now (waiting for their batch or being scored)."""
+        return self.in_flight
 
 
 @serve.deployment(name="RewardValueAndGrad", max_ongoing_requests=64)

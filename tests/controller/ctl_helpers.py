@@ -7,12 +7,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 
 from services.localproc import free_port
+from tests.waiting import wait_for
 
 TOKEN = "test-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -45,21 +45,20 @@ class ControllerProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 30.0) -> "ControllerProcess":
+    def start(self, timeout: float = 180.0) -> "ControllerProcess":
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "services.controller.app"], cwd=REPO, env=self.env,
                                      stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"controller exited with {self.proc.returncode}:\n{self.log_path.read_text()}")
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"controller did not come up:\n{self.log_path.read_text()}")
+        wait_for(self._healthy, timeout, f"the controller on {self.url} to answer /healthz (log {self.log_path})")
+        return self
+
+    def _healthy(self) -> bool:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"controller exited with {self.proc.returncode}:\n{self.log_path.read_text()}")
+        try:
+            return httpx.get(f"{self.url}/healthz", timeout=5).status_code == 200
+        except httpx.HTTPError:
+            return False
 
     def stop(self, crash: bool = False) -> None:
         """SIGTERM (a graceful shutdown releases the reconciler lease), or SIGKILL with crash=True (the lease
@@ -74,7 +73,7 @@ class ControllerProcess:
         self.proc = None
 
     def client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, headers=AUTH, timeout=30)
+        return httpx.Client(base_url=self.url, headers=AUTH, timeout=120)  # above the controller's Ray timeout
 
 
 def controller_env(redis_url: str, ray_address: str, tmp_path: Path, **extra: str) -> dict[str, str]:
@@ -85,6 +84,8 @@ def controller_env(redis_url: str, ray_address: str, tmp_path: Path, **extra: st
         "FLOWBP_RUNS_DIR": str(tmp_path / "runs"),
         "FLOWBP_SPEC_DIR": str(tmp_path / "runs" / "_jobs"),
         "FLOWBP_RECONCILE_INTERVAL_S": "0.5",
+        # a loaded Ray job server answers slowly; an unreachable one (a closed port) still fails at once
+        "FLOWBP_RAY_TIMEOUT_S": "60",
         "FLOWBP_CHECK_REGISTRIES": "false",
         "FLOWBP_ENTRYPOINT": f"{sys.executable} {STANDIN}",
         "FLOWBP_RUNTIME_ENV": '{"env_vars": {"FLOWBP_STANDIN_STEP_S": "0.4"}}',
@@ -93,12 +94,3 @@ def controller_env(redis_url: str, ray_address: str, tmp_path: Path, **extra: st
     return env
 
 
-def wait_for(fn, timeout: float, what: str, interval: float = 0.3):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}")

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ctl_helpers import REPO, ControllerProcess, controller_env, wait_for
+from ctl_helpers import REPO, ControllerProcess, controller_env
+from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -90,7 +90,8 @@ def test_store_mutations_are_atomic_under_concurrency(redis_server, tmp_path):
 
 def test_real_server_rides_out_a_redis_restart(redis_server, tmp_path):
     """A uvicorn controller with its reconciler running: 503 while Redis is down, then back by itself."""
-    from ctl_helpers import ControllerProcess, controller_env, wait_for
+    from ctl_helpers import ControllerProcess, controller_env
+    from tests.waiting import wait_for
 
     # Dispatch paused: each reconciler pass is then a few Redis calls, never a Ray submit waiting out back-offs.
     env = controller_env(redis_server.url, "http://127.0.0.1:9", tmp_path, FLOWBP_RECONCILE_INTERVAL_S="0.2",
@@ -104,16 +105,16 @@ def test_real_server_rides_out_a_redis_restart(redis_server, tmp_path):
             r = c.get(f"/v1/jobs/{ids[0]}")
             assert r.status_code == 503 and "Redis is unavailable" in r.json()["detail"]
             log = tmp_path / "controller.log"
-            wait_for(lambda: "reconciler paused: Redis is unavailable" in log.read_text(), 15,
+            wait_for(lambda: "reconciler paused: Redis is unavailable" in log.read_text(), 120,
                      "the reconciler to notice the outage")  # it keeps failing passes; the process stays up
             assert c.get("/healthz").status_code == 200 and c.get("/readyz").status_code == 503
             redis_server.start()
-            wait_for(lambda: c.get(f"/v1/jobs/{ids[0]}").status_code == 200, 20, "the API to recover")
+            wait_for(lambda: c.get(f"/v1/jobs/{ids[0]}").status_code == 200, 120, "the API to recover")
             after = [c.get(f"/v1/jobs/{i}").json() for i in ids]
             # Same records; the reconciler may have moved on meanwhile (reason/back-off of the pending jobs).
             assert [(a["id"], a["name"], a["created_at"]) for a in after] == [
                 (b["id"], b["name"], b["created_at"]) for b in before]
-            wait_for(lambda: "flowbp_controller_redis_up 1.0" in c.get("/metrics").text, 10, "redis_up to return")
+            wait_for(lambda: "flowbp_controller_redis_up 1.0" in c.get("/metrics").text, 120, "redis_up to return")
     finally:
         ctl.stop()
 

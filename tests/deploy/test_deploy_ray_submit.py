@@ -42,14 +42,14 @@ PROBE = (
 
 
 @pytest.mark.integration
-@pytest.mark.timeout(480)  # includes starting the session Ray head on a loaded 2-core machine
+@pytest.mark.timeout(1200)  # includes starting the session Ray head on a loaded 2-core machine
 def test_ray_job_submit_with_the_runtime_env(ray_head):
     ray_cli = Path(sys.executable).with_name("ray")
     submission_id = f"flowbp-deploy-{uuid.uuid4().hex[:8]}"
     result = subprocess.run(
         [str(ray_cli), "job", "submit", "--address", ray_head.dashboard_url, "--submission-id", submission_id,
          "--runtime-env", str(RUNTIME_ENV.relative_to(REPO)), "--", "python", "-c", PROBE.format(repo=str(REPO))],
-        cwd=REPO, capture_output=True, text=True, timeout=240,
+        cwd=REPO, capture_output=True, text=True, timeout=600,
     )
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-3000:]

@@ -28,7 +28,7 @@ def test_importing_the_registry_loads_no_model_library():
             "assert 'transformers' not in sys.modules, 'transformers imported'; "
             "n = r.names(); assert 'hpsv2' in n and 'world_attributes' in n, n; "
             "assert 'flowbp_core.rewards.hpsv2' not in sys.modules; print('ok')")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "ok" in out.stdout
 

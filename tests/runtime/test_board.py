@@ -13,6 +13,7 @@ import time
 import pytest
 
 from tests.runtime.helpers import tiny_cfg
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -83,15 +84,6 @@ def _store_bytes_used() -> int:
     return int(reply.store_stats.object_store_bytes_used)
 
 
-def _wait_until(pred, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.2)
-    return pred()
-
-
 def test_object_store_stays_flat_over_30_weight_publishes(ray_client, tmp_path):
     import ray
 
@@ -107,16 +99,18 @@ def test_object_store_stays_flat_over_30_weight_publishes(ray_client, tmp_path):
     learner = learner_cls.remote()
     baseline = _store_bytes_used()
     done = learner.run.remote(drv.board, STEPS)
-    alive = threading.Thread(target=time.sleep, args=(120,), daemon=True)  # stands in for the learner group's fit
+    finished = threading.Event()
+    alive = threading.Thread(target=finished.wait, daemon=True)  # stands in for the learner group's fit
     alive.start()
     try:
         drv._loop(alive, time.perf_counter())
-        assert ray.get(done, timeout=60) == STEPS
+        assert ray.get(done, timeout=300) == STEPS
         # The newest weights and the generation's first ones stay; older versions are freed (asynchronously).
         bound = baseline + 3 * WEIGHTS_MIB * 2**20
-        assert _wait_until(lambda: _store_bytes_used() <= bound, 15.0), \
-            f"{(_store_bytes_used() - baseline) / 2**20:.0f} MiB still in the object store after {STEPS} publishes"
+        wait_for(lambda: _store_bytes_used() <= bound, 120, f"the object store to free all but 3 weight versions "
+                 f"({3 * WEIGHTS_MIB} MiB above its baseline) after {STEPS} publishes", interval=0.5)
     finally:
+        finished.set()
         for a in (*drv.workers, drv.board, learner):
             ray.kill(a, no_restart=True)
     assert drv.summary.status == "finished" and sorted(drv.summary.losses) == list(range(STEPS))

@@ -112,11 +112,13 @@ def test_a_poll_answered_before_the_restart_does_not_rewind_the_run(ray_client, 
     drv.board = board_cls.remote()
     drv.workers = [rollout_cls.remote(drv.board)]
     drv.score_app = None  # no evaluation app (run() would deploy one)
-    alive = threading.Thread(target=time.sleep, args=(60,), daemon=True)  # stands in for the learner group
+    finished = threading.Event()
+    alive = threading.Thread(target=finished.wait, daemon=True)  # stands in for the learner group
     alive.start()
     try:
         drv._loop(alive, time.perf_counter())
     finally:
+        finished.set()
         for a in (*drv.workers, drv.board):
             ray.kill(a, no_restart=True)
     s = drv.summary

@@ -11,13 +11,13 @@ import math
 import os
 import signal
 import threading
-import time
 
 import pytest
 
 from flowbp_core.stages import STAGES
 
 from tests.runtime.helpers import tiny_cfg
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -25,15 +25,6 @@ pytestmark = pytest.mark.integration
 def _events(run_dir):
     path = run_dir / "events.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def _wait(pred, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 @pytest.fixture(scope="module")
@@ -106,9 +97,9 @@ def test_rollout_and_learner_killed_run_resumes_exactly(baseline, tmp_path):
     box = {}
     t = threading.Thread(target=lambda: box.setdefault("summary", drv.run()), daemon=True)
     t.start()
-    _wait(lambda: 0 in drv.outcomes, 240, "step 0")
+    wait_for(lambda: 0 in drv.outcomes, 240, "step 0")
     ray.kill(drv.workers[0], no_restart=False)
-    _wait(lambda: 1 in drv.outcomes, 240, "step 1")
+    wait_for(lambda: 1 in drv.outcomes, 240, "step 1", interval=0.02)
     learner_pid = drv.hello.pids[0]
     os.kill(learner_pid, signal.SIGKILL)
     t.join(timeout=400)
@@ -121,14 +112,18 @@ def test_rollout_and_learner_killed_run_resumes_exactly(baseline, tmp_path):
     assert s.rollout_retries >= 1
     assert sorted(s.losses) == [0, 1, 2, 3], timeline
     assert [s.losses[i] for i in range(4)] == pytest.approx([base.losses[i] for i in range(4)], rel=1e-6, abs=1e-8)
+    # The learner may finish step 2 before the kill lands (a loaded machine): it resumes from the newest
+    # complete checkpoint then, step_2 or step_3, and learns each later step once.
     restart = [e for e in _events(drv.run_dir) if e["event"] == "learner_restart"]
-    assert len(restart) == 1 and restart[0]["resumed_from"].endswith("step_2")
+    assert len(restart) == 1 and restart[0]["resumed_from"].rsplit("_", 1)[0].endswith("step"), restart
+    resumed = int(restart[0]["resumed_from"].rsplit("_", 1)[1])
+    assert resumed in (2, 3), restart
     by_gen: dict[int, list[int]] = {}
     for e in _events(drv.run_dir):
         if e["event"] == "step":
             by_gen.setdefault(e["generation"], []).append(e["step"])
-    assert by_gen[1][:2] == [0, 1] and len(set(by_gen[1])) == len(by_gen[1])
-    assert by_gen[2] == [2, 3]
+    assert by_gen[1][:resumed] == list(range(resumed)) and len(set(by_gen[1])) == len(by_gen[1]), by_gen
+    assert by_gen[2] == list(range(resumed, 4)), by_gen
 
 
 def test_non_finite_steps_are_skipped_counted_and_fail_the_run(ray_client, tmp_path):
@@ -164,7 +159,7 @@ def test_cancel_stops_at_a_step_boundary_without_half_checkpoints(ray_client, tm
     box = {}
     t = threading.Thread(target=lambda: box.setdefault("summary", drv.run()), daemon=True)
     t.start()
-    _wait(lambda: 1 in drv.outcomes, 300, "step 1")
+    wait_for(lambda: 1 in drv.outcomes, 300, "step 1")
     cancel.set()
     t.join(timeout=180)
     assert not t.is_alive(), "cancel did not end the run"

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 import torch
 
 from tests.runtime.helpers import tiny_cfg
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -80,21 +80,24 @@ def test_reward_replica_killed_mid_request_is_retried(ray_client):
     from services.reward_serve.protocol import RewardRequest
 
     app = "killme"
-    spec = RewardServiceSpec((("saturation", 1.0),), name=app, max_batch_size=64, batch_wait_timeout_s=4.0)
+    # The batch wait holds the request in the replica long enough to kill it there, even on a loaded machine.
+    spec = RewardServiceSpec((("saturation", 1.0),), name=app, max_batch_size=64, batch_wait_timeout_s=10.0)
     handle = deployment.deploy(spec, app_name=app, route_prefix=f"/{app}", num_cpus=0.25)
     try:
-        pid0 = handle.pid.remote().result(timeout_s=60)
+        pid0 = handle.pid.remote().result(timeout_s=120)
+        replicas = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                    if a["name"].startswith(f"SERVE_REPLICA::{app}#")]
+        assert len(replicas) == 1, replicas
+        replica = ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"])
         images = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(1))
         client = ServedRewardClient(app, kind="images", retries=5, backoff_s=0.5)
         out = {}
         t = threading.Thread(target=lambda: out.setdefault("r", client.call(images, ["a", "b", "c"])), daemon=True)
         t.start()
-        time.sleep(1.5)  # the request now waits in the replica's batch queue
-        replicas = [a for a in ray.util.list_named_actors(all_namespaces=True)
-                    if a["name"].startswith(f"SERVE_REPLICA::{app}#")]
-        assert len(replicas) == 1, replicas
-        ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=True)
-        t.join(timeout=120)
+        wait_for(lambda: handle.requests_in_flight.remote().result(timeout_s=60) >= 1, 120,
+                 "the request to wait in the replica's batch queue")
+        ray.kill(replica, no_restart=True)
+        t.join(timeout=300)
         assert not t.is_alive(), "the request never completed"
         expected = RewardEngine(RewardServiceSpec((("saturation", 1.0),))).run(
             [RewardRequest(images, ("a", "b", "c"), "images")])[0]

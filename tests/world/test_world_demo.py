@@ -77,7 +77,7 @@ def test_sample_efficiency_quick_writes_table_and_plot(tmp_path):
     out = tmp_path / "se"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sample_efficiency.py"), "--quick",
                            "--methods", "flowbp_sparse,refl", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+                          capture_output=True, text=True, timeout=1200, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads(out.with_suffix(".json").read_text())
     assert {r["method"] for r in data["rows"]} == {"flowbp_sparse", "refl"}
