@@ -30,7 +30,7 @@ from .metrics import ControllerMetrics
 from .middleware import BodySizeLimit, RequestMetrics
 from .models import (InvalidTransition, JobCheckpoints, JobDetail, JobMetrics, JobPage, JobRecord, JobState,
                      JobSummary, LogChunk, LoraLink, Transition)
-from .reconciler import Reconciler
+from .reconciler import Reconciler, submission_id
 from .runs import run_folder
 from .settings import ControllerSettings
 from .spec import JobSubmitRequest, SpecError, check_spec
@@ -236,16 +236,24 @@ def create_app(settings: ControllerSettings, *, tokens: TokenStore | None = None
     def job_logs(job_id: str,
                  offset: Annotated[int | None, Query(ge=0, le=10**12, description="from this character on "
                                                                                   "(follow)")] = None,
-                 tail: Annotated[int, Query(ge=1, le=100_000, description="last lines, when no offset")] = 200
+                 tail: Annotated[int, Query(ge=1, le=100_000, description="last lines, when no offset")] = 200,
+                 submission: Annotated[str | None, Query(max_length=200, description="one attempt's Ray submission "
+                                                         "id (default: the current attempt)")] = None
                  ) -> LogChunk:
-        """The Ray job's log (current attempt): the last `tail` lines, or everything after `offset`."""
+        """The Ray job's log (the current attempt, or `submission`'s): the last `tail` lines, or everything after
+        `offset`. A follower names its submission, so that a resubmission between two reads cannot switch logs
+        under it."""
         rec = ctl.store.get(job_id)
-        if rec.ray_submission_id is None:
+        sub = submission or rec.ray_submission_id
+        if sub is None:
             return LogChunk(job_id=job_id, ray_submission_id=None, text="", offset=0)
+        attempts = [submission_id(job_id, n) for n in range(1, rec.attempts + 1)]
+        if sub not in attempts:
+            return _error(404, f"submission={sub!r} is not an attempt of job {job_id}: expected one of {attempts}")
         try:
-            text = ctl.backend.logs(rec.ray_submission_id)
+            text = ctl.backend.logs(sub)
         except UnknownRayJob:
-            return _error(404, f"Ray no longer has logs for {rec.ray_submission_id}")
+            return _error(404, f"Ray no longer has logs for {sub}")
         except (TransientError, PermanentError) as e:
             return _error(502, f"cannot read logs from Ray: {e}")
         cap = settings.limits.max_log_bytes
@@ -255,7 +263,7 @@ def create_app(settings: ControllerSettings, *, tokens: TokenStore | None = None
         else:
             chunk = text[offset:offset + cap]
             end = min(len(text), offset + len(chunk)) if offset <= len(text) else len(text)
-        return LogChunk(job_id=job_id, ray_submission_id=rec.ray_submission_id, text=chunk, offset=end)
+        return LogChunk(job_id=job_id, ray_submission_id=sub, text=chunk, offset=end)
 
     @v1.get("/jobs/{job_id}/metrics", response_model=JobMetrics, responses=job_responses)
     @offload

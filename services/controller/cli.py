@@ -190,19 +190,24 @@ def cmd_logs(c: Client, a: argparse.Namespace) -> int:
         return 0
     offset, sub = chunk["offset"], chunk["ray_submission_id"]
     while True:
-        j = c.call("GET", f"/v1/jobs/{a.id}")
-        if j.get("ray_submission_id") != sub:  # resubmitted: a new Ray job, a new log from its start
-            sub, offset = j.get("ray_submission_id"), 0
+        j = c.call("GET", f"/v1/jobs/{a.id}")  # read before the log: a drained log then holds all j has seen
+        text = ""
+        if sub:
+            chunk = c.call("GET", f"/v1/jobs/{a.id}/logs", params={"offset": offset, "submission": sub})
+            text, offset = chunk["text"], chunk["offset"]
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        current = j.get("ray_submission_id")
+        if current != sub and not text:  # resubmitted, and the old attempt's log is read to its end
+            sub, offset = current, 0
             if sub:
                 print(f"\n--- {j['reason']} ---")
-        chunk = c.call("GET", f"/v1/jobs/{a.id}/logs", params={"offset": offset})
-        sys.stdout.write(chunk["text"])
-        sys.stdout.flush()
-        offset = chunk["offset"]
-        if j["state"] in TERMINAL and not chunk["text"]:
+            continue
+        if j["state"] in TERMINAL and not text:
             print(f"--- job {j['state']}: {j['reason']}")
             return 0 if j["state"] == "succeeded" else 1
-        time.sleep(a.interval)
+        if not text:
+            time.sleep(a.interval)
 
 
 def cmd_cancel(c: Client, a: argparse.Namespace) -> int:

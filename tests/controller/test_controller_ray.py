@@ -94,6 +94,10 @@ def test_died_job_is_resubmitted_and_resumes_cli_follows_it(ray_head, redis_serv
 
         with ctl.client() as c:
             j = _state(c, job)
+            first = c.get(f"/v1/jobs/{job}/logs", params={"submission": f"flowbp-{job}-1", "offset": 0}).json()
+            unknown = c.get(f"/v1/jobs/{job}/logs", params={"submission": f"flowbp-{job}-3"})
+        assert first["ray_submission_id"] == f"flowbp-{job}-1" and "dying on purpose" in first["text"]
+        assert unknown.status_code == 404 and "submission=" in unknown.json()["detail"], unknown.text
         assert j["state"] == "succeeded" and j["attempts"] == 2 and j["ray_submission_id"].endswith("-2")
         resub = [t["reason"] for t in j["history"] if "resubmitted" in t["reason"]]
         assert len(resub) == 1 and "failed" in resub[0] and "resume from step_2" in resub[0]
