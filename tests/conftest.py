@@ -15,6 +15,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 for _k, _v in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
                "RAY_USAGE_STATS_ENABLED": "0"}.items():
     os.environ.setdefault(_k, _v)
+# Every Ray the tests start (heads, jobs, local ray.init) inherits these, so that it holds on a loaded machine:
+# Ray starts its workers at nice 15, which beside one busy process at nice 0 get about 1/30 of a core (CFS weights
+# 36 vs 1024); and its own start-up deadlines (dashboard 60 s, its modules 30 s, a Ray Train worker group 60 s)
+# run out when a 2-core machine is shared.
+for _k, _v in {"RAY_worker_niceness": "0", "RAY_DASHBOARD_STARTUP_TIMEOUT_S": "600",
+               "RAY_DASHBOARD_SUBPROCESS_MODULE_WAIT_READY_TIMEOUT": "300",
+               "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600"}.items():
+    os.environ.setdefault(_k, _v)
 
 import pytest  # noqa: E402
 
@@ -24,7 +32,7 @@ from services.localproc import RayHead, RedisServer  # noqa: E402
 @pytest.fixture(scope="session")
 def ray_head():
     """A local `ray start --head` (job server included) shared by the whole session."""
-    head = RayHead(num_cpus=4, object_store_mb=512).start()
+    head = RayHead(num_cpus=4, object_store_mb=512).start(timeout=600)  # minutes when the machine is loaded
     try:
         yield head
     finally:

@@ -40,7 +40,7 @@ def test_embedded_run_over_rest_to_success(ray_head, redis_server, tmp_path):
             assert r.status_code == 201, r.text
             job = r.json()["id"]
             done = wait_for(lambda: (j := c.get(f"/v1/jobs/{job}").json())["state"] in
-                            ("succeeded", "failed", "cancelled") and j, 600, "the embedded run to finish", interval=2)
+                            ("succeeded", "failed", "cancelled") and j, 1500, "the embedded run to finish", interval=2)
             logs = c.get(f"/v1/jobs/{job}/logs", params={"tail": 40}).json()["text"]
             assert done["state"] == "succeeded", f"{done['reason']}\n{logs}"
             steps = config["train"]["steps"]

@@ -60,7 +60,7 @@ def ft_head(redis_server):
                    env={"RAY_REDIS_ADDRESS": f"127.0.0.1:{redis_server.port}",
                         "RAY_external_storage_namespace": "flowbp-gcs-ft",
                         # how long raylets and workers wait for the GCS to come back before they give up
-                        "RAY_gcs_rpc_server_reconnect_timeout_s": "300"}).start()
+                        "RAY_gcs_rpc_server_reconnect_timeout_s": "300"}).start(timeout=600)
     try:
         yield head
     finally:
