@@ -17,11 +17,13 @@ for _k, _v in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disab
     os.environ.setdefault(_k, _v)
 # Every Ray the tests start (heads, jobs, local ray.init) inherits these, so that it holds on a loaded machine:
 # Ray starts its workers at nice 15, which beside one busy process at nice 0 get about 1/30 of a core (CFS weights
-# 36 vs 1024); and its own start-up deadlines (dashboard 60 s, its modules 30 s, a Ray Train worker group 60 s)
-# run out when a 2-core machine is shared.
+# 36 vs 1024); and its own deadlines (dashboard start 60 s, its modules 30 s, a Ray Train worker group 60 s, a
+# Serve proxy ready 5 s, a proxy or replica health check 10 s / 30 s) run out when a 2-core machine is shared.
 for _k, _v in {"RAY_worker_niceness": "0", "RAY_DASHBOARD_STARTUP_TIMEOUT_S": "600",
                "RAY_DASHBOARD_SUBPROCESS_MODULE_WAIT_READY_TIMEOUT": "300",
-               "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600"}.items():
+               "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600", "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "120",
+               "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "120",
+               "RAY_SERVE_DEPLOYMENT_ACTOR_HEALTH_CHECK_TIMEOUT_S": "120"}.items():
     os.environ.setdefault(_k, _v)
 
 import pytest  # noqa: E402
