@@ -152,15 +152,12 @@ def main() -> None:
     p.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray")
     p.add_argument("--out", default=str(REPO / "benchmarks/results/pipeline.json"))
     a = p.parse_args()
-    from services.localproc import apply_ray_env
-
-    apply_ray_env()
     import ray
 
+    from services.localproc import init_local_ray
     from services.runtime.driver import Driver
 
-    ray.init(num_cpus=a.num_cpus, include_dashboard=False, object_store_memory=256 * 2**20,
-             _node_ip_address="127.0.0.1", log_to_driver=False)
+    init_local_ray(num_cpus=a.num_cpus, object_store_mb=256, log_to_driver=False)
     rows = []
     try:
         for r in a.workers:

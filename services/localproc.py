@@ -51,6 +51,18 @@ def apply_ray_env() -> None:
         os.environ.setdefault(k, v)
 
 
+def init_local_ray(*, num_cpus: float | None, object_store_mb: int, **kw) -> None:
+    """Start a Ray instance of this process's own on loopback, whatever else runs on the machine.
+
+    `address="local"`: without it `ray.init()` joins a cluster that `ray start` left on the machine (or the one
+    `RAY_ADDRESS` names) and then refuses `num_cpus`, so a laptop with another Ray running could not run the demo."""
+    import ray
+
+    apply_ray_env()
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, object_store_memory=object_store_mb * 2**20,
+             _node_ip_address=LOOPBACK, **kw)
+
+
 @dataclass
 class RedisServer:
     """A real redis-server on a loopback port with an append-only file, restartable on the same data dir."""

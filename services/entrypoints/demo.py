@@ -142,10 +142,9 @@ def local_ray_cpus(cfg: RunConfig) -> float:
 
 
 def run_ray(cfg: RunConfig, run_dir: Path, bar) -> list[dict]:
-    from services.localproc import RAY_LOCAL_ENV
+    from services.localproc import apply_ray_env, init_local_ray
 
-    for k, v in RAY_LOCAL_ENV.items():
-        os.environ.setdefault(k, v)
+    apply_ray_env()
     import logging
 
     import ray
@@ -158,8 +157,8 @@ def run_ray(cfg: RunConfig, run_dir: Path, bar) -> list[dict]:
 
     started = False
     if not ray.is_initialized():
-        ray.init(num_cpus=math.ceil(local_ray_cpus(cfg)), include_dashboard=False, object_store_memory=256 * 2**20,
-                 _node_ip_address="127.0.0.1", log_to_driver=False, configure_logging=False)
+        init_local_ray(num_cpus=math.ceil(local_ray_cpus(cfg)), object_store_mb=256, log_to_driver=False,
+                       configure_logging=False)
         started = True
     driver = Driver(cfg, run_id=cfg.run_id)
     box: dict = {}

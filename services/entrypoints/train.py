@@ -64,8 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=args.num_cpus, include_dashboard=False, object_store_memory=args.object_store_mb * 2**20,
-                 _node_ip_address="127.0.0.1")
+        from services.localproc import init_local_ray
+
+        init_local_ray(num_cpus=args.num_cpus, object_store_mb=args.object_store_mb)
     cancel = threading.Event()
 
     def on_signal(signum, _frame):
