@@ -1,24 +1,26 @@
 """Controller settings: one typed object, read from FLOWBP_* environment variables (or built in code by tests).
 
-pydantic-settings is not in our pinned environment, so `ControllerSettings.from_env()` does the small part of
-its job we need: each field maps to `FLOWBP_<FIELD NAME IN UPPER CASE>`, values are validated by pydantic, and a
-bad value fails at start-up naming the variable. Secrets (the tokens) never live in this object: it only says
-where to read them from (see auth.py), so printing or logging the settings can never leak one.
+pydantic-settings reads them: each field is `FLOWBP_<FIELD NAME IN UPPER CASE>`, each request limit
+`FLOWBP_LIMITS_<FIELD>`, `FLOWBP_RUNTIME_ENV` is JSON (or `FLOWBP_RUNTIME_ENV_<KEY>` sets one top-level key to a
+string), and no `.env` or secrets file is read. A bad value fails at
+start-up naming the variable, the value and what is allowed. Secrets (the tokens) never live in this object: it
+only says where to read them from (see auth.py), so printing or logging the settings can never leak one.
 
 Every value arrives as a string, so numbers and booleans are parsed from text (`"3"` is 3, `"true"` is true), but
-NaN and +-inf are refused in every spelling and every number has a ceiling.
+NaN and +-inf are refused in every spelling (JSON included) and every number has a ceiling.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
-from typing import Any, get_origin
+from typing import Annotated, Any
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import (BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict,
+                               SettingsError)
 
 from flowbp_core.config import FINITE_NUMBERS, MAX_PROMPT_CHARS, MAX_PROMPTS
 
@@ -40,8 +42,10 @@ class Limits(BaseModel):
                                description="most log bytes returned by one logs call")
 
 
-class ControllerSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", **FINITE_NUMBERS)
+class ControllerSettings(BaseSettings):
+    # The nested split happens once, after the field name: FLOWBP_LIMITS_MAX_BODY_BYTES is limits.max_body_bytes.
+    model_config = SettingsConfigDict(extra="forbid", env_prefix=ENV_PREFIX, env_nested_delimiter="_",
+                                      env_nested_max_split=1, **FINITE_NUMBERS)
 
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_prefix: str = Field("flowbp:", description="key prefix, so one Redis can hold several controllers")
@@ -68,50 +72,51 @@ class ControllerSettings(BaseModel):
 
     entrypoint: str = Field("python -m services.entrypoints.train",
                             description="command the Ray job runs; `--config <spec file>` is appended")
-    runtime_env: dict[str, Any] = Field(default_factory=dict, description="Ray runtime_env of every job (JSON)")
+    runtime_env: Annotated[dict[str, Any], NoDecode] = Field(
+        default_factory=dict, description="Ray runtime_env of every job (a JSON object of finite numbers)")
     runs_dir: Path = Field(Path("runs"), description="where runs/<run_id>/step_<n>/ checkpoints are written")
     spec_dir: Path = Field(Path("runs/_jobs"), description="where each job's resolved spec file is written")
 
-    limits: Limits = Field(default_factory=Limits)
+    # Set one limit at a time (FLOWBP_LIMITS_<FIELD>); a FLOWBP_LIMITS string is refused, not decoded.
+    limits: Annotated[Limits, NoDecode] = Field(default_factory=Limits)
 
     host: str = "127.0.0.1"
     log_level: str = Field("info", pattern="^(debug|info|warning|error)$")
     port: int = Field(8000, ge=0, le=65535)
 
+    @field_validator("runtime_env", mode="before")
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> "ControllerSettings":
-        """Read FLOWBP_<FIELD> for each field (limits as FLOWBP_LIMITS_<FIELD>; dicts as JSON)."""
-        env = dict(os.environ if env is None else env)
-        values: dict[str, Any] = {}
-        for name, info in cls.model_fields.items():
-            if name == "limits":
-                continue
-            key = ENV_PREFIX + name.upper()
-            if key in env:
-                values[name] = _parse_env(key, env[key], info.annotation)
-        limits: dict[str, Any] = {}
-        for name in Limits.model_fields:
-            key = f"{ENV_PREFIX}LIMITS_{name.upper()}"
-            if key in env:
-                limits[name] = env[key]
-        if limits:
-            values["limits"] = limits
-        values.update(overrides)
+    def _finite_json(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value, parse_constant=_not_a_number, parse_float=_finite_float)
+            except ValueError as e:  # JSONDecodeError is one
+                raise ValueError(f"expected a JSON object of finite numbers ({e})") from None
+        _check_finite(value)
+        return value
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], *, init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource, **_: PydanticBaseSettingsSource,
+                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Values given in code win over the environment; no .env file or secrets directory is read.
+        return init_settings, env_settings
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> ControllerSettings:
+        """The settings from the environment, `overrides` taking precedence; a bad value exits naming its variable."""
         try:
-            return cls(**values)
+            return cls(**overrides)
         except ValidationError as e:
-            problems = "; ".join(
-                f"{ENV_PREFIX}{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}" for err in e.errors())
-            raise SystemExit(f"bad controller settings: {problems}") from None
+            raise SystemExit(f"bad controller settings: {_problems(e)}") from None
+        except SettingsError as e:
+            raise SystemExit(f"bad controller settings: {e}") from None
 
 
-def _parse_env(key: str, raw: str, annotation: Any) -> Any:
-    if get_origin(annotation) is dict:
-        try:
-            return json.loads(raw, parse_constant=_not_a_number, parse_float=_finite_float)
-        except ValueError as e:  # JSONDecodeError is one
-            raise SystemExit(f"bad controller settings: {key} must be a JSON object of finite numbers ({e})") from None
-    return raw
+def _problems(error: ValidationError) -> str:
+    """`FLOWBP_PORT='x': Input should be a valid integer, ...` for each bad value, joined by '; '."""
+    return "; ".join(f"{ENV_PREFIX}{'_'.join(str(p) for p in err['loc']).upper()}={err['input']!r}: {err['msg']}"
+                     for err in error.errors())
 
 
 def _not_a_number(token: str) -> float:
@@ -123,6 +128,15 @@ def _finite_float(text: str) -> float:
     if not math.isfinite(value):  # 1e999 parses as inf
         raise ValueError(f"{text} is not a finite number")
     return value
+
+
+def _check_finite(value: Any) -> None:
+    """Refuse NaN and +-inf anywhere in a JSON-like value (a value given in code is held to the same rule)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{value} is not a finite number")
+    children = value.values() if isinstance(value, dict) else value if isinstance(value, list | tuple) else ()
+    for child in children:
+        _check_finite(child)
 
 
 def redact_url(url: str) -> str:

@@ -21,6 +21,18 @@ REPO = HERE.parents[1]
 STANDIN = HERE / "standin_train.py"
 
 
+def settings_from_env(monkeypatch, env: dict[str, str], **overrides):
+    """ControllerSettings.from_env with exactly `env` as the FLOWBP_* variables of this process (for this test)."""
+    from services.controller.settings import ENV_PREFIX, ControllerSettings
+
+    for key in [k for k in os.environ if k.upper().startswith(ENV_PREFIX)]:
+        monkeypatch.delenv(key)
+    with monkeypatch.context() as m:
+        for key, value in env.items():
+            m.setenv(key, value)
+        return ControllerSettings.from_env(**overrides)
+
+
 def settings_for(redis_url: str, tmp_path: Path, **kw):
     from services.controller.settings import ControllerSettings
 

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from ctl_helpers import AUTH, TOKEN, ControllerProcess, controller_env
+from ctl_helpers import AUTH, TOKEN, ControllerProcess, controller_env, settings_from_env
 from services.localproc import free_port
 
 pytestmark = pytest.mark.integration
@@ -232,9 +232,9 @@ def test_set_values_and_run_files_reject_hostile_numbers(tmp_path):
 SETTINGS_STRINGS = ["nan", "NaN", "inf", "-inf", "Infinity", "1e999", "true", HUGE]
 
 
-def test_controller_settings_reject_hostile_numbers_from_the_environment():
+def test_controller_settings_reject_hostile_numbers_from_the_environment(monkeypatch):
     """Settings arrive as strings: each float and integer setting refuses every hostile spelling, naming the
-    variable, and a plain number in text is still read."""
+    variable and the value, and a plain number in text is still read."""
     from services.controller.settings import ControllerSettings, Limits
 
     fields = numeric_fields(ControllerSettings)
@@ -242,11 +242,14 @@ def test_controller_settings_reject_hostile_numbers_from_the_environment():
     for path, kind in fields:
         key = "FLOWBP_" + "_".join(path).upper()
         for raw in SETTINGS_STRINGS:
-            with pytest.raises(SystemExit, match=key):
-                ControllerSettings.from_env({key: raw})
+            with pytest.raises(SystemExit) as err:
+                settings_from_env(monkeypatch, {key: raw})
+            assert f"{key}={raw!r}: " in str(err.value), (key, raw, err.value)
     for raw in ('{"env_vars": {"X": NaN}}', '{"a": [Infinity]}', '{"a": 1e999}'):  # the JSON-valued setting
-        with pytest.raises(SystemExit, match="FLOWBP_RUNTIME_ENV"):
-            ControllerSettings.from_env({"FLOWBP_RUNTIME_ENV": raw})
-    s = ControllerSettings.from_env({"FLOWBP_RAY_TIMEOUT_S": "2.5", "FLOWBP_PORT": "8001",
-                                     "FLOWBP_LIMITS_MAX_LABELS": "3"})
+        with pytest.raises(SystemExit, match="FLOWBP_RUNTIME_ENV=.*expected a JSON object of finite numbers"):
+            settings_from_env(monkeypatch, {"FLOWBP_RUNTIME_ENV": raw})
+    with pytest.raises(SystemExit, match="FLOWBP_RUNTIME_ENV=.*inf is not a finite number"):  # given in code too
+        ControllerSettings.from_env(runtime_env={"env_vars": {"X": float("inf")}})
+    s = settings_from_env(monkeypatch, {"FLOWBP_RAY_TIMEOUT_S": "2.5", "FLOWBP_PORT": "8001",
+                                        "FLOWBP_LIMITS_MAX_LABELS": "3"})
     assert (s.ray_timeout_s, s.port, s.limits) == (2.5, 8001, Limits(max_labels=3))

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from ctl_helpers import settings_from_env
+
 from services.controller import metric_names
 from services.controller.auth import TokenError, TokenStore
 from services.controller.cli import _explain, build_parser, table
@@ -71,16 +73,22 @@ def test_token_store_env_file_rotation_and_rules(tmp_path):
     assert "tiny9" not in str(e.value) and "#2" in str(e.value)  # the message names the position, never the token
 
 
-def test_settings_from_env_and_errors():
-    s = ControllerSettings.from_env({"FLOWBP_REDIS_URL": "redis://h:1/2", "FLOWBP_MAX_ACTIVE_JOBS": "7",
-                                     "FLOWBP_RUNTIME_ENV": '{"env_vars": {"A": "1"}}',
-                                     "FLOWBP_LIMITS_MAX_PROMPTS": "5"})
+def test_settings_from_env_and_errors(monkeypatch):
+    env = {"FLOWBP_REDIS_URL": "redis://h:1/2", "FLOWBP_MAX_ACTIVE_JOBS": "7",
+           "FLOWBP_RUNTIME_ENV": '{"env_vars": {"A": "1"}}', "FLOWBP_LIMITS_MAX_PROMPTS": "5"}
+    s = settings_from_env(monkeypatch, env)
     assert (s.redis_url, s.max_active_jobs, s.runtime_env, s.limits.max_prompts) == (
         "redis://h:1/2", 7, {"env_vars": {"A": "1"}}, 5)
-    with pytest.raises(SystemExit, match="FLOWBP_MAX_ACTIVE_JOBS"):
-        ControllerSettings.from_env({"FLOWBP_MAX_ACTIVE_JOBS": "-1"})
-    with pytest.raises(SystemExit, match="FLOWBP_RUNTIME_ENV must be a JSON object"):
-        ControllerSettings.from_env({"FLOWBP_RUNTIME_ENV": "{nope"})
+    assert settings_from_env(monkeypatch, env, max_active_jobs=2).max_active_jobs == 2  # code wins over the env
+    assert settings_from_env(monkeypatch, {}) == ControllerSettings()  # the defaults, with no variable set
+    with pytest.raises(SystemExit, match=r"FLOWBP_MAX_ACTIVE_JOBS='-1': Input should be greater than or equal to 0"):
+        settings_from_env(monkeypatch, {"FLOWBP_MAX_ACTIVE_JOBS": "-1"})
+    with pytest.raises(SystemExit, match=r"FLOWBP_RUNTIME_ENV='\{nope': .*expected a JSON object"):
+        settings_from_env(monkeypatch, {"FLOWBP_RUNTIME_ENV": "{nope"})
+    with pytest.raises(SystemExit, match="FLOWBP_LIMITS=.*valid dictionary"):  # one limit per variable, no JSON
+        settings_from_env(monkeypatch, {"FLOWBP_LIMITS": '{"max_labels": 3}'})
+    with pytest.raises(SystemExit, match="FLOWBP_LOG_LEVEL='loud'"):
+        settings_from_env(monkeypatch, {"FLOWBP_LOG_LEVEL": "loud"})
     assert redact_url("redis://:s3cret@h:6379/0") == "redis://:***@h:6379/0"
     assert "s3cret" not in redact_url("redis://user:s3cret@h/0")
 

@@ -4,6 +4,7 @@ and the RayJob template the controller fills."""
 from __future__ import annotations
 
 import importlib
+import os
 import shlex
 from importlib.util import find_spec
 from string import Template
@@ -13,7 +14,7 @@ import yaml
 from deploy_helpers import env_of, load_values, one, validate_custom
 
 
-def test_controller_env_names_real_settings(default_docs):
+def test_controller_env_names_real_settings(default_docs, monkeypatch):
     from services.controller.settings import ENV_PREFIX, ControllerSettings
 
     container = one(default_docs, "Deployment", "-controller")["spec"]["template"]["spec"]["containers"][0]
@@ -24,7 +25,11 @@ def test_controller_env_names_real_settings(default_docs):
     assert {"FLOWBP_REDIS_URL", "FLOWBP_RAY_ADDRESS", "FLOWBP_TOKEN_FILE", "FLOWBP_HOST", "FLOWBP_PORT"} <= ours
     # The plain values the chart sets parse as settings.
     plain = {k: v["value"] for k, v in env.items() if k in ours and "value" in v}
-    settings = ControllerSettings.from_env(plain)
+    for key in [k for k in os.environ if k.startswith(ENV_PREFIX)]:
+        monkeypatch.delenv(key)
+    for key, value in plain.items():
+        monkeypatch.setenv(key, value)
+    settings = ControllerSettings.from_env()
     assert settings.port == container["ports"][0]["containerPort"] and settings.host == "0.0.0.0"
     assert str(settings.token_file) == "/var/run/flowbp/api-token"
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
