@@ -58,4 +58,4 @@ bench-gpu: setup
 	$(BIN)/python benchmarks/gpu_step.py
 
 eval: setup
-	$(BIN)/python -m flowbp_core.eval --backbone embedded --prompts world_heldout --rewards world_attributes --out runs/eval
+	$(BIN)/python -m services.entrypoints.eval --backbone embedded --prompts world_heldout --rewards world_attributes --out runs/eval

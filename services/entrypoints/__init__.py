@@ -1,1 +1,1 @@
-"""Command-line entry points: `python -m services.entrypoints.train` (a Ray training run) and the demo."""
+"""Command-line programs: `train` (a Ray training run), `demo`, `eval`. The library (flowbp_core) has none."""

@@ -10,10 +10,10 @@ import torch
 from PIL import Image
 
 from flowbp_core.errors import ConfigError
-from flowbp_core.eval import (evaluate_images, load_backbone, main, make_grid, parse_reward_args,
-                              score_batch)
+from flowbp_core.eval import evaluate_images, load_backbone, make_grid, parse_reward_args, score_batch
 from flowbp_core.rewards import build
 from flowbp_core.run import load_prompts
+from services.entrypoints.eval import main
 
 
 def test_shipped_prompt_sets():
