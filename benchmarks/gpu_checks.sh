@@ -33,7 +33,8 @@ export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFL
 python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)" || exit 1
 
 train() {  # name batch lr
-  timeout $(( ${MINUTES%.*} * 60 + 120 )) python3 -m flowbp_core.world.train_base --device "$DEV" \
+  timeout $(( ${MINUTES%.*} * 60 + 120 )) python3 -m services.entrypoints.world.train_base \
+    --device "$DEV" \
     --workers "$WORKERS" --threads 2 --out "/tmp/gpu_checks/$1" --batch "$2" --lr "$3" --layers "$LAYERS" \
     --heads 4 --head-dim "$HEAD" --ema 0.999 --minutes "$MINUTES" --ckpt-minutes 100 >"/tmp/gpu_checks/$1.log" 2>&1
   echo "train $1 (batch $2, lr $3): rc $?"; tail -n 2 "/tmp/gpu_checks/$1.log"

@@ -18,8 +18,8 @@ from flowbp_core.world.assets import ASSETS_DIR, load_checkpoint
 BASE_CHECKPOINT = ASSETS_DIR / "base" / "transformer.safetensors"
 # 30 minutes on 2 CPU cores; the committed base was trained on a GPU by the command its metadata records (add
 # --device cuda --workers 6 --batch 1024 --lr 1.5e-3 --ema 0.999 --minutes 4, see flowbp_core/world/README.md)
-BASE_REGENERATE = ("python -m flowbp_core.world.train_base --out /tmp/world_base && "
-                   "python -m flowbp_core.world.publish base /tmp/world_base")
+BASE_REGENERATE = ("python -m services.entrypoints.world.train_base --out /tmp/world_base && "
+                   "python -m services.entrypoints.world.publish base /tmp/world_base")
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,5 @@
-"""Judge a backbone on the world: sample held-out prompts with fixed seeds, score with the analytic judge.
-
-    python -m flowbp_core.world.evaluate [--checkpoint PATH] [--per-task 16] [--seeds 2]
+"""Judge a backbone on the world: sample held-out prompts with fixed seeds, score with the analytic judge
+(`judge_backbone`; the command is `python -m services.entrypoints.world.evaluate`).
 
 Sample (prompt i, seed s) gets noise from seed 1000 * s + i, so two models compared with the same arguments
 see the same noise, whatever the batch size. Diversity is measured across the seeds of each prompt.
@@ -8,8 +7,6 @@ see the same noise, whatever the batch size. Diversity is measured across the se
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 from dataclasses import dataclass
 
@@ -69,27 +66,3 @@ def judge_backbone(backbone, items: list[PromptItem] | None = None, seeds: int =
     if seeds > 1:
         report.diversity = diversity(imgs, list(range(len(items))) * seeds)
     return WorldEval(report=report, images=imgs, prompts=texts * seeds, seconds=time.perf_counter() - t0)
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default=None, help="transformer.safetensors (default: the committed base model)")
-    p.add_argument("--per-task", type=int, default=16)
-    p.add_argument("--seeds", type=int, default=2)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--split", choices=("heldout", "train"), default="heldout")
-    a = p.parse_args(argv)
-    from flowbp_core.backbones.embedded import EmbeddedBackbone
-    from flowbp_core.world.data import prompt_pool
-    from flowbp_core.world.spec import TASKS
-
-    bb = EmbeddedBackbone.from_pretrained(a.checkpoint) if a.checkpoint else EmbeddedBackbone.default()
-    items = (heldout_prompts(a.per_task) if a.split == "heldout"
-             else prompt_pool("train", a.per_task * len(TASKS), seed=99, background_prob=0.0))
-    ev = judge_backbone(bb, items, seeds=a.seeds, n_steps=a.steps)
-    print(json.dumps(ev.as_dict(), indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

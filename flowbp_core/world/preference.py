@@ -21,8 +21,8 @@ from flowbp_core.world.assets import ASSETS_DIR, load_checkpoint
 from flowbp_core.world.recogniser import Recogniser, RecogniserConfig
 
 PREFERENCE_CHECKPOINT = ASSETS_DIR / "preference" / "preference.safetensors"
-PREFERENCE_REGENERATE = ("python -m flowbp_core.world.train_preference --out /tmp/world_pref && "
-                         "python -m flowbp_core.world.publish preference /tmp/world_pref")
+PREFERENCE_REGENERATE = ("python -m services.entrypoints.world.train_preference --out /tmp/world_pref && "
+                         "python -m services.entrypoints.world.publish preference /tmp/world_pref")
 TEXT_DIM = 384  # MiniLM's pooled embedding
 
 

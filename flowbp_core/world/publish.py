@@ -1,10 +1,7 @@
-"""Copy a finished training run into the committed assets, re-hashed, with its provenance.
+"""Copy a finished training run into the committed assets, re-hashed, with its provenance (`publish`; the command
+is `python -m services.entrypoints.world.publish {base,recogniser,preference} <train_out_dir>`).
 
-    python -m flowbp_core.world.publish base <train_out_dir> [--weights ema|raw] [--note "trained on ..."]
-    python -m flowbp_core.world.publish recogniser <train_out_dir>
-    python -m flowbp_core.world.publish preference <train_out_dir>
-
-`train_base` saves EMA weights as it goes; on a short run the EMA can lag the raw weights, so `--weights raw`
+`train_base` saves EMA weights as it goes; on a short run the EMA can lag the raw weights, so `weights="raw"`
 publishes the raw weights from `train_state.pt` instead (the choice is recorded in the metadata). The text
 encoder's identity and context length are added to the config, the training log is copied beside the file,
 and the manifest is rewritten with the new file hash.
@@ -12,7 +9,6 @@ and the manifest is rewritten with the new file hash.
 
 from __future__ import annotations
 
-import argparse
 import shutil
 from pathlib import Path
 
@@ -69,21 +65,13 @@ def publish_scorer(what: str, src: Path, dst_dir: Path, note: str = "") -> str:
     return digest
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("base", *_SCORERS))
-    p.add_argument("src", type=Path)
-    p.add_argument("--weights", choices=("ema", "raw"), default="ema")
-    p.add_argument("--dst", type=Path, default=None)
-    p.add_argument("--note", default="", help="provenance kept in the metadata (e.g. the machine it trained on)")
-    a = p.parse_args(argv)
-    dst = a.dst or ASSETS_DIR / a.what
+PUBLISHABLE = ("base", *_SCORERS)
+
+
+def publish(what: str, src: Path, *, weights: str = "ema", dst: Path | None = None, note: str = "") -> tuple[Path, str]:
+    """Publish `what` (one of PUBLISHABLE) from the training output `src` into `dst` (default: its assets folder);
+    returns the folder and the new file's sha256."""
+    dst = dst or ASSETS_DIR / what
     dst.mkdir(parents=True, exist_ok=True)
-    digest = (publish_base(a.src, a.weights, dst, a.note) if a.what == "base"
-              else publish_scorer(a.what, a.src, dst, a.note))
-    print(f"published {a.what} to {dst} (sha256 {digest})")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    digest = publish_base(src, weights, dst, note) if what == "base" else publish_scorer(what, src, dst, note)
+    return dst, digest

@@ -32,8 +32,8 @@ CONTRASTIVE_NEGATIVES_MAX = 512
 GRADIENT_BLUR_MAX = 4.0
 
 RECOGNISER_CHECKPOINT = ASSETS_DIR / "recogniser" / "recogniser.safetensors"
-RECOGNISER_REGENERATE = ("python -m flowbp_core.world.train_reward --out /tmp/world_rec && "
-                         "python -m flowbp_core.world.publish recogniser /tmp/world_rec")
+RECOGNISER_REGENERATE = ("python -m services.entrypoints.world.train_reward --out /tmp/world_rec && "
+                         "python -m services.entrypoints.world.publish recogniser /tmp/world_rec")
 
 
 @lru_cache(maxsize=65536)

@@ -1,8 +1,6 @@
-"""Sample the generator's own images for the recogniser to learn from (on-policy reward data).
-
-    python -m flowbp_core.world.sample_pool --out /tmp/pool_base.safetensors --n 6000
-    python -m flowbp_core.world.sample_pool --out /tmp/pool_aligned.safetensors --n 6000 \
-        --policy runs/demo-.../step_60            # a FlowBP checkpoint folder: its LoRA is applied first
+"""Sample the generator's own images for the recogniser to learn from (on-policy reward data): `sample_pool(options)`;
+the command is `python -m services.entrypoints.world.sample_pool` (`--policy runs/<id>/step_<n>` applies a FlowBP
+checkpoint's LoRA first).
 
 Why: a recogniser trained only on crisp renders is fooled by what a generator draws (blocky textures, bloated
 blobs), and alignment finds those holes within tens of steps. Training it also on the generator's samples,
@@ -14,13 +12,14 @@ policy in the file's metadata.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from flowbp_core.errors import ConfigError, check_range
 from flowbp_core.world.data import prompt_pool
 from flowbp_core.world.evaluate import generate
 
@@ -48,21 +47,27 @@ def load_policy(checkpoint: Path | None):
     return bb
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, required=True, help="output .safetensors")
-    p.add_argument("--n", type=int, default=6000, help="number of images")
-    p.add_argument("--policy", type=Path, default=None, help="FlowBP checkpoint folder whose LoRA to sample with")
-    p.add_argument("--seed", type=int, default=7, help="prompt and noise seed (held-out noise uses 1000*s+i)")
-    p.add_argument("--per-prompt", type=int, default=1,
-                   help="samples per prompt, 1..16 (several give the preference model pairs of one prompt)")
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--threads", type=int, default=0)
-    a = p.parse_args(argv)
-    if a.n <= 0:
-        p.error(f"--n={a.n}: must be positive")
-    if not 1 <= a.per_prompt <= 16:
-        p.error(f"--per-prompt={a.per_prompt}: allowed range is 1..16")
+@dataclass(frozen=True, kw_only=True)
+class SamplePoolOptions:
+    """One pool of generated images; each field is a `--flag` of the command, its help says what it is."""
+
+    out: Path = field(metadata={"help": "output .safetensors"})
+    n: int = field(default=6000, metadata={"help": "number of images"})
+    policy: Path | None = field(default=None, metadata={"help": "FlowBP checkpoint folder whose LoRA to sample with"})
+    seed: int = field(default=7, metadata={"help": "prompt and noise seed (held-out noise uses 1000*s+i)"})
+    per_prompt: int = field(default=1, metadata={
+        "help": "samples per prompt, 1..16 (several give the preference model pairs of one prompt)"})
+    batch: int = field(default=128, metadata={"help": "images per sampling batch"})
+    threads: int = field(default=0, metadata={"help": "torch threads (0: torch default)"})
+
+    def __post_init__(self) -> None:
+        if self.n <= 0:
+            raise ConfigError("n", self.n, "a positive integer")
+        check_range("per_prompt", self.per_prompt, 1, 16)
+
+
+def sample_pool(a: SamplePoolOptions) -> dict:
+    """Sample and save the pool; returns {"out", "n", "seconds"}."""
     if a.threads:
         torch.set_num_threads(a.threads)
     from safetensors.torch import save_file
@@ -80,9 +85,4 @@ def main(argv: list[str] | None = None) -> int:
     save_file({"images": (images.clamp(0, 1) * 255).round().to(torch.uint8)}, str(a.out),
               metadata={"prompts": json.dumps(prompts), "policy": str(a.policy or "base"), "seed": str(a.seed),
                         "per_prompt": str(a.per_prompt)})
-    print(json.dumps({"out": str(a.out), "n": len(prompts), "seconds": round(time.perf_counter() - t0, 1)}))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return {"out": str(a.out), "n": len(prompts), "seconds": round(time.perf_counter() - t0, 1)}

@@ -1,68 +1,65 @@
-"""Train the embedded base model with the rectified-flow loss, by wall-clock budget.
-
-    python -m flowbp_core.world.train_base --out /tmp/world_base [--minutes 30] [--resume]   # 30 min, 2 cores
-    python -m flowbp_core.world.train_base --out /tmp/world_base --device cuda --workers 6 --batch 1024 \
-        --lr 1.5e-3 --ema 0.999 --minutes 4 --ckpt-minutes 100          # the committed base (one H100)
-    python -m flowbp_core.world.publish base /tmp/world_base      # into the committed assets
+"""Train the embedded base model with the rectified-flow loss, by wall-clock budget (`train_base(options)`; the
+command is `python -m services.entrypoints.world.train_base`, see README.md in this folder).
 
 Data: captions of the training split (held-out combinations never appear), encoded once by MiniLM; every
 step renders fresh scenes for the batch's captions, so the model never sees the same image twice. Loss:
 || v_theta(x_t, t) - (noise - x) ||^2 with logit-normal t. 10 % of captions are dropped to "" so that the
 model supports classifier-free guidance. The EMA weights are what gets saved (float16, ~half the bytes),
-every `--ckpt-minutes` and at the end, together with a resumable state and a JSONL training log.
+every `ckpt_minutes` and at the end, together with a resumable state and a JSONL training log.
 
 Each step's batch (captions, scenes, noise, t, dropout) is drawn from its own generator seeded by (seed, step),
-so the data stream is the same whatever the number of render workers (`--workers`, for a GPU that trains
-faster than one core renders) and after a resume. `--device cuda` trains on a GPU (bf16 autocast there too).
+so the data stream is the same whatever the number of render workers (`workers`, for a GPU that trains
+faster than one core renders) and after a resume. `device="cuda"` trains on a GPU (bf16 autocast there too).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from flowbp_core.errors import ConfigError
 from flowbp_core.world.assets import save_checkpoint
 from flowbp_core.world.base_model import BaseModelConfig, build_transformer
 from flowbp_core.world.data import batch_stream, prompt_pool
 from flowbp_core.world.text import MiniLMEncoder
 
 
-def _args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, required=True, help="output folder (transformer.safetensors, log, state)")
-    p.add_argument("--minutes", type=float, default=30.0, help="wall-clock training budget")
-    p.add_argument("--max-steps", type=int, default=1_000_000)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--ema", type=float, default=0.995)
-    p.add_argument("--seed", type=int, default=0, help="data and init seed")
-    p.add_argument("--pool", type=int, default=6000, help="number of training captions")
-    p.add_argument("--layers", type=int, default=BaseModelConfig.num_layers)
-    p.add_argument("--heads", type=int, default=BaseModelConfig.num_attention_heads)
-    p.add_argument("--head-dim", type=int, default=BaseModelConfig.attention_head_dim)
-    p.add_argument("--patch", type=int, default=BaseModelConfig.patch_size)
-    p.add_argument("--ckpt-minutes", type=float, default=4.0)
-    p.add_argument("--threads", type=int, default=2,
-                   help="torch threads (the committed run: 2 on a quiet 2-core machine; "
-                        "1 is faster on a shared CPU; 0: torch default)")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/train_state.pt")
-    p.add_argument("--no-autocast", action="store_true")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    p.add_argument("--workers", type=int, default=0, help="render processes (0: render in the training process)")
-    a = p.parse_args(argv)
-    if a.device != "cpu" and not (a.device.startswith("cuda") and torch.cuda.is_available()):
-        p.error(f"--device {a.device!r}: only cpu, or cuda[:N] on a machine with CUDA, is allowed")
-    if a.workers < 0:
-        p.error(f"--workers {a.workers}: must be >= 0")
-    return a
+@dataclass(frozen=True, kw_only=True)
+class BaseTrainOptions:
+    """One training run of the base model; each field is a `--flag` of the command, its help says what it is."""
+
+    out: Path = field(metadata={"help": "output folder (transformer.safetensors, log, state)"})
+    minutes: float = field(default=30.0, metadata={"help": "wall-clock training budget"})
+    max_steps: int = field(default=1_000_000, metadata={"help": "step cap (the budget usually ends first)"})
+    batch: int = field(default=64, metadata={"help": "captions per step"})
+    lr: float = field(default=1e-3, metadata={"help": "AdamW peak learning rate"})
+    warmup: int = field(default=100, metadata={"help": "linear warm-up steps"})
+    ema: float = field(default=0.995, metadata={"help": "EMA decay of the saved weights"})
+    seed: int = field(default=0, metadata={"help": "data and init seed"})
+    pool: int = field(default=6000, metadata={"help": "number of training captions"})
+    layers: int = field(default=BaseModelConfig.num_layers, metadata={"help": "transformer blocks"})
+    heads: int = field(default=BaseModelConfig.num_attention_heads, metadata={"help": "attention heads"})
+    head_dim: int = field(default=BaseModelConfig.attention_head_dim, metadata={"help": "attention head width"})
+    patch: int = field(default=BaseModelConfig.patch_size, metadata={"help": "patch size (pixels)"})
+    ckpt_minutes: float = field(default=4.0, metadata={"help": "minutes between checkpoints"})
+    threads: int = field(default=2, metadata={"help": "torch threads (the committed run: 2 on a quiet 2-core machine; "
+                                                      "1 is faster on a shared CPU; 0: torch default)"})
+    resume: bool = field(default=False, metadata={"help": "continue from <out>/train_state.pt"})
+    no_autocast: bool = field(default=False, metadata={"help": "float32 without bf16 autocast"})
+    device: str = field(default="cpu", metadata={"help": "cpu or cuda[:N]"})
+    workers: int = field(default=0, metadata={"help": "render processes (0: render in the training process)"})
+
+    def __post_init__(self) -> None:
+        if self.device != "cpu" and not (self.device.startswith("cuda") and torch.cuda.is_available()):
+            raise ConfigError("device", self.device, "cpu, or cuda[:N] on a machine with CUDA")
+        if self.workers < 0:
+            raise ConfigError("workers", self.workers, "an integer >= 0")
 
 
 def _ema_update(ema: dict[str, torch.Tensor], model: torch.nn.Module, decay: float) -> None:
@@ -72,8 +69,8 @@ def _ema_update(ema: dict[str, torch.Tensor], model: torch.nn.Module, decay: flo
         torch._foreach_lerp_([ema[k] for k in live], [v.detach().float() for v in live.values()], 1.0 - decay)
 
 
-def main(argv: list[str] | None = None) -> int:
-    a = _args(argv)
+def train_base(a: BaseTrainOptions, command: str) -> None:
+    """Train until the budget or `max_steps` ends; `command` is recorded in the checkpoint as its provenance."""
     if a.threads:
         torch.set_num_threads(a.threads)
     a.out.mkdir(parents=True, exist_ok=True)
@@ -109,8 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model {n_params / 1e6:.2f} M params; {len(pool)} captions encoded in {time.time() - t0:.1f} s", flush=True)
 
     run_cfg = {"model": cfg.diffusers_kwargs(),
-               "train": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}}
-    command = "python -m flowbp_core.world.train_base " + " ".join(sys.argv[1:] if argv is None else argv)
+               "train": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(a).items()}}
     budget = a.minutes * 60.0
     start = time.time() - elapsed_before
     last_ckpt = time.time()
@@ -173,8 +169,3 @@ def main(argv: list[str] | None = None) -> int:
             last_ckpt = time.time()
     checkpoint(True)
     log_f.close()
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

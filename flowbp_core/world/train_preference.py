@@ -1,15 +1,13 @@
-"""Train the world's preference model from pairwise choices labelled by the rater (Bradley-Terry loss).
-
-    python -m flowbp_core.world.sample_pool --out /tmp/pools/base4.safetensors --n 512 --per-prompt 4
-    python -m flowbp_core.world.train_preference --out /tmp/world_pref --pool /tmp/pools/base4.safetensors
-    python -m flowbp_core.world.publish preference /tmp/world_pref
+"""Train the world's preference model from pairwise choices labelled by the rater (Bradley-Terry loss):
+`train_preference(options)`; the command is `python -m services.entrypoints.world.train_preference` (README.md in
+this folder gives the regeneration commands).
 
 Each step shows the model groups of images of one prompt and every pair in a group whose ratings differ by at
 least `MIN_MARGIN` points, as "a is preferred to b"; it never sees a rating itself. Groups come from:
 - renders: scenes of a training prompt drawn in varied styles (object size, edge width, background tone, a
   little blur and noise), a quarter of them of another prompt of the same task and a fifth with objects grown
   until they merge or leave the frame (prompt-breaking images, which the rater rates 0);
-- the generator's own samples (`--pool`, files of `sample_pool --per-prompt K`): the K samples of one prompt
+- the generator's own samples (`pool`, files of `sample_pool --per-prompt K`): the K samples of one prompt
   plus two renders of it, so that the model ranks what alignment will actually show it; pools of a policy
   aligned to an earlier preference model (`sample_pool --policy`) teach it where that policy gamed it.
 Validation: pairwise accuracy on held-out prompts' renders (combinations the model never trained on) and on
@@ -18,16 +16,15 @@ Validation: pairwise accuracy on held-out prompts' renders (combinations the mod
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from flowbp_core.errors import ConfigError, check_range
 from flowbp_core.world.assets import save_checkpoint
 from flowbp_core.world.captions import parse
 from flowbp_core.world.data import prompt_pool
@@ -147,7 +144,7 @@ def load_pool(paths: list[Path], seed: int) -> tuple[list[tuple[str, np.ndarray]
     for path in paths:
         if not path.is_file():
             raise FileNotFoundError(f"--pool {path}: no such file (make one with python -m "
-                                    f"flowbp_core.world.sample_pool --out {path} --per-prompt 4)")
+                                    f"services.entrypoints.world.sample_pool --out {path} --per-prompt 4)")
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
             images = f.get_tensor("images").float().numpy() / 255.0
@@ -193,28 +190,35 @@ def pairwise_accuracy(model: PreferenceModel, encoder, batch: GroupBatch) -> flo
     return float((s[win] > s[lose]).float().mean())
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--pool", type=Path, nargs="*", default=[], help="sample_pool files (--per-prompt >= 2)")
-    p.add_argument("--minutes", type=float, default=10.0, help="training time by wall clock")
-    p.add_argument("--max-steps", type=int, default=100_000)
-    p.add_argument("--render-groups", type=int, default=24, help="render groups (4 images) per step")
-    p.add_argument("--pool-groups", type=int, default=8, help="generated groups (K samples + 2 renders) per step")
-    p.add_argument("--matched-groups", type=int, default=0,
-                   help="groups per step of one scene varied in one property (and, in generated groups, two "
-                        "unsharp-masked samples)")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--init", type=Path, default=None, help="continue from this preference checkpoint")
-    a = p.parse_args(argv)
-    for name, lo, hi in (("minutes", 0.01, 600.0), ("lr", 1e-6, 1e-1)):
-        if not lo <= getattr(a, name) <= hi:
-            p.error(f"--{name.replace('_', '-')}={getattr(a, name)}: allowed range is [{lo}, {hi}]")
-    for name, least in (("render_groups", 1), ("pool_groups", 0), ("matched_groups", 0), ("max_steps", 1)):
-        if getattr(a, name) < least:
-            p.error(f"--{name.replace('_', '-')}={getattr(a, name)}: must be >= {least}")
+@dataclass(frozen=True, kw_only=True)
+class PreferenceTrainOptions:
+    """One training run of the preference model; each field is a `--flag` of the command, its help says what it is."""
+
+    out: Path = field(metadata={"help": "output folder (preference.safetensors, preference_log.jsonl)"})
+    pool: list[Path] = field(default_factory=list, metadata={"help": "sample_pool files (--per-prompt >= 2)"})
+    minutes: float = field(default=10.0, metadata={"help": "training time by wall clock, 0.01..600"})
+    max_steps: int = field(default=100_000, metadata={"help": "step cap (the budget usually ends first)"})
+    render_groups: int = field(default=24, metadata={"help": "render groups (4 images) per step"})
+    pool_groups: int = field(default=8, metadata={"help": "generated groups (K samples + 2 renders) per step"})
+    matched_groups: int = field(default=0, metadata={
+        "help": "groups per step of one scene varied in one property (and, in generated groups, two unsharp-masked "
+                "samples)"})
+    lr: float = field(default=1e-3, metadata={"help": "AdamW peak learning rate, 1e-6..0.1"})
+    seed: int = field(default=0, metadata={"help": "data and init seed"})
+    threads: int = field(default=0, metadata={"help": "torch threads (0: torch default)"})
+    init: Path | None = field(default=None, metadata={"help": "continue from this preference checkpoint"})
+
+    def __post_init__(self) -> None:
+        for name, lo, hi in (("minutes", 0.01, 600.0), ("lr", 1e-6, 1e-1)):
+            check_range(name, getattr(self, name), lo, hi)
+        for name, least in (("render_groups", 1), ("pool_groups", 0), ("matched_groups", 0), ("max_steps", 1)):
+            if getattr(self, name) < least:
+                raise ConfigError(name, getattr(self, name), f"an integer >= {least}")
+
+
+def train_preference(a: PreferenceTrainOptions, command: str) -> dict[str, float]:
+    """Train until the budget or `max_steps` ends and save the checkpoint (`command` is its provenance); returns
+    the final held-out pairwise accuracies."""
     if a.threads:
         torch.set_num_threads(a.threads)
     from flowbp_core.world.reward import load_recogniser
@@ -276,19 +280,14 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(rec), flush=True)
     final = evaluate()
     model.eval()
-    command = "python -m flowbp_core.world.train_preference " + " ".join(sys.argv[1:] if argv is None else argv)
     digest = save_checkpoint(
         dict(model.state_dict()), a.out / "preference.safetensors",
         config={"model": cfg.as_dict(), "train": {k: (str(v) if isinstance(v, Path) else
                                                       [str(x) for x in v] if isinstance(v, list) else v)
-                                                  for k, v in vars(a).items()}},
+                                                  for k, v in asdict(a).items()}},
         data_seed=a.seed, command=command,
         extra={"steps": step, "train_minutes": round((time.time() - start) / 60, 2), "heldout_pair_accuracy": final},
     )
     print(json.dumps({"final": final, "steps": step, "sha256": digest}), flush=True)
     log.close()
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return final

@@ -1,32 +1,30 @@
-"""Train the attribute recogniser behind the "world_attributes" reward on rendered scenes.
-
-    python -m flowbp_core.world.train_reward --out /tmp/world_rec [--minutes 20] [--init ckpt]
-    python -m flowbp_core.world.publish recogniser /tmp/world_rec
+"""Train the attribute recogniser behind the "world_attributes" reward on rendered scenes (`train_reward(options)`;
+the command is `python -m services.entrypoints.world.train_reward`, see README.md in this folder).
 
 Scenes: 1-3 random objects (and 5 % empty backgrounds, and scenes drawn from prompt specs so that three
 objects of one kind are common), with random Gaussian blur, pixel noise and brightness jitter so that the
 recogniser also reads a generator's soft samples. Reports per-head accuracy on a fixed validation set.
 
-`--generated POOL [POOL ...]` (files of `sample_pool`) mixes the generator's own images into every batch
-(`--generated-frac` of it), labelled by what the detector finds in them (`recogniser.detected_labels`): the
+`generated` (files of `sample_pool`) mixes the generator's own images into every batch (`generated_frac` of
+it), labelled by what the detector finds in them (`recogniser.detected_labels`): the
 generator's artefacts then carry their true content instead of whatever the render-trained recogniser reads
 into them, which is what alignment otherwise exploits. 10 % of each pool is held out for validation.
 
-`--adversarial-eps EPS` trains half of each batch on its worst case within an L2 ball of radius EPS (projected
-gradient ascent, `--adversarial-steps`), and logs the validation accuracy under that attack (`advval_*`).
+`adversarial_eps` trains half of each batch on its worst case within an L2 ball of that radius (projected
+gradient ascent, `adversarial_steps`), and logs the validation accuracy under that attack (`advval_*`).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from flowbp_core.errors import check_range
 from flowbp_core.world.assets import save_checkpoint
 from flowbp_core.world.data import prompt_pool
 from flowbp_core.world.recogniser import Recogniser, RecogniserConfig, recogniser_loss, scene_labels
@@ -133,7 +131,7 @@ def load_generated(paths: list[Path], seed: int):
     for path in paths:
         if not path.exists():
             raise FileNotFoundError(f"--generated {path}: no such file (make one with python -m "
-                                    "flowbp_core.world.sample_pool --out {path})")
+                                    f"services.entrypoints.world.sample_pool --out {path})")
         xs.append(load_file(str(path))["images"].float() / 255.0)
     x = torch.cat(xs)
     lab = detected_labels(x.numpy())
@@ -143,31 +141,38 @@ def load_generated(paths: list[Path], seed: int):
     return (x[tr], {k: v[tr] for k, v in lab.items()}), (x[va], {k: v[va] for k, v in lab.items()})
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--minutes", type=float, default=6.0)
-    p.add_argument("--max-steps", type=int, default=100_000)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--init", type=Path, default=None, help="continue from this recogniser checkpoint")
-    p.add_argument("--input-blur", type=float, default=None,
-                   help="Gaussian sigma the model applies to its input (default: the --init model's, else 0)")
-    p.add_argument("--generated", type=Path, nargs="*", default=[], help="sample_pool files of generator images")
-    p.add_argument("--generated-frac", type=float, default=0.5, help="share of each batch from --generated")
-    p.add_argument("--adversarial-eps", type=float, default=0.0,
-                   help="L2 radius (pixel units in [0, 1]) of adversarial training: half of each batch is replaced "
-                        "by its worst case within it (0: off)")
-    p.add_argument("--adversarial-steps", type=int, default=3, help="gradient steps of each adversarial example")
-    a = p.parse_args(argv)
-    if not 0.0 <= a.adversarial_eps <= 8.0:
-        p.error(f"--adversarial-eps={a.adversarial_eps}: allowed range is [0, 8]")
-    if not 1 <= a.adversarial_steps <= 20:
-        p.error(f"--adversarial-steps={a.adversarial_steps}: allowed range is 1..20")
-    if not 0.0 <= a.generated_frac < 1.0:
-        p.error(f"--generated-frac={a.generated_frac}: must be in [0, 1)")
+@dataclass(frozen=True, kw_only=True)
+class RewardTrainOptions:
+    """One training run of the recogniser; each field is a `--flag` of the command, its help says what it is."""
+
+    out: Path = field(metadata={"help": "output folder (recogniser.safetensors, recogniser_log.jsonl)"})
+    minutes: float = field(default=6.0, metadata={"help": "wall-clock training budget"})
+    max_steps: int = field(default=100_000, metadata={"help": "step cap (the budget usually ends first)"})
+    batch: int = field(default=64, metadata={"help": "images per step"})
+    lr: float = field(default=2e-3, metadata={"help": "AdamW peak learning rate"})
+    seed: int = field(default=0, metadata={"help": "data and init seed"})
+    threads: int = field(default=0, metadata={"help": "torch threads (0: torch default)"})
+    init: Path | None = field(default=None, metadata={"help": "continue from this recogniser checkpoint"})
+    input_blur: float | None = field(default=None, metadata={
+        "help": "Gaussian sigma the model applies to its input, 0..4 pixels (default: the init model's, else 0)"})
+    generated: list[Path] = field(default_factory=list, metadata={"help": "sample_pool files of generator images"})
+    generated_frac: float = field(default=0.5, metadata={"help": "share of each batch from generated, in [0, 1)"})
+    adversarial_eps: float = field(default=0.0, metadata={
+        "help": "L2 radius (pixel units in [0, 1]) of adversarial training, 0..8: half of each batch is replaced by "
+                "its worst case within it (0: off)"})
+    adversarial_steps: int = field(default=3, metadata={"help": "gradient steps of each adversarial example, 1..20"})
+
+    def __post_init__(self) -> None:
+        check_range("adversarial_eps", self.adversarial_eps, 0.0, 8.0)
+        check_range("adversarial_steps", self.adversarial_steps, 1, 20)
+        check_range("generated_frac", self.generated_frac, 0.0, 1.0, high_open=True)
+        if self.input_blur is not None:
+            check_range("input_blur", self.input_blur, 0.0, 4.0)
+
+
+def train_reward(a: RewardTrainOptions, command: str) -> dict[str, float]:
+    """Train until the budget or `max_steps` ends and save the checkpoint (`command` is its provenance); returns
+    the final validation accuracies."""
     if a.threads:
         torch.set_num_threads(a.threads)
     a.out.mkdir(parents=True, exist_ok=True)
@@ -184,8 +189,6 @@ def main(argv: list[str] | None = None) -> int:
         model.requires_grad_(True).train()
         cfg = model.cfg
     if a.input_blur is not None:
-        if not 0.0 <= a.input_blur <= 4.0:
-            p.error(f"--input-blur={a.input_blur}: allowed range is [0, 4] pixels")
         cfg = RecogniserConfig(**{**cfg.as_dict(), "input_blur": a.input_blur})
         model.cfg = cfg  # the blur is a config switch: the weights carry over
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=1e-4)
@@ -245,18 +248,13 @@ def main(argv: list[str] | None = None) -> int:
     final = accuracy(model, val_x, val_lab)
     if gen_val is not None:
         final.update({f"generated_{k}": v for k, v in accuracy(model, *gen_val).items()})
-    command = "python -m flowbp_core.world.train_reward " + " ".join(sys.argv[1:] if argv is None else argv)
     digest = save_checkpoint(
         dict(model.state_dict()), a.out / "recogniser.safetensors",
-        config={"model": cfg.as_dict(), "train": {k: _jsonable(v) for k, v in vars(a).items()}},
+        config={"model": cfg.as_dict(), "train": {k: _jsonable(v) for k, v in asdict(a).items()}},
         data_seed=a.seed, command=command,
         extra={"steps": step, "train_minutes": round((time.time() - start) / 60, 2),
                "val_accuracy": {k: round(v, 4) for k, v in final.items()}},
     )
     print(json.dumps({"final": final, "steps": step, "sha256": digest}), flush=True)
     log.close()
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return final

@@ -1,1 +1,1 @@
-"""Command-line programs: `train` (a Ray training run), `demo`, `eval`. The library (flowbp_core) has none."""
+"""Command-line programs: `train` (a Ray training run), `demo`, `eval`, `world/`; flowbp_core holds none."""

@@ -316,13 +316,13 @@ def main(argv: list[str] | None = None) -> int:
     if a.recogniser is not None:
         if not a.recogniser.is_file():
             p.error(f"--recogniser={a.recogniser}: no such file (train one with python -m "
-                    "flowbp_core.world.train_reward)")
+                    "services.entrypoints.world.train_reward)")
         a.recogniser = str(a.recogniser.absolute())
     if a.base is not None:
         f = a.base / "transformer.safetensors" if a.base.is_dir() else a.base
         if not f.is_file():
             p.error(f"--base={a.base}: no transformer.safetensors there (train one with python -m "
-                    "flowbp_core.world.train_base)")
+                    "services.entrypoints.world.train_base)")
         a.base = str(f.absolute())
     if a.threads is not None and not 1 <= a.threads <= 64:
         p.error(f"--threads={a.threads}: allowed range is 1..64")

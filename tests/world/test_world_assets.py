@@ -31,7 +31,10 @@ def test_committed_checkpoint_hashes_match_metadata(path, regen):
     tensors, meta = load_checkpoint(path, regenerate=regen)
     assert meta["content_sha256"] == content_sha256(tensors) == manifest["content_sha256"]
     assert int(meta["data_seed"]) == manifest["data_seed"]
-    assert meta["config"] and meta["command"].startswith("python -m flowbp_core.world.train_")
+    # the command each file was trained with, as typed then (weights older than services/entrypoints/world name
+    # the module path the command had at the time)
+    assert meta["config"] and meta["command"].startswith(("python -m services.entrypoints.world.train_",
+                                                          "python -m flowbp_core.world.train_"))
 
 
 def test_committed_models_load():
@@ -101,7 +104,7 @@ def test_publish_base_rehashes_and_records_provenance(tmp_path):
     src.mkdir()
     ema = {"w": torch.ones(2, 2, dtype=torch.float16)}
     save_checkpoint(ema, src / "transformer.safetensors", config={"model": {"num_layers": 1}}, data_seed=5,
-                    command="python -m flowbp_core.world.train_base --out x", extra={"steps": 3})
+                    command="python -m services.entrypoints.world.train_base --out x", extra={"steps": 3})
     (src / "train_log.jsonl").write_text('{"step": 3}\n')
     torch.save({"model": {"w": torch.full((2, 2), 2.0)}, "step": 3}, src / "train_state.pt")
     dst = tmp_path / "assets"

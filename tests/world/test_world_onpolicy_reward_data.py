@@ -34,7 +34,7 @@ def test_detected_labels_of_a_blank_image_are_empty():
 def test_sample_pool_writes_training_prompt_images(tmp_path):
     from safetensors import safe_open
 
-    from flowbp_core.world.sample_pool import main
+    from services.entrypoints.world.sample_pool import main
 
     out = tmp_path / "pool.safetensors"
     assert main(["--out", str(out), "--n", "6", "--batch", "4", "--threads", "1"]) == 0
@@ -47,7 +47,7 @@ def test_sample_pool_writes_training_prompt_images(tmp_path):
 
 
 def test_sample_pool_names_a_bad_policy_folder(tmp_path):
-    from flowbp_core.world.sample_pool import main
+    from services.entrypoints.world.sample_pool import main
 
     with pytest.raises(FileNotFoundError, match="trainable.safetensors"):
         main(["--out", str(tmp_path / "p.safetensors"), "--n", "2", "--policy", str(tmp_path)])
@@ -56,7 +56,7 @@ def test_sample_pool_names_a_bad_policy_folder(tmp_path):
 def test_train_reward_mixes_generated_images_and_reports_their_accuracy(tmp_path, capsys):
     from safetensors.torch import save_file
 
-    from flowbp_core.world.train_reward import main
+    from services.entrypoints.world.train_reward import main
 
     rng = np.random.default_rng(0)
     scenes = [sample_free_scene(rng) for _ in range(40)]
@@ -99,7 +99,7 @@ def test_input_blur_hides_patch_period_textures_from_the_recogniser():
 
 def test_train_reward_records_input_blur_and_the_reward_loads_it(tmp_path, capsys):
     from flowbp_core.world.reward import load_recogniser
-    from flowbp_core.world.train_reward import main
+    from services.entrypoints.world.train_reward import main
 
     out = tmp_path / "rec"
     assert main(["--out", str(out), "--max-steps", "1", "--batch", "4", "--threads", "1", "--input-blur", "1.5"]) == 0
@@ -107,7 +107,7 @@ def test_train_reward_records_input_blur_and_the_reward_loads_it(tmp_path, capsy
     assert model.cfg.input_blur == 1.5 and meta["config"]["model"]["input_blur"] == 1.5
     with pytest.raises(SystemExit):
         main(["--out", str(out), "--max-steps", "1", "--input-blur", "-1"])
-    assert "--input-blur=-1.0" in capsys.readouterr().err
+    assert "input_blur=-1.0" in capsys.readouterr().err
 
 
 def test_adversarial_examples_stay_in_the_ball_and_raise_the_loss():
@@ -128,7 +128,7 @@ def test_adversarial_examples_stay_in_the_ball_and_raise_the_loss():
 
 
 def test_train_reward_adversarial_training_logs_accuracy_under_attack(tmp_path, capsys):
-    from flowbp_core.world.train_reward import main
+    from services.entrypoints.world.train_reward import main
 
     out = tmp_path / "rec"
     assert main(["--out", str(out), "--max-steps", "1", "--batch", "4", "--threads", "1",
@@ -138,4 +138,4 @@ def test_train_reward_adversarial_training_logs_accuracy_under_attack(tmp_path, 
         with pytest.raises(SystemExit):
             main(["--out", str(out), "--max-steps", "1", *bad])
     err = capsys.readouterr().err
-    assert "--adversarial-eps=-1.0" in err and "--adversarial-steps=0" in err
+    assert "adversarial_eps=-1.0" in err and "adversarial_steps=0" in err

@@ -29,9 +29,9 @@ def test_workers_and_resume_give_the_same_batches():
 
 
 def test_bad_device_and_workers_are_refused_by_name(capsys):
-    from flowbp_core.world.train_base import main
+    from services.entrypoints.world.train_base import main
 
-    for args, needle in ((["--device", "tpu"], "--device 'tpu'"), (["--workers", "-1"], "--workers -1")):
+    for args, needle in ((["--device", "tpu"], "device='tpu'"), (["--workers", "-1"], "workers=-1")):
         with pytest.raises(SystemExit):
             main(["--out", "/tmp/never-written"] + args)
         assert needle in capsys.readouterr().err
