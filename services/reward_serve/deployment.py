@@ -106,14 +106,17 @@ class RewardScore(_RewardBase):
 
 
 def deploy(spec: RewardServiceSpec, *, app_name: str, route_prefix: str, num_replicas: int = 1,
-           num_cpus: float = 1.0, num_gpus: float = 0.0, score_only: bool = False, http_port: int | None = None):
-    """Start Serve on loopback (if it is not running) and run one reward app; returns its DeploymentHandle."""
+           num_cpus: float = 1.0, num_gpus: float = 0.0, resources: dict[str, float] | None = None,
+           score_only: bool = False, http_port: int | None = None):
+    """Start Serve on loopback (if it is not running) and run one reward app; returns its DeploymentHandle.
+    `resources`: custom resources each replica requests (its worker group's, `placement.role_resources`)."""
     from services.localproc import free_port
 
     serve.start(http_options={"host": "127.0.0.1", "port": http_port or free_port()})
     cls = RewardScore if score_only else RewardValueAndGrad
     app = cls.options(num_replicas=num_replicas,
-                      ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus}).bind(spec)
+                      ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus,
+                                         **({"resources": resources} if resources else {})}).bind(spec)
     return serve.run(app, name=app_name, route_prefix=route_prefix)
 
 

@@ -14,8 +14,15 @@ import asyncio
 import ray
 
 from services.runtime.payloads import LearnerHello, LearnerWork, StepOutcome
+from services.runtime.placement import on_this_node
 
 STOP = "stop"
+
+
+def start_board():
+    """A StepBoard on the driver's node: every step's offers and outcomes pass through it, so a board elsewhere
+    would die with a node the run could otherwise survive, and put a network hop in every call."""
+    return StepBoard.options(scheduling_strategy=on_this_node()).remote()
 
 
 @ray.remote(num_cpus=0)
@@ -26,10 +33,16 @@ class StepBoard:
         self.first_outcome = 0  # the index of outcomes[0] among all outcomes reported
         self.hello: LearnerHello | None = None
         self.generation = 0
+        self.placed = 0  # learner groups whose rank 0 has started (its ranks hold their resources)
         self.stopped = False
         self.cond = asyncio.Condition()
 
     # ---- learner side --------------------------------------------------------------------------------
+    async def mark_placed(self) -> None:
+        async with self.cond:
+            self.placed += 1
+            self.cond.notify_all()
+
     def next_generation(self) -> int:
         self.generation += 1
         return self.generation
@@ -71,6 +84,15 @@ class StepBoard:
             self.work[work.step] = work
             self.cond.notify_all()
             return True
+
+    async def wait_placed(self, timeout_s: float = 5.0) -> bool:
+        """Whether a learner group has started its ranks (waits up to timeout_s)."""
+        async with self.cond:
+            try:
+                await asyncio.wait_for(self.cond.wait_for(lambda: self.placed > 0 or self.stopped), timeout_s)
+            except asyncio.TimeoutError:
+                pass
+            return self.placed > 0
 
     async def wait_hello(self, after_generation: int, timeout_s: float = 5.0) -> LearnerHello | None:
         async with self.cond:

@@ -10,9 +10,15 @@ Schedules (config `runtime.mode`):
 Each step's prompts are sharded over the rollout workers (contiguous slices; noise is seeded per sample, so the
 shards join into exactly the batch one worker would have produced). Only ObjectRefs pass through the driver.
 
+Placement: the StepBoard runs on the driver's node; the learner group starts first and the rollout workers once
+its ranks hold their resources; with `runtime.role_resources` each role asks for its worker group's resource.
+
 Failure handling: a rollout worker that dies is restarted by Ray and its call retried (same request, same cache);
-a learner group that loses a worker is restarted by Ray Train from the newest complete checkpoint and says hello
-with a new generation: the driver drops what was in flight and rewinds to the step it resumed at. Cancel
+one that is gone for good (restarts used up) has its shard sent to a live worker, which samples the same cache
+(noise and plan depend on seed, step and offset only), and gets no more shards. A learner group that loses a
+worker is restarted by Ray Train from the newest complete checkpoint and says hello with a new generation: the
+driver cancels the rollouts still queued for the dead generation, drops what was in flight and rewinds to the
+step it resumed at. Cancel
 (`cancel_event`) stops new rollouts and tells the learner to stop at its next step boundary: the step in progress
 finishes (its checkpoint, if due, is written atomically) or is abandoned; nothing half-written survives.
 """
@@ -36,8 +42,9 @@ from flowbp_core.step import step_plan
 from flowbp_core.training import PromptSampler
 from services.runtime import learner as learner_mod
 from services.runtime import rollout as rollout_mod
-from services.runtime.board import StepBoard
+from services.runtime.board import start_board
 from services.runtime.payloads import LearnerHello, LearnerWork, RolloutRequest, RunSummary, StepOutcome
+from services.runtime.placement import role_resources
 from services.runtime.telemetry import Telemetry
 
 log = logging.getLogger("flowbp.runtime")
@@ -54,6 +61,8 @@ class _InFlight:
     stats_refs: list
     submitted: float
     policy_version: int
+    weights: object  # the WeightsHandle every shard samples with (a re-routed shard too)
+    shards: list  # [(start, end, worker index)] in batch order, one per ref
     offered: bool = False
 
 
@@ -112,12 +121,12 @@ def _alive_nodes() -> int:
 
 class Driver:
     def __init__(self, cfg: RunConfig, run_id: str | None = None, cancel_event: threading.Event | None = None,
-                 hello_timeout_s: float = 600.0):
+                 hello_timeout_s: float | None = None):
         check_learner_split(cfg)
         self.cfg = cfg
         self.run_id = run_id or cfg.run_id or new_run_id()
         self.cancel_event = cancel_event or threading.Event()
-        self.hello_timeout_s = hello_timeout_s
+        self.hello_timeout_s = cfg.runtime.hello_timeout_s if hello_timeout_s is None else hello_timeout_s
         self.run_dir = Path(cfg.checkpoint.dir).absolute() / self.run_id
         self.telemetry = Telemetry(self.run_id, self.run_dir / "events.jsonl")
         self.sampler = PromptSampler(load_prompts(cfg.train.prompts), cfg.train.batch_size, cfg.train.seed)
@@ -128,6 +137,7 @@ class Driver:
         self._fit_error: BaseException | None = None
         self._apps: list[str] = []
         self.workers: list = []
+        self.dead_workers: set[int] = set()  # rollout workers gone for good (restarts used up, or killed)
         self.board = None
         self.hello: LearnerHello | None = None  # the learner generation the loop follows (tests read its pids)
 
@@ -156,7 +166,7 @@ class Driver:
                                      max_batch_size=s.max_batch_size,
                                      batch_wait_timeout_s=s.batch_wait_timeout_s)
             deployment.deploy(spec, app_name=served_app, route_prefix=f"/{served_app}", num_replicas=s.replicas,
-                              num_cpus=s.num_cpus, num_gpus=s.num_gpus)
+                              num_cpus=s.num_cpus, num_gpus=s.num_gpus, resources=role_resources(cfg, "reward"))
             self._apps.append(served_app)
         if learner_mod.eval_steps(self.cfg):
             score_app = f"score-{self.run_id}"
@@ -164,7 +174,8 @@ class Driver:
                                      max_batch_size=s.max_batch_size,
                                      batch_wait_timeout_s=s.batch_wait_timeout_s)
             deployment.deploy(spec, app_name=score_app, route_prefix=f"/{score_app}", num_replicas=1,
-                              num_cpus=s.num_cpus, num_gpus=s.num_gpus, score_only=True)
+                              num_cpus=s.num_cpus, num_gpus=s.num_gpus, resources=role_resources(cfg, "reward"),
+                              score_only=True)
             self._apps.append(score_app)
         return served_app, score_app
 
@@ -184,8 +195,7 @@ class Driver:
         try:
             check_checkpoint_dir(self.cfg, _alive_nodes())
             served_app, self.score_app = self._deploy_rewards()
-            self.board = StepBoard.remote()
-            self.workers = rollout_mod.spawn(self.cfg, self.cfg.runtime.rollout_workers)
+            self.board = start_board()
             # The learner ranks resolve no relative path of their own: their working folders differ from ours.
             learner_cfg = self.cfg.model_copy(update={"checkpoint": self.cfg.checkpoint.model_copy(
                 update={"dir": str(self.run_dir.parent)})})
@@ -193,6 +203,11 @@ class Driver:
                                                str(self.run_dir / "ray_train"))
             thread = threading.Thread(target=self._fit, args=(trainer,), name=f"fit-{self.run_id}", daemon=True)
             thread.start()
+            # Learner first: on a node both roles may use, its ranks take their GPUs together before rollout
+            # workers take them one by one (a group split over nodes, or one that cannot start at all).
+            self._wait_placed(thread)
+            self.workers = rollout_mod.spawn(self.cfg, self.cfg.runtime.rollout_workers)
+            self.telemetry.event("rollout_spawned", workers=len(self.workers))
             self._loop(thread, t_start)
         except BaseException as e:
             self.summary.status = "failed"
@@ -210,6 +225,18 @@ class Driver:
             raise RunFailed(self.summary.failure)
         return self.summary
 
+    def _wait_placed(self, thread: threading.Thread) -> None:
+        deadline = time.monotonic() + self.hello_timeout_s
+        while not ray.get(self.board.wait_placed.remote(1.0)):
+            if not thread.is_alive():
+                raise RunFailed(f"learner group ended before it started: {self._fit_error!r}")
+            if self.cancel_event.is_set():
+                raise RunFailed("cancelled before the learner started")
+            if time.monotonic() > deadline:
+                raise RunFailed(f"learner group was not placed within runtime.hello_timeout_s="
+                                f"{self.hello_timeout_s:.0f}s (no nodes with its resources?)")
+        self.telemetry.event("learner_placed")
+
     def _wait_hello(self, after: int, thread: threading.Thread) -> LearnerHello:
         deadline = time.monotonic() + self.hello_timeout_s
         while time.monotonic() < deadline:
@@ -220,19 +247,57 @@ class Driver:
                 raise RunFailed(f"learner group ended before it started: {self._fit_error!r}")
             if self.cancel_event.is_set():
                 raise RunFailed("cancelled before the learner started")
-        raise RunFailed(f"learner group did not start within {self.hello_timeout_s:.0f}s")
+        raise RunFailed(f"learner group did not start within runtime.hello_timeout_s={self.hello_timeout_s:.0f}s")
 
-    def _submit(self, step: int, weights) -> _InFlight:
+    def _live_workers(self) -> list[int]:
+        live = [i for i in range(len(self.workers)) if i not in self.dead_workers]
+        if not live:
+            raise RunFailed(f"all {len(self.workers)} rollout workers are gone (each used its "
+                            f"runtime.max_actor_restarts={self.cfg.runtime.max_actor_restarts} restarts)")
+        return live
+
+    def _send(self, step: int, weights, a: int, b: int, worker: int):
         prompts = self.sampler.batch(step)
         plan = step_plan(self.method, self.cfg.sampling.n_steps, self.cfg.train.seed, step)
-        cache_refs, stats_refs = [], []
-        for w, (a, b) in zip(self.workers, shard_bounds(len(prompts), len(self.workers))):
-            req = RolloutRequest(step=step, seed=self.cfg.train.seed, prompts=tuple(prompts[a:b]), weights=weights,
-                                 total_batch=len(prompts), plan=plan)
-            c, s = w.rollout.remote(req, a)
-            cache_refs.append(c)
-            stats_refs.append(s)
-        return _InFlight(step, cache_refs, stats_refs, time.perf_counter(), weights.policy_version)
+        req = RolloutRequest(step=step, seed=self.cfg.train.seed, prompts=tuple(prompts[a:b]), weights=weights,
+                             total_batch=len(prompts), plan=plan)
+        return self.workers[worker].rollout.remote(req, a)
+
+    def _submit(self, step: int, weights) -> _InFlight:
+        live = self._live_workers()
+        shards = [(a, b, w) for w, (a, b) in zip(live, shard_bounds(self.cfg.train.batch_size, len(live)))]
+        refs = [self._send(step, weights, a, b, w) for a, b, w in shards]
+        return _InFlight(step, [c for c, _ in refs], [s for _, s in refs], time.perf_counter(),
+                         weights.policy_version, weights, shards)
+
+    def _reroute(self, item: _InFlight, i: int, err: ray.exceptions.RayActorError) -> None:
+        """Shard i of `item` failed with its worker: sample it on the next live worker (the same cache)."""
+        a, b, w = item.shards[i]
+        if isinstance(err, ray.exceptions.ActorDiedError):  # gone for good: Ray retries calls while it restarts
+            self.dead_workers.add(w)
+        live = self._live_workers()
+        to = next((x for x in live if x > w), live[0])
+        log.warning("rollout worker %d failed step %d (%s): its shard [%d, %d) goes to worker %d",
+                    w, item.step, type(err).__name__, a, b, to)
+        self.telemetry.event("rollout_rerouted", step=item.step, worker=w, to=to, start=a, end=b,
+                             error=type(err).__name__)
+        item.cache_refs[i], item.stats_refs[i] = self._send(item.step, item.weights, a, b, to)
+        item.shards[i] = (a, b, to)
+
+    def _rollout_stats(self, item: _InFlight) -> list | None:
+        """The stats of every shard of `item`, or None while some shard is still running (a shard whose worker
+        died is sent again, so it runs again)."""
+        ready, _ = ray.wait(item.stats_refs, num_returns=len(item.stats_refs), timeout=0)
+        if len(ready) < len(item.stats_refs):
+            return None
+        stats, rerouted = [], False
+        for i, ref in enumerate(list(item.stats_refs)):
+            try:
+                stats.append(ray.get(ref))
+            except (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError) as e:
+                self._reroute(item, i, e)
+                rerouted = True
+        return None if rerouted else stats
 
     def _loop(self, thread: threading.Thread, t_start: float) -> None:
         cfg, rt = self.cfg, self.cfg.runtime
@@ -264,11 +329,8 @@ class Driver:
             for item in inflight:
                 if item.offered:
                     continue
-                ready, _ = ray.wait(item.stats_refs, num_returns=len(item.stats_refs), timeout=0)
-                if len(ready) < len(item.stats_refs):
-                    break
                 try:
-                    stats = ray.get(item.stats_refs)
+                    stats = self._rollout_stats(item)
                 except ray.exceptions.ObjectLostError as e:
                     # The weights this rollout was told to load were published (ray.put) by a learner that has
                     # died since: their owner is gone, so the rollout cannot run. The learner group is being
@@ -277,6 +339,8 @@ class Driver:
                                 item.step, type(e).__name__)
                     self.telemetry.event("rollout_weights_lost", step=item.step, generation=generation)
                     weights_lost = True
+                    break
+                if stats is None:
                     break
                 self._record_rollout(stats)
                 ray.get(self.board.offer.remote(LearnerWork(step=item.step, cache_refs=tuple(item.cache_refs),
@@ -338,11 +402,15 @@ class Driver:
         self.summary.samples_per_second = samples / max(time.perf_counter() - t_first, 1e-9)
 
     def _follow_restart(self, hello: LearnerHello, inflight: deque) -> None:
-        """A new learner generation: log it, rewind to the step it resumed at, drop what was in flight."""
+        """A new learner generation: log it, rewind to the step it resumed at, cancel and drop what was in flight
+        (sampled with the dead generation's weights, for steps the new one redoes)."""
         log.warning("learner restarted (generation %d): resuming at step %d", hello.generation, hello.start_step)
         self.telemetry.event("learner_restart", generation=hello.generation, start_step=hello.start_step,
                              resumed_from=hello.resumed_from)
         self._rewind(hello)
+        for item in inflight:
+            for ref in item.stats_refs:  # a queued call never runs; a running one finishes and is dropped
+                ray.cancel(ref)
         inflight.clear()
 
     def _rewind(self, hello: LearnerHello) -> None:
@@ -389,10 +457,11 @@ class Driver:
         e = self.cfg.eval
         prompts = load_prompts(e.prompts, e.limit)
         refs = []
-        for w, (a, b) in zip(self.workers, shard_bounds(len(prompts), len(self.workers))):
+        live = self._live_workers()
+        for w, (a, b) in zip(live, shard_bounds(len(prompts), len(live))):
             req = RolloutRequest(step=step, seed=e.seed, prompts=tuple(prompts[a:b]), weights=weights,
                                  total_batch=len(prompts))
-            refs.append(w.evaluate.remote(req, self.score_app, a))
+            refs.append(self.workers[w].evaluate.remote(req, self.score_app, a))
         scores = [x for r in ray.get(refs) for x in r]
         result = {"reward_mean": float(sum(scores) / max(len(scores), 1))}
         self.summary.eval_scores[step] = result

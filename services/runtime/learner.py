@@ -40,6 +40,7 @@ from flowbp_core.training import EMA, BadStepGuard, NonFiniteStreak
 from services.runtime import components, sharding, weight_sync
 from services.runtime.board import STOP
 from services.runtime.payloads import LearnerHello, StepOutcome
+from services.runtime.placement import role_resources
 
 
 def concat_caches(caches: list[TrajectoryCache]) -> TrajectoryCache:
@@ -238,6 +239,8 @@ def learner_loop(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     cfg = RunConfig.model_validate_json(config["cfg_json"])
     board = config["board"]
+    if rank == 0:  # the group's ranks hold their resources now: the driver places the rollout workers after them
+        ray.get(board.mark_placed.remote())
     torch.set_num_threads(max(1, int(cfg.runtime.learner_num_cpus)))
     learner = LearnerRank(cfg, config["run_id"], rank, world, config.get("served_app"))  # resumes, shards if FSDP
     generation = ray.get(board.next_generation.remote()) if rank == 0 else 0
@@ -309,7 +312,7 @@ def make_trainer(cfg: RunConfig, run_id: str, board, served_app: str | None, sto
     from ray.train.torch import TorchConfig, TorchTrainer
 
     rt = cfg.runtime
-    resources = {"CPU": rt.learner_num_cpus, **({"GPU": 1} if rt.use_gpu else {})}
+    resources = {"CPU": rt.learner_num_cpus, **({"GPU": 1} if rt.use_gpu else {}), **role_resources(cfg, "learner")}
     return TorchTrainer(
         learner_loop,
         train_loop_config={"cfg_json": cfg.model_dump_json(), "board": board, "run_id": run_id,

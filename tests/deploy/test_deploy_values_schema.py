@@ -41,6 +41,8 @@ BAD = [
     ({"ray": {"gcsFaultTolerance": {"redisAddress": "redis://x:6379"}}}, "/ray/gcsFaultTolerance/redisAddress",
      "pattern"),
     ({"ray": {"disruption": {"doNotEvict": "yes"}}}, "/ray/disruption/doNotEvict", "want boolean"),
+    ({"ray": {"jobRuntime": {"roleResources": "yes"}}}, "/ray/jobRuntime/roleResources", "want boolean"),
+    ({"ray": {"jobRuntime": {"helloTimeoutSeconds": 5}}}, "/ray/jobRuntime/helloTimeoutSeconds", "minimum"),
     ({"auth": {"redisPassword": "has/slash-and-more"}}, "/auth/redisPassword", "pattern"),
     ({"networkPolicy": {"operatorNamespace": "Kube_Ray"}}, "/networkPolicy/operatorNamespace", "pattern"),
     ({"networkPolicy": {"operatorNamespace": ""}}, "/networkPolicy/operatorNamespace", "minLength"),

@@ -301,3 +301,9 @@ num-cpus: "0"
 resources: {{ printf "{\"flowbp_%s\": 1}" .role | quote | squote }}
 {{- end }}
 {{- end -}}
+
+{{/* The run overrides every job on this cluster gets (ray.jobRuntime), as `--section.field=value` words. */}}
+{{- define "flowbp.jobRuntimeArgs" -}}
+{{- $j := .Values.ray.jobRuntime -}}
+--runtime.role_resources={{ $j.roleResources }} --runtime.hello_timeout_s={{ $j.helloTimeoutSeconds }}
+{{- end -}}
