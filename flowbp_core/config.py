@@ -198,9 +198,9 @@ class RuntimeSpec(_Strict):
                                     "of the learner group a run survives (a learner group still waiting for its "
                                     "nodes is not failing: hello_timeout_s bounds that wait)")
     hello_timeout_s: float = Field(600.0, ge=10.0, le=86_400.0, description="seconds the driver waits for the "
-                                   "learner group to start or restart, and for a dead rollout worker's "
-                                   "replacement when no other worker is alive; with GPU groups that scale from "
-                                   "zero it covers a node's start, the image pull and the model load")
+                                   "learner group to start or restart, and for one step's rollout (whose workers "
+                                   "may be restarting on a new node); with GPU groups that scale from zero it "
+                                   "covers a node's start, the image pull and the model load")
     role_resources: bool = Field(False, description="rollout workers, learner ranks and reward replicas request "
                                  "the custom resource flowbp_<role> (flowbp_rollout, flowbp_learner, "
                                  "flowbp_reward) that the Helm chart's worker groups provide, so each role lands "

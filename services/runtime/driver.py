@@ -361,6 +361,9 @@ class Driver:
             if outcome_fut is None:
                 outcome_fut = self.board.wait_outcomes.remote(seen, 1.0)
             head = next((it for it in inflight if not it.offered), None)  # offers go in step order
+            if head is not None and time.perf_counter() - head.submitted > self.hello_timeout_s:
+                raise RunFailed(f"the rollout of step {head.step} did not finish within runtime.hello_timeout_s="
+                                f"{self.hello_timeout_s:.0f}s (its workers are gone and no node took them back)")
             pending = [] if head is None else ray.wait(head.stats_refs, num_returns=len(head.stats_refs),
                                                        timeout=0)[1]
             if head is None or pending:  # else the head just became ready: go offer it now
