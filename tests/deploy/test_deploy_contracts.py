@@ -78,9 +78,12 @@ def test_rayjob_template_fills_into_a_valid_rayjob(default_docs):
     assert job["metadata"]["labels"]["flowbp.io/job-id"] == "j-0123abcd"
     assert job["spec"]["clusterSelector"] == {"ray.io/cluster": one(default_docs, "RayCluster")["metadata"]["name"]}
     words = shlex.split(job["spec"]["entrypoint"])
-    # the same command the controller itself submits through Ray's job API
-    assert words[:3] == shlex.split(ControllerSettings().entrypoint)
-    assert words[3:] == ["--config", "/var/lib/flowbp/runs/_jobs/j-0123abcd.yaml", "--method.k=4", "--train.steps=10"]
+    # the same command the controller itself submits through Ray's job API, with the cluster's run settings
+    controller = one(default_docs, "Deployment", "-controller")["spec"]["template"]["spec"]["containers"][0]
+    command = shlex.split(env_of(controller)["FLOWBP_ENTRYPOINT"]["value"])
+    assert command[:3] == words[:3] == shlex.split(ControllerSettings().entrypoint)
+    assert words[3:] == ["--config", "/var/lib/flowbp/runs/_jobs/j-0123abcd.yaml", "--method.k=4", "--train.steps=10",
+                         *command[3:]]
     # an unfilled template is not a valid job
     with pytest.raises(Exception):
         validate_custom(yaml.safe_load(template.replace("${job_id}", "J_BAD")))
