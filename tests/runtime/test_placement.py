@@ -109,7 +109,8 @@ def test_rollouts_queued_for_a_dead_generation_are_cancelled(ray_client, tmp_pat
                              n_tensors=0, publish_seconds=0.0)
         ray.get(drv.workers[0].pid.remote(), timeout=120)
         items = [drv._submit(step, held) for step in range(3)]
-        drv._follow_restart(LearnerHello(2, 0, 0, held, (0,), None), deque(items))
+        drv._follow_restart(LearnerHello(generation=2, start_step=0, policy_version=0, weights=held, pids=(0,),
+                                         resumed_from=None), deque(items))
         outcomes = []
         for item in items:
             try:
