@@ -1,6 +1,12 @@
 """`make demo`: align the embedded model with FlowBP-Sparse to a learned preference model and show what changed.
 
     python -m services.entrypoints.demo [--quick] [--reward preference|attributes] [--runtime ray|core] [--out runs]
+        [--section.field=value ...]
+
+The run is deploy/configs/demo.yaml, a RunConfig like any other run file: `--train.steps=60`, `--train.lr=3e-3`,
+`--backbone.pretrained=<transformer.safetensors>` or `--reward.terms.0.kwargs.smoothing_sigma=0.1` change it, as
+they do for `services.entrypoints.train`, and are checked by the same schema. `--quick` and `--reward attributes`
+are named sets of such overrides (QUICK, REWARDS), applied before the command line's own.
 
 1. Loads the committed base model (a small SD3 transformer in pixel space + MiniLM) and the reward: the learned
    preference model (`world_preference`, default) or the attribute recogniser (`--reward attributes`).
@@ -25,87 +31,60 @@ import os
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from flowbp_core.config import (BackboneSpec, CheckpointSpec, EvalSpec, LoRASpec, MethodSpec, PromptSource,
-                                RewardSpec, RewardTerm, RunConfig, RuntimeSpec, SamplingSpec, ServedRewardSpec,
-                                TrainSpec)
+from flowbp_core.config import RunConfig, load_config
+from flowbp_core.errors import ConfigError, check_range
 
-
-@dataclass(frozen=True)
-class DemoSettings:
-    steps: int
-    batch: int
-    n_steps: int
-    per_task: int  # held-out prompts per task for the judge
-    seeds: int
-    lr: float
-    rank: int
-    aesthetic: float = 0.0  # weight of the weight-free crispness term in the reward
-    recogniser: str | None = None  # reward checkpoint (default: the committed one)
-    smoothing: float = 0.0  # reward's randomised-smoothing noise sigma (0: off)
-    gradient_blur: float = 0.0  # sigma (pixels) of the low-pass on the reward's pixel gradient (0: off)
-    contrastive: int = 0  # reward's negative prompts (0: the plain attribute log-probability)
-    base: str | None = None  # base model checkpoint (default: the committed one)
-    reward: str = "preference"  # "preference": the learned preference model; "attributes": the recogniser
-    attributes_weight: float = 0.0  # with reward "preference": weight of the recogniser's term added to it
-
-
-# 40 steps x 8 prompts at lr 1e-3 and 10 sampling steps (world README, Results): the rater's gain is tens of
-# points, so 48 held-out prompts x 2 seeds resolve it; the judge's interval on them is about +-8 points.
-FULL = DemoSettings(steps=40, batch=8, n_steps=10, per_task=8, seeds=2, lr=1e-3, rank=8)
-QUICK = DemoSettings(steps=3, batch=4, n_steps=10, per_task=2, seeds=1, lr=1e-3, rank=4)
-
-
-def _reward_kwargs(s: DemoSettings) -> dict:
-    kw: dict = {"aesthetic_weight": s.aesthetic}
-    if s.recogniser:
-        kw["checkpoint"] = s.recogniser
-    if s.smoothing:
-        kw["smoothing_sigma"] = s.smoothing
-    if s.gradient_blur:
-        kw["gradient_blur"] = s.gradient_blur
-    if s.contrastive:
-        kw["contrastive_negatives"] = s.contrastive
-    return kw
-
-
-def demo_reward(s: DemoSettings) -> RewardSpec:
-    # `served.num_cpus` sizes a Serve deployment of the reward, which the Ray runtime makes only for in-run
-    # evaluation (off in the demo) or a served placement; the local Ray counts it in all the same.
-    served = ServedRewardSpec(num_cpus=0.25)
-    if s.reward == "preference":
-        # The preference model's score is a choice logit with no ceiling: every sample keeps a gradient.
-        terms = [RewardTerm(name="world_preference")]
-        if s.attributes_weight:  # prompt following kept by the recogniser's term beside the taste
-            terms.append(RewardTerm(name="world_attributes", weight=s.attributes_weight))
-        return RewardSpec(terms=terms, loss="neg_mean", served=served)
+RUN_FILE = Path(__file__).resolve().parents[2] / "deploy" / "configs" / "demo.yaml"
+# A CI-sized run: a few steps on a smaller batch and LoRA.
+QUICK = ("train.steps=3", "train.batch_size=4", "backbone.lora.rank=4")
+REWARDS = {
+    "preference": (),
     # The attribute reward is a mean log-probability (<= 0). The hinge stops pushing samples the recogniser is
     # already ~95 % sure of (r > -0.05), which limits reward hacking on easy prompts.
-    return RewardSpec(terms=[RewardTerm(name="world_attributes", kwargs=_reward_kwargs(s))], loss="hinge", clip=-0.05,
-                      served=served)
+    "attributes": ("reward.terms=[{name: world_attributes, kwargs: {aesthetic_weight: 0.0}}]", "reward.loss=hinge",
+                   "reward.clip=-0.05"),
+}
 
 
-def demo_config(s: DemoSettings, out_root: Path, run_id: str, seed: int = 0, threads: int = 1) -> RunConfig:
-    """The demo's run. In sync mode the rollout worker and the learner take turns, so each is given all `threads`
-    (its torch threads follow its CPUs) and the local Ray declares CPUs for both (`local_ray_cpus`)."""
-    return RunConfig(
-        run_id=run_id,
-        backbone=BackboneSpec(name="embedded", pretrained=s.base, device="cpu", finetune="lora",
-                              lora=LoRASpec(rank=s.rank)),
-        # The paper's SD3.5 preset (K=4, late_bias=1, gamma=0.5): the embedded model is an SD3 transformer.
-        method=MethodSpec(name="flowbp_sparse", preset="sd35"),
-        reward=demo_reward(s),
-        sampling=SamplingSpec(n_steps=s.n_steps),
-        train=TrainSpec(steps=s.steps, batch_size=s.batch, lr=s.lr, seed=seed, prompts=PromptSource(set="world_train")),
-        checkpoint=CheckpointSpec(dir=str(out_root), every=s.steps, keep=1, resume=False),
-        runtime=RuntimeSpec(rollout_workers=1, rollout_num_cpus=float(threads), learner_num_cpus=float(threads),
-                            mode="sync"),
-        eval=EvalSpec(limit=0),  # the demo evaluates 96 held-out samples itself: no in-run eval, no score app
-    )
+@dataclass(frozen=True, kw_only=True)
+class DemoEval:
+    """The demo's own before/after evaluation (not training config).
+
+    Attributes:
+        per_task: held-out prompts per task (6 tasks) sampled before and after, 1..64.
+        seeds: noise seeds per held-out prompt, 1..16.
+    """
+
+    per_task: int
+    seeds: int
+
+    def __post_init__(self) -> None:
+        check_range("eval_per_task", self.per_task, 1, 64)
+        check_range("eval_seeds", self.seeds, 1, 16)
+
+
+# 48 held-out prompts x 2 seeds resolve the rater's gain of tens of points; the judge's interval is about +-8.
+FULL_EVAL = DemoEval(per_task=8, seeds=2)
+QUICK_EVAL = DemoEval(per_task=2, seeds=1)
+
+
+def demo_config(overrides: Sequence[str], *, out_root: Path, run_id: str, threads: int = 1,
+                run_file: Path = RUN_FILE) -> RunConfig:
+    """The demo's run: the run file with `overrides`, then what the demo sets itself: its run folder, one checkpoint
+    at the end, and all `threads` for each role (in sync mode the rollout worker and the learner take turns, and the
+    local Ray declares CPUs for both: `local_ray_cpus`)."""
+    cfg = load_config(run_file, list(overrides))
+    cfg.run_id = run_id
+    cfg.checkpoint.dir = str(out_root)
+    cfg.checkpoint.every = cfg.train.steps
+    cfg.runtime.rollout_num_cpus = cfg.runtime.learner_num_cpus = float(threads)
+    return cfg
 
 
 # ------------------------------------------------------------------------------------------- the two runtimes
@@ -268,99 +247,56 @@ def new_run_dir(root: Path, stem: str) -> Path:
     raise RuntimeError(f"no free run folder for {stem!r} under {root}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    """The demo's own flags, and the `--section.field=value` overrides of its run."""
     p = argparse.ArgumentParser(prog="python -m services.entrypoints.demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="a CI-sized run (a few steps, small eval)")
-    p.add_argument("--reward", choices=("preference", "attributes"), default="preference",
+    p.add_argument("--config", type=Path, default=RUN_FILE, help="the run file (default: deploy/configs/demo.yaml)")
+    p.add_argument("--quick", action="store_true", help=f"a CI-sized run: {' '.join(QUICK)}, a small eval set")
+    p.add_argument("--reward", choices=tuple(REWARDS), default="preference",
                    help="preference: align to the learned preference model (default); attributes: to the attribute "
                         "recogniser (prompt following)")
     p.add_argument("--runtime", choices=("auto", "ray", "core"), default="auto",
                    help="ray: the Ray runtime on a local loopback cluster; core: the single-process loop "
                         "(auto: ray when installed, core for --quick)")
-    p.add_argument("--steps", type=int, default=None, help="alignment steps (default 60, quick 3)")
-    p.add_argument("--batch", type=int, default=None, help="prompts per alignment step, 1..256 (default 8, quick 4)")
-    p.add_argument("--sampling-steps", type=int, default=None,
-                   help="Euler steps of every rollout and of the judge's samples, 2..100 (default 10)")
     p.add_argument("--eval-per-task", type=int, default=None,
-                   help="held-out prompts per task (6 tasks) sampled before and after, 1..64")
-    p.add_argument("--eval-seeds", type=int, default=None, help="noise seeds per held-out prompt, 1..16")
+                   help=f"held-out prompts per task (6 tasks) sampled before and after, 1..64 "
+                        f"(default {FULL_EVAL.per_task}, quick {QUICK_EVAL.per_task})")
+    p.add_argument("--eval-seeds", type=int, default=None,
+                   help=f"noise seeds per held-out prompt, 1..16 (default {FULL_EVAL.seeds}, quick {QUICK_EVAL.seeds})")
     p.add_argument("--out", type=Path, default=Path("runs"), help="runs root folder")
-    p.add_argument("--attributes-weight", type=float, default=None,
-                   help="with --reward preference: add the attribute recogniser's log-probability with this weight, "
-                        "0..20 (0: the preference model alone)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads, 1..64 (default: up to 2)")
-    p.add_argument("--lr", type=float, default=None, help="LoRA learning rate")
-    p.add_argument("--aesthetic", type=float, default=None, help="weight of the crispness term in the reward")
-    p.add_argument("--recogniser", type=Path, default=None,
-                   help="reward checkpoint (recogniser.safetensors; default: the committed one)")
-    p.add_argument("--smoothing", type=float, default=None,
-                   help="randomised smoothing of the reward: pixel-noise sigma in [0, 0.5] (0: off)")
-    p.add_argument("--gradient-blur", type=float, default=None,
-                   help="low-pass the reward's pixel gradient with a Gaussian of this sigma in pixels, in [0, 4] "
-                        "(0: off)")
-    p.add_argument("--base", type=Path, default=None,
-                   help="base model (a train_base output folder or its transformer.safetensors; default: the "
-                        "committed one)")
-    p.add_argument("--contrastive", type=int, default=None,
-                   help="reward as log P(prompt | image) against this many fixed negative prompts (0: off)")
-    a = p.parse_args(argv)
-    from flowbp_core.world.reward import CONTRASTIVE_NEGATIVES_MAX, GRADIENT_BLUR_MAX, SMOOTHING_SIGMA_MAX
-
-    if a.contrastive is not None and not 0 <= a.contrastive <= CONTRASTIVE_NEGATIVES_MAX:
-        p.error(f"--contrastive={a.contrastive}: allowed range is 0..{CONTRASTIVE_NEGATIVES_MAX}")
-    if a.smoothing is not None and not 0.0 <= a.smoothing <= SMOOTHING_SIGMA_MAX:
-        p.error(f"--smoothing={a.smoothing}: allowed range is [0, {SMOOTHING_SIGMA_MAX}]")
-    if a.gradient_blur is not None and not 0.0 <= a.gradient_blur <= GRADIENT_BLUR_MAX:
-        p.error(f"--gradient-blur={a.gradient_blur}: allowed range is [0, {GRADIENT_BLUR_MAX}]")
-    if a.recogniser is not None:
-        if not a.recogniser.is_file():
-            p.error(f"--recogniser={a.recogniser}: no such file (train one with python -m "
-                    "services.entrypoints.world.train_reward)")
-        a.recogniser = str(a.recogniser.absolute())
-    if a.base is not None:
-        f = a.base / "transformer.safetensors" if a.base.is_dir() else a.base
-        if not f.is_file():
-            p.error(f"--base={a.base}: no transformer.safetensors there (train one with python -m "
-                    "services.entrypoints.world.train_base)")
-        a.base = str(f.absolute())
+    a, rest = p.parse_known_args(argv)
+    for item in rest:
+        if not item.startswith("--") or "=" not in item:
+            p.error(f"unrecognised argument {item!r}: overrides of the run look like --section.field=value")
     if a.threads is not None and not 1 <= a.threads <= 64:
         p.error(f"--threads={a.threads}: allowed range is 1..64")
+    return a, [item[2:] for item in rest]
+
+
+def main(argv: list[str] | None = None) -> int:
+    a, overrides = parse_args(argv)
     torch.set_num_threads(a.threads or max(1, min(2, os.cpu_count() or 1)))
-    settings = QUICK if a.quick else FULL
-    if a.steps is not None:
-        if a.steps < 1:
-            p.error(f"--steps={a.steps}: must be >= 1")
-        settings = DemoSettings(**{**settings.__dict__, "steps": a.steps})
-    if a.batch is not None:
-        if not 1 <= a.batch <= 256:
-            p.error(f"--batch={a.batch}: allowed range is 1..256")
-        settings = DemoSettings(**{**settings.__dict__, "batch": a.batch})
-    if a.sampling_steps is not None:
-        if not 2 <= a.sampling_steps <= 100:
-            p.error(f"--sampling-steps={a.sampling_steps}: allowed range is 2..100")
-        settings = DemoSettings(**{**settings.__dict__, "n_steps": a.sampling_steps})
-    for flag, name, hi in (("--eval-per-task", "per_task", 64), ("--eval-seeds", "seeds", 16)):
-        v = getattr(a, flag[2:].replace("-", "_"))
-        if v is not None:
-            if not 1 <= v <= hi:
-                p.error(f"{flag}={v}: allowed range is 1..{hi}")
-            settings = DemoSettings(**{**settings.__dict__, name: v})
-    if a.attributes_weight is not None and not 0.0 <= a.attributes_weight <= 20.0:
-        p.error(f"--attributes-weight={a.attributes_weight}: allowed range is [0, 20]")
-    for name in ("lr", "aesthetic", "recogniser", "smoothing", "gradient_blur", "contrastive", "base", "reward",
-                 "attributes_weight"):
-        if getattr(a, name) is not None:
-            settings = DemoSettings(**{**settings.__dict__, name: getattr(a, name)})
+    defaults = QUICK_EVAL if a.quick else FULL_EVAL
+    run_dir = None
+    try:
+        ev = DemoEval(per_task=defaults.per_task if a.eval_per_task is None else a.eval_per_task,
+                      seeds=defaults.seeds if a.eval_seeds is None else a.eval_seeds)
+        named = [*(QUICK if a.quick else ()), *REWARDS[a.reward]]
+        load_config(a.config, [*named, *overrides])  # checked before a run folder is made
+        run_dir = new_run_dir(a.out.absolute(), f"demo-{time.strftime('%Y%m%d-%H%M%S')}{'-quick' if a.quick else ''}")
+        cfg = demo_config([*named, *overrides], out_root=a.out.absolute(), run_id=run_dir.name,
+                          threads=torch.get_num_threads(), run_file=a.config)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
     runtime = a.runtime
     if runtime == "auto":
         runtime = "core" if a.quick or not ray_available() else "ray"
     elif runtime == "ray" and not ray_available():
         print("Ray runtime not available (services.runtime or ray missing): running the core loop", file=sys.stderr)
         runtime = "core"
-    run_dir = new_run_dir(a.out.absolute(), f"demo-{time.strftime('%Y%m%d-%H%M%S')}{'-quick' if a.quick else ''}")
     run_id = run_dir.name
-    cfg = demo_config(settings, a.out.absolute(), run_id, seed=a.seed, threads=torch.get_num_threads())
     t_start = time.perf_counter()
 
     from tqdm import tqdm
@@ -372,15 +308,20 @@ def main(argv: list[str] | None = None) -> int:
     from flowbp_core.world.judge import paired_delta_interval
     from flowbp_core.world.rater import paired_interval, placement_diversity, rate
 
+    n_steps = cfg.sampling.n_steps
     print(f"FlowBP demo: embedded model, FlowBP-Sparse, {cfg.reward.terms[0].name} reward, runtime={runtime}, "
-          f"{settings.steps} steps x {settings.batch} prompts, {settings.n_steps} sampling steps", flush=True)
-    comp = build_components(cfg)  # the committed base model + LoRA (zero-initialised: still the base model)
-    items = heldout_prompts(settings.per_task)
+          f"{cfg.train.steps} steps x {cfg.train.batch_size} prompts, {n_steps} sampling steps", flush=True)
+    try:
+        comp = build_components(cfg)  # the committed base model + LoRA (zero-initialised: still the base model)
+    except (ConfigError, ValueError, FileNotFoundError) as e:  # a reward option or a base file the schema can't see
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    items = heldout_prompts(ev.per_task)
     # the held-out list is task-cyclic, so the first rows of the grid show every task
-    print(f"sampling the base model on {len(items)} held-out prompts x {settings.seeds} seeds ...", flush=True)
-    base = judge_backbone(comp.backbone, items, seeds=settings.seeds, n_steps=settings.n_steps)
+    print(f"sampling the base model on {len(items)} held-out prompts x {ev.seeds} seeds ...", flush=True)
+    base = judge_backbone(comp.backbone, items, seeds=ev.seeds, n_steps=n_steps)
 
-    bar = tqdm(total=settings.steps, desc="aligning", unit="step", file=sys.stdout, dynamic_ncols=True)
+    bar = tqdm(total=cfg.train.steps, desc="aligning", unit="step", file=sys.stdout, dynamic_ncols=True)
     if runtime == "ray":
         rows = run_ray(cfg, run_dir, bar)
         ckpt = latest_complete(run_dir)
@@ -391,12 +332,12 @@ def main(argv: list[str] | None = None) -> int:
         rows = run_core(cfg, run_dir, comp, bar)
     bar.close()
     print("sampling the aligned model with the same prompts and noise ...", flush=True)
-    aligned = judge_backbone(comp.backbone, items, seeds=settings.seeds, n_steps=settings.n_steps)
+    aligned = judge_backbone(comp.backbone, items, seeds=ev.seeds, n_steps=n_steps)
 
-    tasks = [it.spec.task for it in items] * settings.seeds  # images are seed-major
+    tasks = [it.spec.task for it in items] * ev.seeds  # images are seed-major
     rated = {k: rate(ev.images, ev.prompts) for k, ev in (("base", base), ("aligned", aligned))}
-    groups = list(range(len(items))) * settings.seeds
-    placement = {k: placement_diversity(rated[k].ratings, groups) if settings.seeds > 1 else None
+    groups = list(range(len(items))) * ev.seeds
+    placement = {k: placement_diversity(rated[k].ratings, groups) if ev.seeds > 1 else None
                  for k in ("base", "aligned")}
     reward_curve_png(rows, run_dir / "reward_curve.png", cfg.reward.terms[0].name)
     n_grid = min(len(items), 12)
@@ -410,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
                                       [getattr(r, part) for r in rated["aligned"].ratings])
                 for part in ("score", "global_part", "local_part")}
     summary = {
-        "run_id": run_id, "runtime": runtime, "settings": settings.__dict__,
+        "run_id": run_id, "runtime": runtime, "reward": cfg.reward.terms[0].name, "config": cfg.to_dict(),
+        "eval": asdict(ev),
         "base": {**base.as_dict(), "rater": rated["base"].as_dict(), "placement_diversity": placement["base"]},
         "aligned": {**aligned.as_dict(), "rater": rated["aligned"].as_dict(),
                     "placement_diversity": placement["aligned"]},
@@ -423,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         "wall_seconds": round(time.perf_counter() - t_start, 1),
     }
     (run_dir / "demo_summary.json").write_text(json.dumps(summary, indent=2))
-    print_report(summary, base.report, aligned.report, rated, rows, len(items), settings.seeds)
+    print_report(summary, base.report, aligned.report, rated, rows, len(items), ev.seeds)
     print(f"run folder: {run_dir}  ({summary['wall_seconds']:.0f} s)")
     for name in ("metrics.jsonl", "reward_curve.png", "before_after.png", "demo_summary.json"):
         print(f"  {name}")
@@ -467,7 +409,7 @@ def print_report(summary: dict, base_judge, aligned_judge, rated: dict, rows: li
     k = max(1, len(rows) // 10)
     first, last = (sum(r["reward"] for r in part) / k for part in (rows[:k], rows[-k:]))
     print(f"training reward: {first:.3f} (first {k} steps) -> {last:.3f} (last {k} steps)")
-    if summary["settings"]["reward"] != "preference" or last <= first:
+    if summary["reward"] != "world_preference" or last <= first:
         return
     if summary["delta_rater_95ci"][0] <= 0.0:
         print("warning: the preference model's reward rose but the rater's gain is not shown: the policy is gaming "

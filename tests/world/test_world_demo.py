@@ -17,7 +17,8 @@ def test_quick_demo_runs_and_writes_the_run_folder(tmp_path):
         assert (run_dir / name).stat().st_size > 0, name
     summary = json.loads((run_dir / "demo_summary.json").read_text())
     assert summary["runtime"] == "core" and set(summary["base"]["per_task"]) == set(summary["aligned"]["per_task"])
-    assert summary["settings"]["reward"] == "preference"
+    assert summary["reward"] == "world_preference" and summary["eval"] == {"per_task": 2, "seeds": 1}
+    assert (summary["config"]["train"]["steps"], summary["config"]["train"]["batch_size"]) == (3, 4)
     for k in ("base", "aligned"):  # the rater's score is the mean of its two parts
         r = summary[k]["rater"]
         assert 0.0 <= r["score"] <= 100.0 and abs(r["score"] - (r["global"] + r["local"]) / 2) < 1e-6
@@ -25,52 +26,51 @@ def test_quick_demo_runs_and_writes_the_run_folder(tmp_path):
     assert lo <= summary["delta_rater"] <= hi
     assert summary["lora"] and (Path(summary["lora"]) / "pytorch_lora_weights.safetensors").is_file()
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == demo.QUICK.steps
+    assert len(lines) == 3
 
 
-def test_demo_rejects_bad_steps(tmp_path, capsys):
-    from services.entrypoints import demo
-
-    try:
-        demo.main(["--quick", "--steps", "0", "--out", str(tmp_path)])
-    except SystemExit as e:
-        assert e.code == 2
-    assert "--steps=0" in capsys.readouterr().err
-
-
-def test_demo_rejects_bad_reward_and_base_options_by_name(tmp_path, capsys):
+def test_demo_rejects_bad_run_overrides_and_demo_flags_by_name(tmp_path, capsys):
     import pytest
 
     from services.entrypoints import demo
 
-    for args, needle in ((["--smoothing", "0.9"], "--smoothing=0.9"), (["--contrastive", "-2"], "--contrastive=-2"),
-                         (["--gradient-blur", "9"], "--gradient-blur=9.0"),
-                         (["--sampling-steps", "1"], "--sampling-steps=1: allowed range is 2..100"),
-                         (["--batch", "0"], "--batch=0: allowed range is 1..256"),
-                         (["--base", str(tmp_path / "nope")], "no transformer.safetensors")):
+    for args, needle in ((["--train.steps=0"], "train.steps=0"), (["--train.batch_size=0"], "train.batch_size=0"),
+                         (["--sampling.n_steps=0"], "sampling.n_steps=0"), (["--train.lr=nan"], "train.lr="),
+                         (["--trian.steps=3"], "trian"), (["--eval-seeds", "0"], "eval_seeds=0"),
+                         (["--eval-per-task", "65"], "eval_per_task=65")):
+        assert demo.main(["--quick", "--out", str(tmp_path)] + args) == 2, args
+        assert needle in capsys.readouterr().err, args
+    assert list(tmp_path.iterdir()) == []  # refused before a run folder is made
+    for args, needle in ((["--threads", "0"], "--threads=0"), (["steps"], "unrecognised argument 'steps'")):
         with pytest.raises(SystemExit) as e:
             demo.main(["--quick", "--out", str(tmp_path)] + args)
         assert e.value.code == 2 and needle in capsys.readouterr().err
 
 
-def test_demo_config_carries_the_chosen_base_and_reward_options(tmp_path):
+def test_demo_config_is_the_run_file_with_the_named_overrides(tmp_path):
     from services.entrypoints import demo
 
-    default = demo.demo_config(demo.FULL, tmp_path, "r")
+    default = demo.demo_config([], out_root=tmp_path, run_id="r")
     assert [t.name for t in default.reward.terms] == ["world_preference"] and default.reward.loss == "neg_mean"
-    two = demo.demo_config(demo.FULL, tmp_path, "r", threads=2)  # sync roles take turns: each gets both threads
+    assert (default.train.steps, default.train.batch_size, default.train.lr, default.sampling.n_steps,
+            default.backbone.lora.rank, default.method.preset) == (40, 8, 1e-3, 10, 8, "sd35")
+    assert (default.checkpoint.every, default.checkpoint.dir, default.run_id) == (40, str(tmp_path), "r")
+    quick = demo.demo_config(demo.QUICK, out_root=tmp_path, run_id="r")
+    assert (quick.train.steps, quick.train.batch_size, quick.backbone.lora.rank, quick.checkpoint.every) == (3, 4, 4, 3)
+    two = demo.demo_config([], out_root=tmp_path, run_id="r", threads=2)  # sync roles take turns: each gets both
     assert (two.runtime.rollout_num_cpus, two.runtime.learner_num_cpus, two.runtime.mode) == (2.0, 2.0, "sync")
     assert demo.local_ray_cpus(two) == 2.0 + 2.0 + two.reward.served.num_cpus
     from services.runtime.learner import eval_steps
 
     # the demo evaluates itself: no in-run eval, so the Ray run starts no score app
     assert default.eval.limit == 0 and eval_steps(default) == set()
-    s = demo.DemoSettings(**{**demo.QUICK.__dict__, "base": "/x/transformer.safetensors", "smoothing": 0.1,
-                             "contrastive": 24, "gradient_blur": 1.5, "reward": "attributes"})
-    cfg = demo.demo_config(s, tmp_path, "r")
-    assert cfg.backbone.pretrained == "/x/transformer.safetensors"
-    assert cfg.reward.terms[0].kwargs == {"aesthetic_weight": 0.0, "smoothing_sigma": 0.1, "contrastive_negatives": 24,
-                                            "gradient_blur": 1.5}
+    kw = "reward.terms.0.kwargs"
+    cfg = demo.demo_config([*demo.REWARDS["attributes"], "backbone.pretrained=/x/transformer.safetensors",
+                            f"{kw}.smoothing_sigma=0.1", f"{kw}.contrastive_negatives=24", "train.lr=3e-3"],
+                           out_root=tmp_path, run_id="r")
+    assert cfg.backbone.pretrained == "/x/transformer.safetensors" and cfg.train.lr == 3e-3
+    assert (cfg.reward.loss, cfg.reward.clip) == ("hinge", -0.05)
+    assert cfg.reward.terms[0].kwargs == {"aesthetic_weight": 0.0, "smoothing_sigma": 0.1, "contrastive_negatives": 24}
 
 
 def test_sample_efficiency_quick_writes_table_and_plot(tmp_path):
@@ -106,7 +106,7 @@ def test_demo_says_when_the_policy_games_the_preference_model(capsys):
 
     def summary(rater_ci, judge_ci):
         return {"delta_rater": 0.0, "delta_rater_95ci": rater_ci, "delta_overall": 0.0, "delta_overall_95ci": judge_ci,
-                "delta_rater_parts_95ci": {"global": [-1, 1], "local": [-1, 1]}, "settings": {"reward": "preference"},
+                "delta_rater_parts_95ci": {"global": [-1, 1], "local": [-1, 1]}, "reward": "world_preference",
                 "base": {"placement_diversity": None}, "aligned": {"placement_diversity": None}}
 
     demo.print_report(summary([-3.0, 2.0], [-1.0, 1.0]), judge, judge, rated, rows, 1, 1)  # ... the rater did not
