@@ -17,7 +17,12 @@ if TYPE_CHECKING:
 
 
 class NonFiniteStreak(RuntimeError):
-    """Raised when `max_bad_steps` steps in a row had a non-finite reward, loss or gradient."""
+    """Raised when `max_bad_steps` steps in a row had a non-finite reward, loss or gradient; `reason` is the last
+    step's skip reason (what the metrics count it under)."""
+
+    def __init__(self, message: str, *, reason: str):
+        super().__init__(message)
+        self.reason = reason
 
 
 # ----------------------------------------------------------------------------------------- seeds & prompts
@@ -106,4 +111,5 @@ class BadStepGuard:
         self.total += 1
         if self.streak >= self.max_bad_steps:
             raise NonFiniteStreak(f"{self.streak} steps in a row were skipped (last at step {result.step}: "
-                                  f"{result.skip_reason}); failing the run rather than training on garbage")
+                                  f"{result.skip_reason}); failing the run rather than training on garbage",
+                                  reason=str(result.skip_reason))

@@ -268,12 +268,12 @@ def learner_loop(config: dict) -> None:
         staleness = learner.version - cache.policy_version
         try:
             res = learner.train(step, cache, timings)
-        except NonFiniteStreak as e:  # the streak's last step: report it as skipped and failed, then stop
+        except NonFiniteStreak as e:  # the streak's last step: skipped for its own reason, and failed
             if rank == 0:
                 nan = float("nan")
                 ray.get(board.report.remote(StepOutcome(
                     step=step, generation=generation, loss=nan, reward_mean=nan, grad_norm=nan, residual=nan,
-                    skipped=True, skip_reason="non_finite_streak", policy_version=learner.version,
+                    skipped=True, skip_reason=e.reason, policy_version=learner.version,
                     staleness=staleness, samples=cache.batch_size, phase_seconds=timings, weights=None,
                     checkpoint=None, failed=str(e))))
             return
