@@ -20,7 +20,8 @@ import torch
 
 from . import backbones, methods
 from .cache import TrajectoryCache
-from .checkpoint import CheckpointState, latest_complete, load_checkpoint, save_checkpoint
+from .checkpoint import (SHARDED, CheckpointState, ShardedState, latest_complete, layout, load_checkpoint,
+                         load_sharded, save_checkpoint, save_sharded_checkpoint)
 from .config import PromptSource, RewardSpec, RunConfig
 from .dtypes import resolve_dtype
 from .errors import ConfigError
@@ -247,12 +248,7 @@ def train_loop(cfg: RunConfig, *, run_dir: Path | None = None, comp: RunComponen
     start, policy_version, resumed = 0, 0, None
     latest = latest_complete(run_dir) if cfg.checkpoint.resume else None
     if latest is not None:
-        st = load_checkpoint(latest)
-        comp.backbone.load_trainable_state_dict(st.trainable)
-        if st.optimizer is not None:
-            optimizer.load_state_dict(st.optimizer)
-        if ema is not None and st.ema is not None:
-            ema.load_state_dict(st.ema)
+        st = restore(comp, latest, optimizer, ema)
         start, policy_version, resumed = st.step, st.policy_version, st.step
         log.info("resumed from %s (step %d)", latest, st.step)
     metrics_path = run_dir / "metrics.jsonl"
@@ -279,6 +275,19 @@ def train_loop(cfg: RunConfig, *, run_dir: Path | None = None, comp: RunComponen
         if not res.skipped and (out.steps_done % cfg.checkpoint.every == 0 or out.steps_done == cfg.train.steps):
             save(comp, run_dir, out.steps_done, policy_version, optimizer, ema, res)
     return out
+
+
+def restore(comp: RunComponents, path: Path, optimizer: torch.optim.Optimizer, ema: EMA | None) -> CheckpointState:
+    """Load a complete checkpoint of either layout into the live (unsharded) weights, optimizer and EMA."""
+    if layout(path) == SHARDED:
+        return load_sharded(path, comp.backbone.transformer, optimizer, ema.shadow if ema is not None else None)
+    st = load_checkpoint(path)
+    comp.backbone.load_trainable_state_dict(st.trainable)
+    if st.optimizer is not None:
+        optimizer.load_state_dict(st.optimizer)
+    if ema is not None and st.ema is not None:
+        ema.load_state_dict(st.ema)
+    return st
 
 
 @dataclass
@@ -310,8 +319,22 @@ def save(comp: RunComponents, run_dir: Path, step: int, policy_version: int, opt
                             optimizer=full.optimizer if full else optimizer.state_dict(),
                             ema=(full.ema if full else ema.state_dict()) if ema else None,
                             config=comp.cfg.to_dict(), torch_rng=torch.get_rng_state(),
-                            metrics={"loss": res.loss, "reward_mean": res.reward_mean} if res else {})
+                            metrics=_metrics(res))
     return save_checkpoint(run_dir, state, keep=comp.cfg.checkpoint.keep, extra_writer=write_export)
+
+
+def save_sharded(comp: RunComponents, run_dir: Path, step: int, policy_version: int, optimizer, ema: EMA | None,
+                 res: StepResult | None = None) -> Path | None:
+    """A `sharded` checkpoint of a full fine-tune under FSDP (collective: every rank writes its shards; the path
+    on rank 0, None elsewhere)."""
+    state = ShardedState(step=step, policy_version=policy_version, module=comp.backbone.transformer,
+                         optimizer=optimizer, ema_shadow=ema.shadow if ema is not None else None,
+                         config=comp.cfg.to_dict(), torch_rng=torch.get_rng_state(), metrics=_metrics(res))
+    return save_sharded_checkpoint(run_dir, state, keep=comp.cfg.checkpoint.keep)
+
+
+def _metrics(res: StepResult | None) -> dict[str, float]:
+    return {"loss": res.loss, "reward_mean": res.reward_mean} if res else {}
 
 
 def _truncate_metrics(path: Path, keep_below_step: int) -> None:

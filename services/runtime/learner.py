@@ -9,9 +9,10 @@ build the method's endpoint, score it, step the optimizer (and EMA), publish wei
   norms, generation) use tensors on the group's device.
 - The batch must split evenly over the ranks (the driver refuses it otherwise, `check_learner_split`).
 - `runtime.strategy: fsdp` shards the transformer over the ranks instead (`sharding.py`, PyTorch's FSDP2):
-  its backward reduce-scatters the mean gradient; checkpoints, exports
-  and weight publishes gather full tensors on every rank (collectives) and rank 0 writes them, so an FSDP
-  checkpoint is the same file a single process writes, and resumes under either strategy.
+  its backward reduce-scatters the mean gradient. Weight publishes gather the full tensors into rank 0's host
+  memory alone (one tensor at a time; other ranks keep no copy). A full fine-tune writes `sharded` checkpoints
+  (torch distributed checkpoint: every rank its shards, nothing gathered); LoRA writes the `full` file a single
+  process writes, from tensors gathered to rank 0. Both resume under either strategy (`flowbp_core.checkpoint`).
 - A non-finite reward/loss/gradient on any rank skips the step on every rank (agreed before backward, which is a
   collective under FSDP; a non-finite gradient is agreed after it),
   and `train.max_bad_steps` in a row end the run with that reason. A skipped step writes no checkpoint.
@@ -120,7 +121,8 @@ class LearnerRank:
         self.reducer = (NoReduce() if dist is None else FSDPReduce(dist, world) if self.sharded
                         else AllReduceMean(dist, world))
 
-        state = self._load_newest()
+        path = self._resume_path()
+        state = self._load_full(path) if path is not None and ckpt.layout(path) == ckpt.FULL else None
         if dist is not None:  # identical start on every rank whatever each one built
             for p in self.backbone.trainable_parameters():
                 dist.broadcast(p.data, src=0)
@@ -136,36 +138,43 @@ class LearnerRank:
             if self.ema is not None and state.ema is not None:
                 self.ema.load_state_dict({f"ema.{i}": sharding.place_like(state.ema[f"ema.{i}"].float(), s)
                                           for i, s in enumerate(self.ema.shadow)})
+        elif path is not None:  # a sharded checkpoint: every rank reads its part (all of it when unsharded)
+            st = ckpt.load_sharded(path, self.backbone.transformer, self.optimizer,
+                                   self.ema.shadow if self.ema is not None else None)
+            self.step, self.version, self.resumed_from = st.step, st.policy_version, str(path)
 
-    def _resume_step(self) -> int | None:
-        """The step to resume from, chosen by rank 0 for every rank (listings differ: NFS caches, relative dirs)."""
+    def _resume_path(self) -> Path | None:
+        """The checkpoint to resume from, chosen by rank 0 for every rank (listings differ: NFS caches, relative
+        dirs); a rank that cannot see it raises."""
         path = ckpt.latest_complete(self.run_dir) if self.cfg.checkpoint.resume and self.rank == 0 else None
         step = -1 if path is None else int(path.name[len(ckpt.STEP_PREFIX):])
         dist = _dist()
         if dist is not None:
             step = broadcast_int(dist, step)
-        return None if step < 0 else step
-
-    def _load_newest(self):
-        step = self._resume_step()
-        if step is None:
+        if step < 0:
             return None
         path = ckpt.step_dir(self.run_dir, step)
         if not (path / ckpt.COMPLETE).exists():
             raise ConfigError("checkpoint.dir", self.cfg.checkpoint.dir,
                               f"a filesystem every learner rank shares (rank 0 resumes from {path}, which rank "
                               f"{self.rank} cannot see)")
+        return path
+
+    def _load_full(self, path: Path):
+        """A `full` checkpoint's weights into the whole model (before sharding); the rest is loaded later."""
         st = ckpt.load_checkpoint(path)
         self.backbone.load_trainable_state_dict(st.trainable)
         self.step, self.version, self.resumed_from = st.step, st.policy_version, str(path)
         return st
 
     def full_trainable_state(self) -> dict[str, torch.Tensor]:
-        """The trainable weights as full tensors. Collective when sharded: call it on every rank."""
-        return sharding.gather_state(self.backbone.trainable_state_dict())
+        """The trainable weights as full tensors on rank 0. Sharded: gathered one tensor at a time into rank 0's
+        host memory, and other ranks get {} (they never hold a full copy); a collective, so call it on every
+        rank. Unsharded: the live weights (aliases) on every rank."""
+        return sharding.gather_state(self.backbone.trainable_state_dict(), rank0_only=True)
 
     def publish(self, generation: int, state: dict[str, torch.Tensor]):
-        """Publish weights (rank 0): `state` is `full_trainable_state()`, gathered on every rank."""
+        """Publish weights (rank 0): `state` is `full_trainable_state()`."""
         return self.sync.publish(state, self.version, generation)
 
     @torch.no_grad()
@@ -203,21 +212,24 @@ class LearnerRank:
         return res
 
     def save(self, step: int, res=None, trainable: dict[str, torch.Tensor] | None = None) -> str | None:
-        """Write a checkpoint (rank 0; returns its path, None on other ranks). Under FSDP every rank must call
-        it: the full tensors are gathered on all ranks first. `trainable`: `full_trainable_state()` when the
-        caller gathered it already (the learner loop publishes the same tensors)."""
+        """Write a checkpoint (returns its path on rank 0, None on other ranks); under FSDP every rank must call
+        it. A full fine-tune under FSDP writes a `sharded` checkpoint (each rank its shards, nothing gathered);
+        otherwise rank 0 writes a `full` one, under FSDP from tensors gathered to rank 0 alone. `trainable`:
+        `full_trainable_state()` when the caller gathered it already (the learner loop publishes it)."""
         from flowbp_core.backbones import lora as lora_mod
-        from flowbp_core.run import FullState, save
+        from flowbp_core.run import FullState, save, save_sharded
 
+        transformer = self.backbone.transformer
+        if self.sharded and not lora_mod.has_lora(transformer):
+            path = save_sharded(self.comp, self.run_dir, step, self.version, self.optimizer, self.ema, res)
+            return None if path is None else str(path)
         full = None
         if self.sharded:
-            transformer = self.backbone.transformer
             full = FullState(
                 trainable=trainable if trainable is not None else self.full_trainable_state(),
-                optimizer=sharding.gather_tree(self.optimizer.state_dict()),
-                ema=sharding.gather_state(self.ema.state_dict()) if self.ema is not None else None,
-                lora_export=(sharding.gather_state(lora_mod.lora_state_for_diffusers(transformer))
-                             if lora_mod.has_lora(transformer) else None))
+                optimizer=sharding.gather_tree(self.optimizer.state_dict(), rank0_only=True),
+                ema=sharding.gather_state(self.ema.state_dict(), rank0_only=True) if self.ema is not None else None,
+                lora_export=sharding.gather_state(lora_mod.lora_state_for_diffusers(transformer), rank0_only=True))
         if self.rank != 0:
             return None
         return str(save(self.comp, self.run_dir, step, self.version, self.optimizer, self.ema, res, full=full))
@@ -281,7 +293,7 @@ def learner_loop(config: dict) -> None:
         ckpt_path = None
         state = learner.full_trainable_state() if not res.skipped else None  # every rank: a collective under FSDP
         if state is not None and (step % cp.every == 0 or step == cfg.train.steps):
-            ckpt_path = learner.save(step, res, trainable=state)  # every rank (FSDP gathers the rest); rank 0 writes
+            ckpt_path = learner.save(step, res, trainable=state)  # every rank (FSDP: shards or a gather to rank 0)
         eval_weights = None
         if learner.ema is not None and step in evals:  # the driver evaluates the EMA shadow (every rank: FSDP gathers)
             ema_state = learner.ema_trainable_state()

@@ -14,7 +14,11 @@ and the learner uses them only through the transformer's inputs and the decoded 
 
 Collectives: turning a shard into its full tensor (`gather`) is a collective. Every rank must call the same
 gathers in the same order, so checkpoints, exports and weight publishes gather on every rank and only rank 0
-writes. Everything here is a no-op on unsharded tensors, so the DDP and single-process paths share the code.
+keeps the result: `gather_state(..., rank0_only=True)` gathers one tensor at a time, moves it to the CPU on rank
+0 and drops it elsewhere, so a non-zero rank never holds more than one full tensor and rank 0's full copy lives
+in host memory. Everything here is a no-op on unsharded tensors, so the DDP and single-process paths share the
+code. Full fine-tuning checkpoints are not gathered at all: each rank writes its shards (`flowbp_core.checkpoint`,
+torch distributed checkpoint).
 """
 
 from __future__ import annotations
@@ -56,22 +60,49 @@ def gather(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor().detach() if is_sharded(t) else t
 
 
-def gather_state(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`gather` over a state dict, in key order (the same on every rank)."""
-    return {k: gather(v) for k, v in sd.items()}
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def gather_tree(obj: Any) -> Any:
-    """`gather` over a nested structure (an optimizer's state_dict: dicts, lists, tensors, numbers)."""
-    if isinstance(obj, torch.Tensor):
-        return gather(obj)
-    if isinstance(obj, dict):
-        return {k: gather_tree(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [gather_tree(v) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(gather_tree(v) for v in obj)
-    return obj
+def _gather_kept(t: torch.Tensor, keep: bool) -> torch.Tensor | None:
+    """`gather(t)`, moved to the CPU, where `keep`; None elsewhere (the full tensor is freed at once)."""
+    if not is_sharded(t):
+        return t
+    full = t.full_tensor().detach()
+    return full.cpu() if keep else None
+
+
+def gather_state(sd: dict[str, torch.Tensor], rank0_only: bool = False) -> dict[str, torch.Tensor]:
+    """`gather` over a state dict, in key order (the same on every rank). `rank0_only`: the sharded tensors'
+    full copies go to the CPU on rank 0, and other ranks return without them (an empty dict when all are
+    sharded); unsharded tensors pass through on every rank."""
+    keep = not rank0_only or _rank() == 0
+    out = {}
+    for k, v in sd.items():
+        g = _gather_kept(v, keep)
+        if g is not None:
+            out[k] = g
+    return out
+
+
+def gather_tree(obj: Any, rank0_only: bool = False) -> Any:
+    """`gather` over a nested structure (an optimizer's state_dict: dicts, lists, tensors, numbers); with
+    `rank0_only`, None on other ranks (the gathers still run there, one tensor at a time)."""
+    keep = not rank0_only or _rank() == 0
+
+    def walk(o: Any) -> Any:
+        if isinstance(o, torch.Tensor):
+            return _gather_kept(o, keep) if rank0_only else gather(o)
+        if isinstance(o, dict):
+            return {k: walk(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return type(o)(walk(v) for v in o)
+        return o
+
+    out = walk(obj)
+    return out if keep else None
 
 
 def place_like(full: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
