@@ -2,9 +2,11 @@
 
 - `lora_delta` (the default when the backbone trains a LoRA adapter): the adapter *is* the delta from the frozen base,
   a few MB, so it goes through the object store as one safetensors blob.
-- `full_state` (full fine-tuning): the full trainable state is cut into buckets of `bucket_mb` and put one by one,
-  so no single object needs the whole model's size in one contiguous allocation and a worker can start reading
-  the first bucket while later ones are still being put.
+- `full_state` (full fine-tuning): the full trainable state (under FSDP gathered into rank 0's host memory alone)
+  is cut into buckets of `bucket_mb`, each copied, serialized and put in turn, so the publish holds one bucket's
+  copy beside the state, no single object needs the whole model's size in one contiguous allocation, and a
+  worker can start reading the first bucket while later ones are still being put. The whole model still goes
+  through the object store every step (see services/runtime/README.md for the bytes).
 
 Every publish carries a `policy_version` (the learner step count), and a worker applies a handle only when its
 version is newer than what it holds: a restarted worker therefore catches up from the next request, which always
@@ -121,8 +123,8 @@ class BucketedSync:
     def publish(self, state: dict[str, torch.Tensor], policy_version: int, generation: int = 0) -> WeightsHandle:
         t0 = time.perf_counter()
         refs, nbytes = [], 0
-        for i, bucket in enumerate(self.buckets(_to_cpu(state))):
-            blob = st_save(bucket, metadata={"policy_version": str(policy_version), "bucket": str(i)})
+        for i, bucket in enumerate(self.buckets(state)):  # one bucket's copy at a time, not the model's
+            blob = st_save(_to_cpu(bucket), metadata={"policy_version": str(policy_version), "bucket": str(i)})
             nbytes += len(blob)
             refs.append(ray.put(blob))
         return WeightsHandle(backend=self.name, policy_version=int(policy_version), generation=int(generation),

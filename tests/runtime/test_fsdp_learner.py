@@ -198,7 +198,8 @@ def _full_finetune_crosses_strategies(tmp_path, ref_cfg, fsdp_cfg, files, second
     from flowbp_core import checkpoint as ckpt
     from flowbp_core.cache import TrajectoryCache
     from flowbp_core.export import export_backbone
-    from flowbp_core.run import build_backbone
+    from flowbp_core.run import build_backbone, build_components, make_optimizer, restore
+    from flowbp_core.training import EMA
     from services.runtime.learner import LearnerRank
 
     # One unsharded process resumes from the FSDP group's sharded step_2: the group's step-2 loss and weights.
@@ -206,6 +207,17 @@ def _full_finetune_crosses_strategies(tmp_path, ref_cfg, fsdp_cfg, files, second
     one = LearnerRank(ref_cfg.model_copy(update={"checkpoint": ref_cfg.checkpoint.model_copy(
         update={"dir": str(tmp_path / "one")})}), "one")
     assert one.step == 2 and one.version == 2
+    loaded = {k: {n: v.clone() if torch.is_tensor(v) else v for n, v in st.items()}
+              for k, st in one.optimizer.state_dict()["state"].items()}
+    assert loaded and all(int(st["step"]) == 2 for st in loaded.values())
+    # train_loop's resume (run.restore) reads the same sharded checkpoint into the same state.
+    comp = build_components(ref_cfg, text_encoders=False)
+    optimizer = make_optimizer(ref_cfg, comp.backbone.trainable_parameters())
+    ema = EMA(comp.backbone.trainable_parameters(), ref_cfg.train.ema_decay)
+    assert restore(comp, tmp_path / "one" / "one" / "step_2", optimizer, ema).step == 2
+    for k, st in optimizer.state_dict()["state"].items():
+        assert all(torch.equal(st[n], loaded[k][n]) for n in ("exp_avg", "exp_avg_sq")), k
+    assert all(torch.equal(a, b) for a, b in zip(ema.shadow, one.ema.shadow))
     res = one.train(2, TrajectoryCache.from_bytes(Path(files[2]).read_bytes()))
     assert res.loss == pytest.approx(second["losses"][0], rel=1e-5, abs=1e-7)
     for k, v in one.backbone.trainable_state_dict().items():
