@@ -46,6 +46,18 @@ def wait_for_port(port: int, timeout: float = 30.0, host: str = LOOPBACK) -> Non
     raise TimeoutError(f"nothing listened on {host}:{port} within {timeout:.0f}s")
 
 
+def stop_process(proc: subprocess.Popen | None, *, timeout: float, sig: int = signal.SIGTERM) -> None:
+    """Send `sig` to a server we started and wait up to `timeout` s for it to exit; SIGKILL it if it does not."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def apply_ray_env() -> None:
     for k, v in RAY_LOCAL_ENV.items():
         os.environ.setdefault(k, v)
@@ -88,13 +100,7 @@ class RedisServer:
         return self
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)  # redis flushes the AOF on SIGTERM
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, timeout=10)  # redis flushes the AOF on SIGTERM
         self.proc = None
 
     @property

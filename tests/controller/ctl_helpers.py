@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from services.localproc import free_port
+from services.localproc import free_port, stop_process
 from tests.waiting import wait_for
 
 TOKEN = "test-token-0123456789abcdef"
@@ -75,13 +75,7 @@ class ControllerProcess:
     def stop(self, crash: bool = False) -> None:
         """SIGTERM (a graceful shutdown releases the reconciler lease), or SIGKILL with crash=True (the lease
         then runs out by itself)."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL if crash else signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, timeout=20, sig=signal.SIGKILL if crash else signal.SIGTERM)
         self.proc = None
 
     def client(self) -> httpx.Client:

@@ -17,7 +17,6 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -29,7 +28,7 @@ import pytest
 import yaml
 from deploy_helpers import ALERT_RULES, REPO, alert_exprs, panel_targets, template_queries
 
-from services.localproc import LOOPBACK, RayHead, RedisServer, free_port
+from services.localproc import LOOPBACK, RayHead, RedisServer, free_port, stop_process
 from tests.controller.ctl_helpers import TOKEN, ControllerProcess, controller_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow,
@@ -150,13 +149,7 @@ class PrometheusServer:
         return self.api("query", query=expr)["result"]
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, timeout=30)
         self.proc = None
 
 
