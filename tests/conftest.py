@@ -62,3 +62,19 @@ def redis_server(tmp_path):
         yield server
     finally:
         server.cleanup()
+
+
+@pytest.fixture
+def constructed_models(monkeypatch) -> list[str]:
+    """The class names of the transformers models constructed while the test runs (the real constructors run)."""
+    import transformers
+
+    built: list[str] = []
+    init = transformers.PreTrainedModel.__init__
+
+    def counting_init(self, *args, **kwargs):
+        built.append(type(self).__name__)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "__init__", counting_init)
+    return built

@@ -5,25 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers
 
 from flowbp_core import backbones
 
 FAMILIES = ("sd3", "flux1", "flux2")
-
-
-@pytest.fixture
-def constructed(monkeypatch) -> list[str]:
-    """The class names of the transformers models constructed while the test runs (the real constructors run)."""
-    built: list[str] = []
-    init = transformers.PreTrainedModel.__init__
-
-    def counting_init(self, *args, **kwargs):
-        built.append(type(self).__name__)
-        init(self, *args, **kwargs)
-
-    monkeypatch.setattr(transformers.PreTrainedModel, "__init__", counting_init)
-    return built
 
 
 def _assert_same_modules(a, b) -> None:
@@ -34,13 +19,13 @@ def _assert_same_modules(a, b) -> None:
 
 
 @pytest.mark.parametrize("name", FAMILIES)
-def test_tiny_without_text_encoders_builds_none_and_the_same_transformer(name, constructed):
+def test_tiny_without_text_encoders_builds_none_and_the_same_transformer(name, constructed_models):
     full = backbones.build(name, tiny=True)
-    assert constructed, "the counter sees the encoders of a full build"
+    assert constructed_models, "the counter sees the encoders of a full build"
     rng_after_full = torch.get_rng_state()
-    constructed.clear()
+    constructed_models.clear()
     bare = backbones.build(name, tiny=True, text_encoders=False)
-    assert constructed == []
+    assert constructed_models == []
     assert torch.equal(torch.get_rng_state(), rng_after_full)  # a LoRA init drawn next is the same
     _assert_same_modules(bare, full)
     with pytest.raises(RuntimeError, match="holds no text encoder"):
@@ -48,11 +33,11 @@ def test_tiny_without_text_encoders_builds_none_and_the_same_transformer(name, c
 
 
 @pytest.mark.parametrize("name", FAMILIES)
-def test_pretrained_without_text_encoders_loads_none(name, saved_folder, tiny_cache, constructed):
+def test_pretrained_without_text_encoders_loads_none(name, saved_folder, tiny_cache, constructed_models):
     path = saved_folder(name)
-    constructed.clear()
+    constructed_models.clear()
     bare = backbones.build(name, str(path), local_files_only=True, text_encoders=False)
-    assert constructed == []
+    assert constructed_models == []
     _assert_same_modules(bare, tiny_cache(name))
 
 

@@ -244,22 +244,13 @@ def test_gradients_are_averaged_in_flat_buckets_not_one_call_per_tensor():
         torch.testing.assert_close(g, b, rtol=0, atol=0)
 
 
-def test_a_learner_never_builds_a_text_encoder_and_trains_from_the_same_weights(tmp_path, monkeypatch):
+def test_a_learner_never_builds_a_text_encoder_and_trains_from_the_same_weights(tmp_path, constructed_models):
     """Every transformers model (the CLIPs, T5) is counted as it is constructed: a rollout-side build makes the CLIPs
     and T5, a learner none; its transformer and LoRA init equal the rollout-side build's, and it trains on the cache."""
-    import transformers
-
     from flowbp_core.run import build_components, rollout_for
     from services.runtime.learner import LearnerRank
 
-    built: list[str] = []
-    init = transformers.PreTrainedModel.__init__
-
-    def counting_init(self, *args, **kwargs):
-        built.append(type(self).__name__)
-        init(self, *args, **kwargs)
-
-    monkeypatch.setattr(transformers.PreTrainedModel, "__init__", counting_init)
+    built = constructed_models
     torch.set_num_threads(1)
     cfg = _cfg(tmp_path, "notext", strategy="ddp")
     cfg.runtime.learners = 1
