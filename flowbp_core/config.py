@@ -177,6 +177,8 @@ class TrainSpec(_Strict):
     weight_decay: float = Field(1e-4, ge=0.0, le=1.0)
     grad_clip: float | None = Field(1.0, gt=0.0, le=FLOAT32_MAX)
     ema_decay: float | None = Field(None, ge=0.0, lt=1.0, description="EMA of trainable weights; None: off")
+    velocity_penalty: float = Field(0.0, ge=0.0, le=1e6, description="weight of the squared distance between the "
+                                    "LoRA model's and the base's velocity at the re-forwarded steps; 0: off")
     seed: int = Field(0, ge=0, le=MAX_SEED)
     max_bad_steps: int = Field(3, ge=1, le=1000, description="non-finite steps in a row that fail the run")
     prompts: PromptSource = Field(default_factory=lambda: PromptSource(set="world_train"))

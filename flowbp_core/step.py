@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
+from .anchor import BaseAnchor
 from .cache import TrajectoryCache
 from .losses import weighted_loss
 from .plan import Plan
@@ -114,11 +115,17 @@ def learn_step(cache: TrajectoryCache, comp: RunComponents, *, step: int, optimi
     cache = cache.to(comp.device)
     with timed(SURROGATE, timings):
         optimizer.zero_grad(set_to_none=True)
-        endpoint = comp.method.endpoint(cache, comp.backbone.bind(cache.cond, comp.guidance))
+        velocity = comp.backbone.bind(cache.cond, comp.guidance)
+        anchor = BaseAnchor(comp.backbone, velocity) if comp.cfg.train.velocity_penalty else None
+        endpoint = comp.method.endpoint(cache, anchor or velocity)
     with timed(REWARD, timings):
         prompts = [cache.prompts[int(i)] for i in endpoint.sample_index.tolist()]
         rewards = (score or comp.score_fn())(endpoint.value, prompts)
     loss = weighted_loss(comp.loss_fn(rewards), endpoint.weights.to(rewards.device))
+    if anchor is not None:
+        penalty = anchor.penalty(loss.device)
+        endpoint.diagnostics.extra["velocity_penalty"] = float(penalty.detach())
+        loss = loss + comp.cfg.train.velocity_penalty * penalty
     reason = ("non_finite_reward" if not bool(torch.isfinite(rewards.detach()).all())
               else "non_finite_loss" if not bool(torch.isfinite(loss.detach()).all()) else None)
     # every rank decides together before backward, which is a collective under FSDP
