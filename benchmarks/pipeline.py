@@ -68,7 +68,7 @@ def rollout_alone(cfg, workers: int, steps: int) -> float:
     from flowbp_core.step import step_plan
     from flowbp_core.training import PromptSampler
     from services.runtime import rollout
-    from services.runtime.driver import shard_bounds
+    from services.runtime.layout import shard_bounds
     from services.runtime.payloads import RolloutRequest
 
     ws = rollout.spawn(cfg, workers)
@@ -122,7 +122,7 @@ def learner_alone(cfg, steps: int) -> tuple[float, int]:
             times = []
             for i, w in enumerate(works):
                 t0 = time.perf_counter()
-                self.learner.train(i, self.learner.fetch(w))
+                self.learner.train(i, self.learner.fetch(w)[0])
                 times.append(time.perf_counter() - t0)
             return times
 
@@ -133,9 +133,9 @@ def learner_alone(cfg, steps: int) -> tuple[float, int]:
         p = sampler.batch(s)
         plan = step_plan(core.comp.method, cfg.sampling.n_steps, 0, s)
         req = RolloutRequest(step=s, seed=0, prompts=tuple(p), weights=None, total_batch=len(p), plan=plan)
-        blob, _ = core.run(req)
-        works.append(LearnerWork(step=s, cache_refs=(ray.put(blob),), rollout_policy_version=0))
-    cache_bytes = len(blob)
+        (blob,), _ = core.run(req)
+        works.append(LearnerWork(step=s, rank_refs=((ray.put(blob),),), rollout_policy_version=0))
+    cache_bytes = blob.nbytes
     b = Bench.remote(cfg.model_dump_json())
     times = ray.get(b.run.remote(works))[1:]
     ray.kill(b)

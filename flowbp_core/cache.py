@@ -13,7 +13,9 @@ The wire format is safetensors: tensors under flat names, scalars and prompts in
 from __future__ import annotations
 
 import json
+import math
 import struct
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -195,31 +197,31 @@ class TrajectoryCache:
         return {i: have[i] for i in sorted(wanted)}
 
     def split(self, n: int) -> list["TrajectoryCache"]:
-        """Split along the batch into chunks of at most `n` samples (torch.split semantics).
-
-        Cond tensors whose first dim equals the batch size are split with it; others (shared, e.g. one
-        negative-prompt embedding) are kept whole in every chunk. meta["batch_offset"] records each chunk's start.
-        """
+        """Split along the batch into chunks of at most `n` samples (torch.split semantics); see `rows`."""
         if n < 1:
             raise ValueError(f"split size n={n} must be >= 1")
         b = self.batch_size
-        out = []
-        for start in range(0, b, n):
-            sl = slice(start, min(start + n, b))
-            meta = dict(self.meta)
-            meta["batch_offset"] = str(int(self.meta.get("batch_offset", "0")) + start)
-            out.append(
-                self._replace(
-                    noise=self.noise[sl],
-                    states={i: t[sl] for i, t in self.states.items()},
-                    velocities={i: t[sl] for i, t in self.velocities.items()},
-                    final=self.final[sl],
-                    cond={k: (t[sl] if t.dim() > 0 and t.shape[0] == b else t) for k, t in self.cond.items()},
-                    prompts=self.prompts[sl],
-                    meta=meta,
-                )
-            )
-        return out
+        return [self.rows(start, min(start + n, b)) for start in range(0, b, n)]
+
+    def rows(self, start: int, end: int) -> "TrajectoryCache":
+        """Samples [start, end) of the batch (views). Cond tensors whose first dim equals the batch size are cut
+        with it; others (shared, e.g. one negative-prompt embedding) are kept whole. meta["batch_offset"] records
+        the rows' start."""
+        b = self.batch_size
+        if not 0 <= start < end <= b:
+            raise ValueError(f"rows [{start}, {end}) of a batch of {b}: need 0 <= start < end <= {b}")
+        sl = slice(start, end)
+        meta = dict(self.meta)
+        meta["batch_offset"] = str(int(self.meta.get("batch_offset", "0")) + start)
+        return self._replace(
+            noise=self.noise[sl],
+            states={i: t[sl] for i, t in self.states.items()},
+            velocities={i: t[sl] for i, t in self.velocities.items()},
+            final=self.final[sl],
+            cond={k: (t[sl] if t.dim() > 0 and t.shape[0] == b else t) for k, t in self.cond.items()},
+            prompts=self.prompts[sl],
+            meta=meta,
+        )
 
     # ---- wire format ---------------------------------------------------------------------------------------
     def to_bytes(self) -> bytes:
@@ -249,14 +251,32 @@ class TrajectoryCache:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "TrajectoryCache":
-        metadata = _read_metadata(data)
+        """A cache with its own copies of the tensors in `data` (what `to_bytes` wrote)."""
+        return cls._assemble(st_load(data), _read_metadata(data))
+
+    @classmethod
+    def from_buffer(cls, buffer) -> "TrajectoryCache":
+        """A cache whose tensors are read-only views into `buffer` (any buffer holding what `to_bytes` wrote, e.g.
+        the numpy array `ray.get` maps from the object store): nothing is copied, and the tensors keep `buffer`
+        alive. Never write into them."""
+        mv = memoryview(buffer).cast("B")
+        header, start = _read_header(mv)
+        tensors = {}
+        with warnings.catch_warnings():  # torch warns that a read-only buffer gives a tensor it must not write
+            warnings.simplefilter("ignore", UserWarning)
+            for name, spec in header.items():
+                if name != "__metadata__":
+                    tensors[name] = _view(mv, start, name, spec)
+        return cls._assemble(tensors, dict(header.get("__metadata__", {})))
+
+    @classmethod
+    def _assemble(cls, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> "TrajectoryCache":
         version = metadata.get("format_version")
         if version not in _SUPPORTED_VERSIONS:
             raise ValueError(
                 f"TrajectoryCache format_version={version!r} is not supported "
                 f"(supported: {sorted(_SUPPORTED_VERSIONS)})"
             )
-        tensors = st_load(data)
         states, vels, cond = {}, {}, {}
         for k, t in tensors.items():
             if k.startswith("states."):
@@ -280,12 +300,37 @@ class TrajectoryCache:
         )
 
 
-def _read_metadata(data: bytes) -> dict[str, str]:
-    """The `__metadata__` of a safetensors blob: 8-byte little-endian header length, then a JSON header."""
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+def _read_header(data) -> tuple[dict, int]:
+    """A safetensors blob's JSON header and where its data starts: 8-byte little-endian header length, then the
+    header."""
     if len(data) < 8:
         raise ValueError("not a safetensors blob: shorter than its 8-byte header length")
-    (hlen,) = struct.unpack("<Q", data[:8])
+    (hlen,) = struct.unpack("<Q", bytes(data[:8]))
     if hlen > len(data) - 8:
         raise ValueError("not a safetensors blob: header length exceeds the data")
-    header = json.loads(data[8 : 8 + hlen].decode("utf-8"))
-    return dict(header.get("__metadata__", {}))
+    return json.loads(bytes(data[8 : 8 + hlen]).decode("utf-8")), 8 + hlen
+
+
+def _view(mv: memoryview, start: int, name: str, spec: dict) -> torch.Tensor:
+    """Tensor `name` of a safetensors blob as a view into `mv` (its data starts at byte `start`)."""
+    if spec.get("dtype") not in _DTYPES:
+        raise ValueError(f"tensor {name!r}: dtype {spec.get('dtype')!r}, readable: {sorted(_DTYPES)}")
+    dtype, shape = _DTYPES[spec["dtype"]], tuple(spec["shape"])
+    a, b = spec["data_offsets"]
+    count = math.prod(shape)
+    if not 0 <= a <= b <= len(mv) - start or b - a != count * dtype.itemsize:
+        raise ValueError(f"tensor {name!r}: data_offsets {[a, b]} do not hold {shape} {spec['dtype']} within "
+                         f"the blob's {len(mv) - start} data bytes")
+    if count == 0:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(mv, dtype=dtype, count=count, offset=start + a).view(shape)
+
+
+def _read_metadata(data: bytes) -> dict[str, str]:
+    """The `__metadata__` of a safetensors blob."""
+    return dict(_read_header(data)[0].get("__metadata__", {}))

@@ -8,7 +8,9 @@ Schedules (config `runtime.mode`):
 `runtime.queue_depth` bounds the rollout steps in flight (back-pressure on the object store) in both modes.
 
 Each step's prompts are sharded over the rollout workers (contiguous slices; noise is seeded per sample, so the
-shards join into exactly the batch one worker would have produced). Only ObjectRefs pass through the driver.
+shards join into exactly the batch one worker would have produced). A worker returns its shard cut at the learner
+ranks' bounds (`rank_pieces`), one object a piece, and the offer names each rank's pieces, so a rank fetches its
+own rows and nothing else. Only ObjectRefs pass through the driver.
 
 Placement: the StepBoard runs on the driver's node; the learner group starts first and the rollout workers once
 its ranks hold their resources; with `runtime.role_resources` each role asks for its worker group's resource.
@@ -43,6 +45,7 @@ from flowbp_core.training import PromptSampler
 from services.runtime import learner as learner_mod
 from services.runtime import rollout as rollout_mod
 from services.runtime.board import start_board
+from services.runtime.layout import rank_pieces, shard_bounds
 from services.runtime.payloads import LearnerHello, LearnerWork, RolloutRequest, RunSummary, StepOutcome
 from services.runtime.placement import role_resources
 from services.runtime.telemetry import Telemetry
@@ -57,7 +60,7 @@ class RunFailed(RuntimeError):
 @dataclass
 class _InFlight:
     step: int
-    cache_refs: list
+    cache_refs: list  # per shard, its pieces' refs (one per learner rank it covers)
     stats_refs: list
     submitted: float
     policy_version: int
@@ -78,18 +81,6 @@ class _Counters:
 
     def means(self) -> dict[str, float]:
         return {k: self.phase_totals[k] / self.phase_counts[k] for k in self.phase_totals}
-
-
-def shard_bounds(batch: int, parts: int) -> list[tuple[int, int]]:
-    """Contiguous [start, end) slices of `batch` over at most `parts` workers (no empty slice)."""
-    parts = max(1, min(parts, batch))
-    base, extra = divmod(batch, parts)
-    out, start = [], 0
-    for i in range(parts):
-        n = base + (1 if i < extra else 0)
-        out.append((start, start + n))
-        start += n
-    return out
 
 
 def check_learner_split(cfg: RunConfig) -> None:
@@ -256,12 +247,34 @@ class Driver:
                             f"runtime.max_actor_restarts={self.cfg.runtime.max_actor_restarts} restarts)")
         return live
 
-    def _send(self, step: int, weights, a: int, b: int, worker: int):
+    def _send(self, step: int, weights, a: int, b: int, worker: int) -> tuple[list, object]:
+        """Rows [a, b) of step `step` on `worker`: (the refs of its pieces, one per learner rank, the stats ref)."""
         prompts = self.sampler.batch(step)
         plan = step_plan(self.method, self.cfg.sampling.n_steps, self.cfg.train.seed, step)
         req = RolloutRequest(step=step, seed=self.cfg.train.seed, prompts=tuple(prompts[a:b]), weights=weights,
                              total_batch=len(prompts), plan=plan)
-        return self.workers[worker].rollout.remote(req, a)
+        cuts = tuple((s, e) for s, e, _ in self._pieces(a, b))
+        *pieces, stats = self.workers[worker].rollout.options(num_returns=len(cuts) + 1).remote(req, a, cuts)
+        return pieces, stats
+
+    def _pieces(self, a: int, b: int) -> list[tuple[int, int, int]]:
+        return rank_pieces(a, b, self.cfg.train.batch_size, self.cfg.runtime.learners)
+
+    def _rank_refs(self, item: _InFlight) -> tuple[tuple, ...]:
+        """Per learner rank, the refs of the pieces holding its rows, in batch order."""
+        out: list[list] = [[] for _ in range(self.cfg.runtime.learners)]
+        for (a, b, _), refs in zip(item.shards, item.cache_refs):
+            for (_, _, rank), ref in zip(self._pieces(a, b), refs):
+                out[rank].append(ref)
+        return tuple(tuple(r) for r in out)
+
+    def _rank_bytes(self, item: _InFlight, stats: list) -> list[int]:
+        """Per learner rank, the bytes of its pieces as the rollout workers wrote them."""
+        out = [0] * self.cfg.runtime.learners
+        for (a, b, _), st in zip(item.shards, stats):
+            for (_, _, rank), n in zip(self._pieces(a, b), st.piece_nbytes):
+                out[rank] += n
+        return out
 
     def _submit(self, step: int, weights) -> _InFlight:
         live = self._live_workers()
@@ -343,7 +356,9 @@ class Driver:
                 if stats is None:
                     break
                 self._record_rollout(stats)
-                ray.get(self.board.offer.remote(LearnerWork(step=item.step, cache_refs=tuple(item.cache_refs),
+                self.telemetry.event("offer", step=item.step, generation=generation,
+                                     rank_bytes=self._rank_bytes(item, stats))
+                ray.get(self.board.offer.remote(LearnerWork(step=item.step, rank_refs=self._rank_refs(item),
                                                             rollout_policy_version=item.policy_version,
                                                             generation=generation)))
                 item.offered = True

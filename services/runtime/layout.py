@@ -52,11 +52,12 @@ class StepBytes:
 
     Attributes:
         cache_per_sample (int): one sample's trajectory cache (latents, kept states/velocities, text conditioning).
-        cache_step (int): the step's caches, put by the rollout workers (each shard carries the shared
-            negative-prompt embedding once).
-        cache_network (int): those caches pulled to the learner nodes (one copy per node).
-        cache_per_rank (int): what each learner rank deserializes: the whole step (it merges the shards and keeps
-            its slice).
+        cache_step (int): the step's caches, put by the rollout workers: one piece per learner rank each shard
+            covers (`rank_pieces`), each piece carrying the shared negative-prompt embedding once.
+        cache_network (int): those pieces pulled to the learner nodes: each piece by the one node whose rank reads
+            it.
+        cache_per_rank (int): the most any learner rank fetches: its own pieces, read in place from its node's
+            object store.
         weights (int): one weights publish by learner rank 0 (`full_state` bf16, or `lora_delta` fp32).
         weights_network (int): that publish pulled to the rollout nodes (one copy per node).
         reward_per_rank (int): the latents a learner rank sends the reward service (the same again back as dr/dz).
@@ -69,6 +70,25 @@ class StepBytes:
     weights: int
     weights_network: int
     reward_per_rank: int
+
+
+def shard_bounds(batch: int, parts: int) -> list[tuple[int, int]]:
+    """Contiguous [start, end) slices of `batch` over at most `parts` workers (no empty slice)."""
+    parts = max(1, min(parts, batch))
+    base, extra = divmod(batch, parts)
+    out, start = [], 0
+    for i in range(parts):
+        n = base + (1 if i < extra else 0)
+        out.append((start, start + n))
+        start += n
+    return out
+
+
+def rank_pieces(start: int, end: int, batch: int, learners: int) -> list[tuple[int, int, int]]:
+    """Rows [start, end) of the batch cut at the learner ranks' bounds (`shard_bounds(batch, learners)`): the
+    (start, end, rank) pieces, in order, that a rollout shard returns so that each rank fetches only its rows."""
+    return [(max(start, a), min(end, b), r) for r, (a, b) in enumerate(shard_bounds(batch, learners))
+            if max(start, a) < min(end, b)]
 
 
 def _module(backbone: str):
@@ -151,10 +171,13 @@ def step_bytes(cfg: RunConfig, px: int, roles: Roles, lora_rank: int | None = No
     per_sample = round(one + ((states - s_lo) + (vels - v_lo)) * latent_bf16)
     shared = sum(t.numel() * t.element_size() for t in _cond(cfg.backbone.name, 1, True)[1].values()) \
         if _true_cfg(cfg) else 0
-    step = b * (per_sample - shared) + min(b, roles.rollout_workers) * shared
+    pieces = [p for a, e in shard_bounds(b, roles.rollout_workers) for p in rank_pieces(a, e, b, roles.learners)]
+    rank = [sum((e - a) * (per_sample - shared) + shared for a, e, r in pieces if r == i)
+            for i in range(roles.learners)]
+    step = sum(rank)
     weights = transformer_params(cfg.backbone.name, lora_rank) * (_FP32 if lora_rank is not None else _BF16)
-    return StepBytes(cache_per_sample=per_sample, cache_step=step, cache_network=step * roles.nodes(roles.learners),
-                     cache_per_rank=step, weights=weights,
+    return StepBytes(cache_per_sample=per_sample, cache_step=step, cache_network=step,
+                     cache_per_rank=max(rank), weights=weights,
                      weights_network=weights * roles.nodes(roles.rollout_workers),
                      reward_per_rank=b // roles.learners * latent_bf16 * _FP32 // _BF16)
 
@@ -170,7 +193,7 @@ def table(configs: dict[str, str], roles: Roles = Roles(), lora_rank: int = 64) 
     """The README's markdown table: per model (name -> run file, relative to the repo) and resolution, the bytes
     of one step over `roles`."""
     ln, rn = roles.nodes(roles.learners), roles.nodes(roles.rollout_workers)
-    rows = [f"| model | px | cache / sample | caches / step | to {ln} learner nodes | read by each learner rank | "
+    rows = [f"| model | px | cache / sample | caches / step | to {ln} learner nodes | fetched by a learner rank | "
             f"weights: full / LoRA r{lora_rank} | to {rn} rollout nodes: full / LoRA | reward latents / rank |",
             "|---|---|---|---|---|---|---|---|---|"]
     for name, path in configs.items():

@@ -1,7 +1,10 @@
 """The learner group: a Ray Train `TorchTrainer` whose ranks take each step's caches from the StepBoard,
 build the method's endpoint, score it, step the optimizer (and EMA), publish weights and write checkpoints.
 
-- Every rank takes the same offer, merges the shards and keeps its slice (`split`), so the batch is data-parallel.
+- Every rank takes the same offer and fetches only its own rows of the batch: the pieces the rollout workers cut
+  at its bounds (`LearnerWork.rank_refs[rank]`), read as views into the object store (no copy; several pieces are
+  joined into one copy of its rows), so the batch is data-parallel and a rank reads 1/L of the step's caches. The
+  bytes each rank fetched are in the step's outcome (`fetched_bytes`).
   The step is `flowbp_core.step.learn_step` with the group's reducer (flowbp_core.reducers): `AllReduceMean`
   averages the gradients in flat buckets (what DDP computes; DDP itself does not allow the methods' several
   re-forwards per step), `FSDPReduce` under FSDP, `NoReduce` for a group of one. Backend: gloo on CPU,
@@ -45,7 +48,7 @@ from services.runtime.placement import role_resources
 
 
 def concat_caches(caches: list[TrajectoryCache]) -> TrajectoryCache:
-    """Join rollout shards of one step along the batch (in the order given: the driver's shard order)."""
+    """Join pieces of one step along the batch (in the order given: batch order)."""
     if len(caches) == 1:
         return caches[0]
     first = caches[0]
@@ -58,6 +61,10 @@ def concat_caches(caches: list[TrajectoryCache]) -> TrajectoryCache:
     def cat_cond(k: str) -> torch.Tensor:
         ts = [c.cond[k] for c in caches]
         per_sample = all(t.dim() > 0 and t.shape[0] == c.batch_size for t, c in zip(ts, caches))
+        # One-sample pieces cannot tell a shared tensor (the negative prompt's) from a per-sample one: equal
+        # ones are kept once, which the backbone broadcasts over the batch as it does any shared conditioning.
+        if per_sample and all(c.batch_size == 1 for c in caches) and all(torch.equal(t, ts[0]) for t in ts):
+            per_sample = False
         return torch.cat(ts) if per_sample else ts[0]
 
     return TrajectoryCache(
@@ -75,6 +82,24 @@ def concat_caches(caches: list[TrajectoryCache]) -> TrajectoryCache:
     )
 
 
+def read_pieces(buffers: list) -> tuple[TrajectoryCache, int]:
+    """One cache from the pieces `ray.get` returned (views into the object store; joined when several) and the
+    bytes read."""
+    caches = [TrajectoryCache.from_buffer(b) for b in buffers]
+    return concat_caches(caches), sum(memoryview(b).nbytes for b in buffers)
+
+
+def fetch_rows(work, rank: int, world: int, batch: int) -> tuple[TrajectoryCache, int]:
+    """Rank `rank`'s rows of the step in `work` (fetching its pieces alone) and the bytes it fetched."""
+    if len(work.rank_refs) != world:
+        raise ValueError(f"LearnerWork.rank_refs has {len(work.rank_refs)} ranks' pieces, the group has {world}")
+    cache, nbytes = read_pieces(ray.get(list(work.rank_refs[rank])))
+    if cache.batch_size != batch // world:
+        raise ValueError(f"rank {rank} got {cache.batch_size} samples of step {work.step}, its share of "
+                         f"train.batch_size={batch} over {world} ranks is {batch // world}")
+    return cache, nbytes
+
+
 def _dist():
     import torch.distributed as dist
 
@@ -86,6 +111,16 @@ def broadcast_int(dist, value: int, src: int = 0) -> int:
     t = torch.tensor([int(value)], dtype=torch.int64, device=collective_device(dist))
     dist.broadcast(t, src=src)
     return int(t.item())
+
+
+def gather_ints(dist, value: int, world: int) -> tuple[int, ...]:
+    """Every rank's `value`, in rank order, on every rank (one all-reduce of a one-hot vector)."""
+    if dist is None:
+        return (int(value),)
+    t = torch.zeros(world, dtype=torch.int64, device=collective_device(dist))
+    t[dist.get_rank()] = int(value)
+    dist.all_reduce(t)
+    return tuple(int(x) for x in t.tolist())
 
 
 class LearnerRank:
@@ -192,15 +227,9 @@ class LearnerRank:
             for p, b in zip(self.params, live):
                 p.copy_(b)
 
-    def fetch(self, work) -> TrajectoryCache:
-        """This rank's slice of the step's cache: the shards joined, then split evenly over the ranks."""
-        blobs = ray.get(list(work.cache_refs))
-        cache = concat_caches([TrajectoryCache.from_bytes(b) for b in blobs])
-        if self.world > 1:
-            if cache.batch_size % self.world:  # the driver refuses such a config at start-up (check_learner_split)
-                raise ConfigError("train.batch_size", cache.batch_size, f"a multiple of runtime.learners={self.world}")
-            cache = cache.split(cache.batch_size // self.world)[self.rank]
-        return cache
+    def fetch(self, work) -> tuple[TrajectoryCache, int]:
+        """This rank's rows of the step (`fetch_rows`) and the bytes it fetched."""
+        return fetch_rows(work, self.rank, self.world, self.cfg.train.batch_size)
 
     def train(self, step: int, cache: TrajectoryCache, timings: dict[str, float] | None = None) -> StepResult:
         """One step (flowbp_core.step.learn_step); raises NonFiniteStreak after too many bad steps in a row."""
@@ -276,8 +305,9 @@ def learner_loop(config: dict) -> None:
             return
         timings: dict[str, float] = {}
         with timed(TRANSFER, timings):
-            cache = learner.fetch(work)
-        staleness = learner.version - cache.policy_version
+            cache, nbytes = learner.fetch(work)
+        fetched = gather_ints(dist, nbytes, world)
+        staleness, samples = learner.version - cache.policy_version, cache.batch_size * world
         try:
             res = learner.train(step, cache, timings)
         except NonFiniteStreak as e:  # the streak's last step: skipped for its own reason, and failed
@@ -286,9 +316,10 @@ def learner_loop(config: dict) -> None:
                 ray.get(board.report.remote(StepOutcome(
                     step=step, generation=generation, loss=nan, reward_mean=nan, grad_norm=nan, residual=nan,
                     skipped=True, skip_reason=e.reason, policy_version=learner.version,
-                    staleness=staleness, samples=cache.batch_size, phase_seconds=timings, weights=None,
-                    checkpoint=None, failed=str(e))))
+                    staleness=staleness, samples=samples, phase_seconds=timings, weights=None,
+                    checkpoint=None, failed=str(e), fetched_bytes=fetched)))
             return
+        del cache  # the rows (views pinning their pieces in the object store) are not kept past the step
         step += 1
         ckpt_path = None
         state = learner.full_trainable_state() if not res.skipped else None  # every rank: a collective under FSDP
@@ -310,8 +341,8 @@ def learner_loop(config: dict) -> None:
                 step=res.step, generation=generation, loss=res.loss, reward_mean=res.reward_mean,
                 grad_norm=res.grad_norm, residual=float(res.diagnostics.get("residual_0", float("nan"))),
                 skipped=res.skipped, skip_reason=res.skip_reason or "", policy_version=learner.version,
-                staleness=staleness, samples=cache.batch_size * world, phase_seconds=res.timings, weights=weights,
-                checkpoint=ckpt_path, eval_weights=eval_weights)))
+                staleness=staleness, samples=samples, phase_seconds=res.timings, weights=weights,
+                checkpoint=ckpt_path, eval_weights=eval_weights, fetched_bytes=fetched)))
 
 
 def torch_backend(use_gpu: bool) -> str:

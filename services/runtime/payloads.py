@@ -1,8 +1,9 @@
 """Typed payloads that cross process boundaries inside the runtime (driver <-> actors <-> learner ranks).
 
 Why dataclasses and not dicts: a field renamed on one side fails loudly on the other, and each payload says what
-it carries. Big tensors never ride in these: a `TrajectoryCache` travels as safetensors bytes in the object store
-(its ObjectRef is wrapped in a list so that Ray does not resolve it on the way through the driver), and weights
+it carries. Big tensors never ride in these: a `TrajectoryCache` travels as safetensors bytes in the object store,
+in one piece per learner rank a shard covers (the ObjectRefs sit in tuples, so that Ray does not resolve them on the
+way through the driver and the board), and weights
 travel as `WeightsHandle.refs` (one ObjectRef per bucket).
 """
 
@@ -75,7 +76,8 @@ class RolloutStats:
         step (int), worker (int), pid (int): which step, which worker, which process.
         policy_version (int): the version of the weights it sampled with.
         samples (int): its rows of the step's batch.
-        nbytes (int): the serialised cache's size.
+        piece_nbytes (tuple[int, ...]): the size of each serialized piece of the cache (one per learner rank the
+            shard covers, in batch order).
         rollout_seconds (float): the `rollout` stage: encode, sample and serialise.
         sync_seconds (float): applying new weights before this rollout (0 when already current).
     """
@@ -85,7 +87,7 @@ class RolloutStats:
     pid: int
     policy_version: int
     samples: int
-    nbytes: int
+    piece_nbytes: tuple[int, ...]
     rollout_seconds: float
     sync_seconds: float
 
@@ -96,14 +98,15 @@ class LearnerWork:
 
     Attributes:
         step (int): the training step.
-        cache_refs (tuple[ObjectRef, ...]): one ObjectRef per rollout shard, in shard order, kept in a tuple so
-            that Ray hands the refs, not the bytes, to the board.
+        rank_refs (tuple[tuple[ObjectRef, ...], ...]): per learner rank, the cache pieces holding exactly its
+            rows of the batch, in batch order (pieces of one or more rollout shards); rank r fetches
+            `rank_refs[r]` alone.
         rollout_policy_version (int): the version the shards were sampled with.
         generation (int): the learner generation whose weights sampled it; the board drops other generations'.
     """
 
     step: int
-    cache_refs: tuple[Any, ...]
+    rank_refs: tuple[tuple[Any, ...], ...]
     rollout_policy_version: int
     generation: int = 0
 
@@ -125,6 +128,8 @@ class StepOutcome:
         checkpoint (str | None): the checkpoint written after the step.
         failed (str | None): set when the learner gives up (too many non-finite steps in a row).
         eval_weights (WeightsHandle | None): the EMA shadow (eval_only) when an eval is due and EMA is on.
+        fetched_bytes (tuple[int, ...]): per learner rank, the cache bytes it read from the object store for the
+            step (its pieces; () when not measured).
     """
 
     step: int
@@ -143,6 +148,7 @@ class StepOutcome:
     checkpoint: str | None
     failed: str | None = None
     eval_weights: WeightsHandle | None = None
+    fetched_bytes: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,6 +1,10 @@
 """RolloutWorker: a Ray actor holding a frozen copy of the backbone that turns prompt batches into
 `TrajectoryCache`s (safetensors bytes in the object store), compacted to what the method's plan needs.
 
+A shard comes back in pieces cut at the learner ranks' bounds (the request's `cuts`), one object each, so a
+learner rank fetches only its own rows. Each piece is a numpy uint8 array: Ray stores it out of band and a
+reader's `ray.get` maps it from the object store without a copy (`TrajectoryCache.from_buffer`).
+
 Why the request names its weights: a worker that was killed and restarted by Ray comes back with the base
 weights; because every request carries the `WeightsHandle` it must be sampled with, the restarted worker
 catches up on its first request, and a retried request produces the same cache (noise is seeded per sample).
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import ray
 import torch
 
@@ -49,10 +54,18 @@ class RolloutCore:
             # rollout may run a compiled transformer; the learner re-forwards eagerly.
             self.backbone.transformer = torch.compile(self.backbone.transformer)
 
-    def run(self, req: RolloutRequest, offset: int = 0):
+    def run(self, req: RolloutRequest, offset: int = 0,
+            cuts: tuple[tuple[int, int], ...] | None = None) -> tuple[list[np.ndarray], RolloutStats]:
+        """Sample rows [offset, offset + len(req.prompts)) of the step's batch; the serialized cache cut into the
+        pieces `cuts` names ([start, end) rows of the step's batch, in order, covering the shard; None: one
+        piece)."""
         if req.plan is None:
             raise ValueError(f"RolloutRequest.plan is None for step {req.step}: a training rollout is issued with its "
                              "step's plan (flowbp_core.step.step_plan)")
+        end = offset + len(req.prompts)
+        cuts = ((offset, end),) if cuts is None else tuple(cuts)
+        if [a for a, _ in cuts] + [end] != [offset] + [b for _, b in cuts] or any(a >= b for a, b in cuts):
+            raise ValueError(f"cuts {cuts}: contiguous non-empty [start, end) rows from {offset} to {end}")
         sync_s = self.receiver.apply(req.weights, self.backbone.load_trainable_state_dict)
         timings: dict[str, float] = {}
         with timed(ROLLOUT, timings):
@@ -61,11 +74,13 @@ class RolloutCore:
                                  policy_version=max(self.receiver.version, 0), state_dtype=self.state_dtype,
                                  device=self.comp.device, offset=offset, total=req.total_batch,
                                  meta={"step": str(req.step), "worker": str(self.worker), "offset": str(offset)})
-            blob = cache.to_bytes()
+            whole = len(cuts) == 1
+            pieces = [np.frombuffer((cache if whole else cache.rows(a - offset, b - offset)).to_bytes(), np.uint8)
+                      for a, b in cuts]
         stats = RolloutStats(step=req.step, worker=self.worker, pid=os.getpid(), policy_version=cache.policy_version,
-                             samples=len(req.prompts), nbytes=len(blob), rollout_seconds=timings[ROLLOUT],
-                             sync_seconds=sync_s)
-        return blob, stats
+                             samples=len(req.prompts), piece_nbytes=tuple(p.nbytes for p in pieces),
+                             rollout_seconds=timings[ROLLOUT], sync_seconds=sync_s)
+        return pieces, stats
 
     @torch.no_grad()
     def eval_images(self, req: RolloutRequest, offset: int = 0) -> torch.Tensor:
@@ -105,8 +120,10 @@ class RolloutWorker:
         self.core = RolloutCore(RunConfig.model_validate_json(cfg_json), worker)
 
     @ray.method(num_returns=2)
-    def rollout(self, req: RolloutRequest, offset: int = 0):
-        return self.core.run(req, offset)
+    def rollout(self, req: RolloutRequest, offset: int = 0, cuts: tuple[tuple[int, int], ...] | None = None):
+        """The shard's pieces, one object each, then its stats: call with `.options(num_returns=len(cuts) + 1)`."""
+        pieces, stats = self.core.run(req, offset, cuts)
+        return (*pieces, stats)
 
     def evaluate(self, req: RolloutRequest, score_app: str, offset: int = 0) -> list[float]:
         return self.core.evaluate(req, score_app, offset)

@@ -77,7 +77,8 @@ class Telemetry:
         self.event("step", step=outcome.step, generation=outcome.generation, loss=outcome.loss,
                    reward_mean=outcome.reward_mean, grad_norm=outcome.grad_norm, residual=outcome.residual,
                    skipped=outcome.skipped, skip_reason=outcome.skip_reason, policy_version=outcome.policy_version,
-                   staleness=outcome.staleness, phase_seconds=outcome.phase_seconds, checkpoint=outcome.checkpoint)
+                   staleness=outcome.staleness, phase_seconds=outcome.phase_seconds, checkpoint=outcome.checkpoint,
+                   fetched_bytes=list(outcome.fetched_bytes))
 
     def weight_sync(self, backend: str, seconds: float) -> None:
         self.sync.observe(float(seconds), tags={**self.tags, "backend": backend})

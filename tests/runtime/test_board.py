@@ -69,9 +69,10 @@ def _actors():
     @ray.remote(num_cpus=0)
     class ScriptedRollout:
         @ray.method(num_returns=2)
-        def rollout(self, req, offset: int = 0):
+        def rollout(self, req, offset: int = 0, cuts=None):
             return b"cache", RolloutStats(step=req.step, worker=0, pid=0, policy_version=req.weights.policy_version,
-                                          samples=len(req.prompts), nbytes=5, rollout_seconds=0.01, sync_seconds=0.0)
+                                          samples=len(req.prompts), piece_nbytes=(5,), rollout_seconds=0.01,
+                                          sync_seconds=0.0)
 
     return FakeLearner, ScriptedRollout
 
@@ -132,10 +133,10 @@ def test_an_offer_for_a_dead_generation_is_not_taken_by_the_new_one(ray_client):
                              resumed_from=None)
         ray.get(board.say_hello.remote(hello))
         # The driver made this offer for generation 1 before it saw generation 2's hello.
-        stale = LearnerWork(step=0, cache_refs=(), rollout_policy_version=0, generation=1)
+        stale = LearnerWork(step=0, rank_refs=(), rollout_policy_version=0, generation=1)
         assert ray.get(board.offer.remote(stale)) is False
         assert ray.get(board.take.remote(0, 2, 0.2)) is None
-        fresh = LearnerWork(step=0, cache_refs=(), rollout_policy_version=0, generation=2)
+        fresh = LearnerWork(step=0, rank_refs=(), rollout_policy_version=0, generation=2)
         assert ray.get(board.offer.remote(fresh)) is True
         assert ray.get(board.take.remote(0, 2, 0.2)) == fresh
     finally:

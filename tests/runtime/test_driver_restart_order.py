@@ -92,11 +92,12 @@ def _actors():
             self.board = board
 
         @ray.method(num_returns=2)
-        def rollout(self, req, offset: int = 0):
+        def rollout(self, req, offset: int = 0, cuts=None):
             if ray.get(self.board.is_dead.remote(req.weights.generation)):
                 raise ray.exceptions.ObjectLostError("00" * 28, "", "")
             return b"cache", RolloutStats(step=req.step, worker=0, pid=0, policy_version=req.weights.policy_version,
-                                          samples=len(req.prompts), nbytes=5, rollout_seconds=0.01, sync_seconds=0.0)
+                                          samples=len(req.prompts), piece_nbytes=(5,), rollout_seconds=0.01,
+                                          sync_seconds=0.0)
 
     return ScriptedBoard, ScriptedRollout
 

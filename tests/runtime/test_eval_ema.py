@@ -39,7 +39,7 @@ def test_eval_only_weights_serve_the_eval_and_the_next_rollout_samples_live(ray_
     before, _ = core.run(req)
     img_ema = core.eval_images(ereq)
     after, stats = core.run(req)
-    a, b = TrajectoryCache.from_bytes(after), TrajectoryCache.from_bytes(before)
+    a, b = TrajectoryCache.from_buffer(after[0]), TrajectoryCache.from_buffer(before[0])
     assert stats.policy_version == 1 and a.meta == b.meta and a.prompts == b.prompts and a.plan == b.plan == plan
     assert torch.equal(a.final, b.final) and torch.equal(a.noise, b.noise)
     assert set(a.states) == set(b.states) and all(torch.equal(a.states[i], b.states[i]) for i in a.states)

@@ -25,6 +25,8 @@ def test_step_bytes_add_up_from_their_parts():
     lora = layout.step_bytes(cfg, 512, roles, lora_rank=64)
     # FLUX.1: distilled guidance, no shared negative embedding: the step is the batch times one sample.
     assert lora.cache_step == cfg.train.batch_size * lora.cache_per_sample
-    assert lora.cache_network == 2 * lora.cache_step and lora.weights_network == 5 * lora.weights
+    # Each piece crosses to the one learner node that reads it; a rank fetches its 64 / 16 samples alone.
+    assert lora.cache_network == lora.cache_step and lora.weights_network == 5 * lora.weights
+    assert lora.cache_per_rank == cfg.train.batch_size // roles.learners * lora.cache_per_sample
     assert lora.weights == pytest.approx(418e6, rel=0.01)  # the FLUX LoRA r64 the issue quotes at ~420 MB
     assert layout.step_bytes(cfg, 1024, roles).reward_per_rank == 4 * 16 * 128 * 128 * 4

@@ -78,9 +78,17 @@ def test_two_learner_ranks_match_one(baseline, tmp_path, strategy):
                    reward={"terms": [{"name": "saturation"}], "loss": "neg_mean", "placement": "colocated"},
                    runtime={"rollout_workers": 1, "learners": 2, "rollout_num_cpus": 0.25, "learner_num_cpus": 0.5,
                             "strategy": strategy})
-    s = Driver(cfg).run()
+    drv = Driver(cfg)
+    s = drv.run()
     assert s.status == "finished", s.failure
     assert [s.losses[i] for i in range(4)] == pytest.approx([base.losses[i] for i in range(4)], rel=1e-5, abs=1e-7)
+    # Each rank fetched its own piece of the step alone: the bytes it read (measured by the rank) are the bytes
+    # the rollout wrote for its rows, half the step's each, not the whole step.
+    events = _events(drv.run_dir)
+    offered = {e["step"]: e["rank_bytes"] for e in events if e["event"] == "offer"}
+    fetched = {e["step"]: e["fetched_bytes"] for e in events if e["event"] == "step"}
+    assert sorted(fetched) == [0, 1, 2, 3] and all(len(v) == 2 and min(v) > 0 for v in fetched.values()), fetched
+    assert fetched == {k: offered[k] for k in fetched}, (fetched, offered)
 
 
 def test_rollout_and_learner_killed_run_resumes_exactly(baseline, tmp_path):

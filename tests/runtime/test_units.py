@@ -13,7 +13,7 @@ from services.reward_serve.client import served_reward
 from services.reward_serve.engine import RewardEngine, RewardServiceSpec
 from services.reward_serve.protocol import RewardRequest, RewardResponse, WireError
 from services.runtime import metric_names
-from services.runtime.driver import shard_bounds
+from services.runtime.layout import rank_pieces, shard_bounds
 from services.runtime.learner import concat_caches
 from services.runtime.weight_sync import BucketedSync
 
@@ -164,6 +164,21 @@ def test_shard_bounds_cover_the_batch_once(batch, parts):
     assert b[0][0] == 0 and b[-1][1] == batch
     assert all(a < e for a, e in b) and all(b[i][1] == b[i + 1][0] for i in range(len(b) - 1))
     assert max(e - a for a, e in b) - min(e - a for a, e in b) <= 1
+
+
+@pytest.mark.parametrize("batch, workers, learners", [(2, 1, 2), (6, 4, 2), (64, 40, 16), (64, 5, 8), (12, 12, 3)])
+def test_rollout_pieces_cover_each_learner_rank_exactly(batch, workers, learners):
+    """Every rollout shard cut at the learner bounds: rank r's pieces, in batch order, are exactly its rows."""
+    owned: dict[int, list[tuple[int, int]]] = {}
+    for a, b in shard_bounds(batch, workers):
+        pieces = rank_pieces(a, b, batch, learners)
+        assert pieces[0][0] == a and pieces[-1][1] == b and all(s < e for s, e, _ in pieces)
+        assert all(pieces[i][1] == pieces[i + 1][0] for i in range(len(pieces) - 1))
+        for s, e, r in pieces:
+            owned.setdefault(r, []).append((s, e))
+    for r, (a, b) in enumerate(shard_bounds(batch, learners)):
+        rows = [i for s, e in owned[r] for i in range(s, e)]
+        assert rows == list(range(a, b))
 
 
 def test_concat_of_split_shards_is_the_original_cache():
