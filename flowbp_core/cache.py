@@ -13,9 +13,6 @@ The wire format is safetensors: tensors under flat names, scalars and prompts in
 from __future__ import annotations
 
 import json
-import math
-import struct
-import warnings
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -25,6 +22,7 @@ from safetensors.torch import save as st_save
 
 from flowbp_core.plan import CacheNeeds, Plan
 from flowbp_core.schedules import validate_sigmas
+from flowbp_core.wire import read_metadata, read_views
 
 __all__ = ["CacheNeeds", "TrajectoryCache"]
 
@@ -252,22 +250,14 @@ class TrajectoryCache:
     @classmethod
     def from_bytes(cls, data: bytes) -> "TrajectoryCache":
         """A cache with its own copies of the tensors in `data` (what `to_bytes` wrote)."""
-        return cls._assemble(st_load(data), _read_metadata(data))
+        return cls._assemble(st_load(data), read_metadata(data))
 
     @classmethod
     def from_buffer(cls, buffer) -> "TrajectoryCache":
         """A cache whose tensors are read-only views into `buffer` (any buffer holding what `to_bytes` wrote, e.g.
-        the numpy array `ray.get` maps from the object store): nothing is copied, and the tensors keep `buffer`
-        alive. Never write into them."""
-        mv = memoryview(buffer).cast("B")
-        header, start = _read_header(mv)
-        tensors = {}
-        with warnings.catch_warnings():  # torch warns that a read-only buffer gives a tensor it must not write
-            warnings.simplefilter("ignore", UserWarning)
-            for name, spec in header.items():
-                if name != "__metadata__":
-                    tensors[name] = _view(mv, start, name, spec)
-        return cls._assemble(tensors, dict(header.get("__metadata__", {})))
+        the numpy array `ray.get` maps from the object store; `flowbp_core.wire`): nothing is copied, and the
+        tensors keep `buffer` alive. Never write into them."""
+        return cls._assemble(*read_views(buffer))
 
     @classmethod
     def _assemble(cls, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> "TrajectoryCache":
@@ -299,38 +289,3 @@ class TrajectoryCache:
             meta=json.loads(metadata["meta"]),
         )
 
-
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
-
-
-def _read_header(data) -> tuple[dict, int]:
-    """A safetensors blob's JSON header and where its data starts: 8-byte little-endian header length, then the
-    header."""
-    if len(data) < 8:
-        raise ValueError("not a safetensors blob: shorter than its 8-byte header length")
-    (hlen,) = struct.unpack("<Q", bytes(data[:8]))
-    if hlen > len(data) - 8:
-        raise ValueError("not a safetensors blob: header length exceeds the data")
-    return json.loads(bytes(data[8 : 8 + hlen]).decode("utf-8")), 8 + hlen
-
-
-def _view(mv: memoryview, start: int, name: str, spec: dict) -> torch.Tensor:
-    """Tensor `name` of a safetensors blob as a view into `mv` (its data starts at byte `start`)."""
-    if spec.get("dtype") not in _DTYPES:
-        raise ValueError(f"tensor {name!r}: dtype {spec.get('dtype')!r}, readable: {sorted(_DTYPES)}")
-    dtype, shape = _DTYPES[spec["dtype"]], tuple(spec["shape"])
-    a, b = spec["data_offsets"]
-    count = math.prod(shape)
-    if not 0 <= a <= b <= len(mv) - start or b - a != count * dtype.itemsize:
-        raise ValueError(f"tensor {name!r}: data_offsets {[a, b]} do not hold {shape} {spec['dtype']} within "
-                         f"the blob's {len(mv) - start} data bytes")
-    if count == 0:
-        return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(mv, dtype=dtype, count=count, offset=start + a).view(shape)
-
-
-def _read_metadata(data: bytes) -> dict[str, str]:
-    """The `__metadata__` of a safetensors blob."""
-    return dict(_read_header(data)[0].get("__metadata__", {}))

@@ -8,6 +8,10 @@
   worker can start reading the first bucket while later ones are still being put. The whole model still goes
   through the object store every step (see services/runtime/README.md for the bytes).
 
+Blobs are put as numpy uint8 arrays, so a worker's `ray.get` maps each from its node's object store and reads the
+tensors in place (`flowbp_core.wire`) before copying them into its weights: no copy of a bucket in the worker's
+own memory, and the workers of a node share the node's one copy.
+
 Every publish carries a `policy_version` (the learner step count), and a worker applies a handle only when its
 version is newer than what it holds: a restarted worker therefore catches up from the next request, which always
 names the weights it must be sampled with. Publish and apply are timed; both feed `flowbp_weight_sync_seconds`.
@@ -18,12 +22,13 @@ from __future__ import annotations
 import time
 from typing import Callable, Protocol
 
+import numpy as np
 import ray
 import torch
-from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from flowbp_core.errors import ConfigError
+from flowbp_core.wire import read_views
 from services.runtime.payloads import WeightsHandle
 
 
@@ -65,10 +70,16 @@ def _to_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
 
 
+def _put(blob: bytes):
+    """One safetensors blob into the object store, as an array a reader maps without a copy."""
+    return ray.put(np.frombuffer(blob, dtype=np.uint8))
+
+
 def _fetch_blobs(handle: WeightsHandle) -> dict[str, torch.Tensor]:
+    """The published tensors as read-only views into the object store: load them (copy), never write them."""
     out: dict[str, torch.Tensor] = {}
     for blob in ray.get(list(handle.refs)):
-        out.update(st_load(blob))
+        out.update(read_views(blob)[0])
     if len(out) != handle.n_tensors:
         raise RuntimeError(f"weights v{handle.policy_version}: got {len(out)} tensors, "
                            f"the handle lists {handle.n_tensors}")
@@ -84,7 +95,7 @@ class LoRASync:
     def publish(self, state: dict[str, torch.Tensor], policy_version: int, generation: int = 0) -> WeightsHandle:
         t0 = time.perf_counter()
         blob = st_save(_to_cpu(state), metadata={"policy_version": str(policy_version)})
-        ref = ray.put(blob)
+        ref = _put(blob)
         return WeightsHandle(backend=self.name, policy_version=int(policy_version), generation=int(generation),
                              refs=(ref,), nbytes=len(blob), n_tensors=len(state),
                              publish_seconds=time.perf_counter() - t0)
@@ -126,7 +137,7 @@ class BucketedSync:
         for i, bucket in enumerate(self.buckets(state)):  # one bucket's copy at a time, not the model's
             blob = st_save(_to_cpu(bucket), metadata={"policy_version": str(policy_version), "bucket": str(i)})
             nbytes += len(blob)
-            refs.append(ray.put(blob))
+            refs.append(_put(blob))
         return WeightsHandle(backend=self.name, policy_version=int(policy_version), generation=int(generation),
                              refs=tuple(refs), nbytes=nbytes, n_tensors=len(state),
                              publish_seconds=time.perf_counter() - t0)

@@ -21,6 +21,16 @@ def test_publish_fetch_round_trip(ray_client, backend, kw):
         assert len(h.refs) > 1, "small buckets must split the state"
     back = sync.fetch(h)
     assert set(back) == set(state) and all(torch.equal(back[k], state[k]) for k in state)
+    # Read in place: every fetched tensor lies inside a bucket as the object store maps it (read-only).
+    import ray
+
+    buckets = ray.get(list(h.refs))
+    assert all(not b.flags.writeable for b in buckets)
+    spans = [(b.ctypes.data, b.ctypes.data + b.nbytes) for b in buckets]
+    for k, t in back.items():
+        end = t.data_ptr() + t.numel() * t.element_size()
+        assert any(lo <= t.data_ptr() and end <= hi for lo, hi in spans), k
+    assert sum(b.nbytes for b in buckets) == h.nbytes
     state["blocks.0.w"].add_(1.0)  # the published copy must not alias the live weights
     assert not torch.equal(sync.fetch(h)["blocks.0.w"], state["blocks.0.w"])
 
