@@ -1,7 +1,7 @@
 """Ray Serve application builder for a standing reward service (`serve run services.reward_serve.app:build_app`,
 or the chart's RayService `importPath`).
 
-The training runtime deploys its own reward apps per run (services/runtime/driver.py); this builder is for a
+The training runtime deploys its own reward apps per run (services/runtime/run_setup.py); this builder is for a
 long-lived service shared by evaluations and by runs whose `reward.placement` is `served`. Its arguments come
 from YAML (the RayService's `args`), so they are validated into a typed model here, with the field named in the
 error, before any model is loaded.

@@ -20,35 +20,38 @@ one that is gone for good (restarts used up) has its shard sent to a live worker
 (noise and plan depend on seed, step and offset only), and gets no more shards. A learner group that loses a
 worker is restarted by Ray Train from the newest complete checkpoint and says hello with a new generation: the
 driver cancels the rollouts still queued for the dead generation, drops what was in flight and rewinds to the
-step it resumed at. Cancel
-(`cancel_event`) stops new rollouts and tells the learner to stop at its next step boundary: the step in progress
-finishes (its checkpoint, if due, is written atomically) or is abandoned; nothing half-written survives.
+step it resumed at. Cancel (`cancel_event`) stops new rollouts and tells the learner to stop at its next step
+boundary: the step in progress finishes (its checkpoint, if due, is written atomically) or is abandoned; nothing
+half-written survives.
+
+What the run checks and deploys before the loop is `run_setup`; what it records (outcomes, summary, telemetry) is
+`run_record`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray
 
 from flowbp_core.config import RunConfig
-from flowbp_core.errors import ConfigError
 from flowbp_core.run import build_method, load_prompts, new_run_id
 from flowbp_core.step import step_plan
 from flowbp_core.training import PromptSampler
 from services.runtime import learner as learner_mod
 from services.runtime import rollout as rollout_mod
+from services.runtime import weight_sync
 from services.runtime.board import start_board
 from services.runtime.layout import rank_pieces, shard_bounds
 from services.runtime.payloads import LearnerHello, LearnerWork, RolloutRequest, RunSummary, StepOutcome
-from services.runtime.placement import role_resources
-from services.runtime.telemetry import Telemetry
+from services.runtime.run_record import RunRecord
+from services.runtime.run_setup import (alive_nodes, check_checkpoint_dir, check_learner_split, deploy_reward_apps,
+                                        shutdown_reward_apps)
 
 log = logging.getLogger("flowbp.runtime")
 
@@ -69,47 +72,6 @@ class _InFlight:
     offered: bool = False
 
 
-@dataclass
-class _Counters:
-    rollout_pids: dict[int, set] = field(default_factory=dict)
-    phase_totals: dict[str, float] = field(default_factory=dict)
-    phase_counts: dict[str, int] = field(default_factory=dict)
-
-    def add_phase(self, name: str, seconds: float) -> None:
-        self.phase_totals[name] = self.phase_totals.get(name, 0.0) + float(seconds)
-        self.phase_counts[name] = self.phase_counts.get(name, 0) + 1
-
-    def means(self) -> dict[str, float]:
-        return {k: self.phase_totals[k] / self.phase_counts[k] for k in self.phase_totals}
-
-
-def check_learner_split(cfg: RunConfig) -> None:
-    """Refuse a batch the learner ranks cannot share equally (a rank without samples, or an over-weighted one)."""
-    rt, b = cfg.runtime, cfg.train.batch_size
-    if rt.strategy == "fsdp" and rt.learners < 2:
-        raise ConfigError("runtime.strategy", "fsdp", "'ddp' with runtime.learners=1 (FSDP shards the model "
-                          "over the learner ranks: set runtime.learners >= 2 to use it)")
-    if b % rt.learners:
-        below, above = b // rt.learners * rt.learners, (b // rt.learners + 1) * rt.learners
-        near = [n for n in (below, above) if n > 0]
-        divisors = [n for n in range(1, b + 1) if b % n == 0]
-        raise ConfigError("train.batch_size", b, f"a multiple of runtime.learners={rt.learners} (e.g. "
-                          f"{' or '.join(map(str, near))}), or runtime.learners one of {divisors}",
-                          hint="each learner rank trains an equal share of the batch")
-
-
-def check_checkpoint_dir(cfg: RunConfig, nodes: int) -> None:
-    """A multi-node run needs one checkpoint folder that every node sees at the same path."""
-    d = cfg.checkpoint.dir
-    if nodes > 1 and not Path(d).is_absolute():
-        raise ConfigError("checkpoint.dir", d, f"an absolute path on a filesystem that all {nodes} nodes of the "
-                          "cluster share", hint="every learner rank loads the checkpoint rank 0 resumes from")
-
-
-def _alive_nodes() -> int:
-    return sum(1 for n in ray.nodes() if n.get("Alive"))
-
-
 class Driver:
     def __init__(self, cfg: RunConfig, run_id: str | None = None, cancel_event: threading.Event | None = None,
                  hello_timeout_s: float | None = None):
@@ -119,56 +81,23 @@ class Driver:
         self.cancel_event = cancel_event or threading.Event()
         self.hello_timeout_s = cfg.runtime.hello_timeout_s if hello_timeout_s is None else hello_timeout_s
         self.run_dir = Path(cfg.checkpoint.dir).absolute() / self.run_id
-        self.telemetry = Telemetry(self.run_id, self.run_dir / "events.jsonl")
+        self.record = RunRecord(self.run_id, self.run_dir,
+                                weight_sync.backend_name(cfg.runtime.weight_sync, cfg.backbone.finetune))
+        self.telemetry = self.record.telemetry
+        self.summary: RunSummary = self.record.summary  # read while the run goes (the demo's progress bar, tests)
+        self.outcomes: dict[int, StepOutcome] = self.record.outcomes
         self.sampler = PromptSampler(load_prompts(cfg.train.prompts), cfg.train.batch_size, cfg.train.seed)
         self.method = build_method(cfg)  # draws each step's plan once; the rollouts carry it to the learner
-        self.summary = RunSummary(run_id=self.run_id, status="running", steps_done=0, policy_version=0)
-        self.counters = _Counters()
-        self.outcomes: dict[int, StepOutcome] = {}
         self._fit_error: BaseException | None = None
         self._apps: list[str] = []
         self.workers: list = []
         self.dead_workers: set[int] = set()  # rollout workers gone for good (restarts used up, or killed)
         self.board = None
-        self.hello: LearnerHello | None = None  # the learner generation the loop follows (tests read its pids)
 
-    # ------------------------------------------------------------------------------------------ setup
-    def _deploy_rewards(self) -> tuple[str | None, str | None]:
-        from services.reward_serve import deployment
-        from services.reward_serve.engine import DecoderSpec, RewardServiceSpec
-        from services.runtime.components import reward_panel
-
-        cfg, s = self.cfg, self.cfg.reward.served
-        panel, kwargs = reward_panel(cfg)
-        decoder = None
-        b = cfg.backbone
-        device = "cuda" if s.num_gpus > 0 else "cpu"
-        # Exactly the learner's VAE: build_components builds tiny models with their default seed, pretrained
-        # ones from the same path and dtype.
-        dec_kw = {"dtype": b.dtype, "device": device}
-        if not b.tiny and b.pretrained is not None:
-            dec_kw["local_files_only"] = b.local_files_only
-        dec = DecoderSpec(b.name, b.pretrained, b.tiny, dec_kw)
-        served_app = score_app = None
-        if cfg.reward.placement == "served":
-            decoder = dec if s.decode_on_reward_side else None
-            served_app = f"reward-{self.run_id}"
-            spec = RewardServiceSpec(panel, kwargs, decoder, device=device, name=served_app,
-                                     max_batch_size=s.max_batch_size,
-                                     batch_wait_timeout_s=s.batch_wait_timeout_s)
-            deployment.deploy(spec, app_name=served_app, route_prefix=f"/{served_app}", num_replicas=s.replicas,
-                              num_cpus=s.num_cpus, num_gpus=s.num_gpus, resources=role_resources(cfg, "reward"))
-            self._apps.append(served_app)
-        if learner_mod.eval_steps(self.cfg):
-            score_app = f"score-{self.run_id}"
-            spec = RewardServiceSpec(panel, kwargs, None, device=device, name=score_app,
-                                     max_batch_size=s.max_batch_size,
-                                     batch_wait_timeout_s=s.batch_wait_timeout_s)
-            deployment.deploy(spec, app_name=score_app, route_prefix=f"/{score_app}", num_replicas=1,
-                              num_cpus=s.num_cpus, num_gpus=s.num_gpus, resources=role_resources(cfg, "reward"),
-                              score_only=True)
-            self._apps.append(score_app)
-        return served_app, score_app
+    @property
+    def hello(self) -> LearnerHello | None:
+        """The learner generation the loop follows (tests read its pids)."""
+        return self.record.hello
 
     def _fit(self, trainer) -> None:
         try:
@@ -184,8 +113,8 @@ class Driver:
         self.telemetry.event("start", config=self.cfg.to_dict())
         thread = None
         try:
-            check_checkpoint_dir(self.cfg, _alive_nodes())
-            served_app, self.score_app = self._deploy_rewards()
+            check_checkpoint_dir(self.cfg, alive_nodes())
+            served_app, self.score_app = deploy_reward_apps(self.cfg, self.run_id, self._apps)
             self.board = start_board()
             # The learner ranks resolve no relative path of their own: their working folders differ from ours.
             learner_cfg = self.cfg.model_copy(update={"checkpoint": self.cfg.checkpoint.model_copy(
@@ -201,17 +130,11 @@ class Driver:
             self.telemetry.event("rollout_spawned", workers=len(self.workers))
             self._loop(thread, t_start)
         except BaseException as e:
-            self.summary.status = "failed"
-            self.summary.failure = self.summary.failure or f"{type(e).__name__}: {e}"
-            self.telemetry.event("failed", reason=self.summary.failure)
+            self.record.fail(f"{type(e).__name__}: {e}")
             raise
         finally:
             self._shutdown(thread)
-            self.summary.wall_seconds = time.perf_counter() - t_start
-            self.summary.phase_seconds = self.counters.means()
-            self.summary.rollout_retries = sum(max(0, len(p) - 1) for p in self.counters.rollout_pids.values())
-            (self.run_dir / "summary.json").write_text(json.dumps(asdict(self.summary), indent=2, default=str))
-            self.telemetry.event("end", status=self.summary.status, steps_done=self.summary.steps_done)
+            self.record.finish(time.perf_counter() - t_start)
         if self.summary.status == "failed":
             raise RunFailed(self.summary.failure)
         return self.summary
@@ -316,7 +239,7 @@ class Driver:
         cfg, rt = self.cfg, self.cfg.runtime
         total = cfg.train.steps
         hello = self._wait_hello(0, thread)
-        self._rewind(hello)
+        self.record.rewind(hello)
         weights, generation = hello.weights, hello.generation
         next_submit = next_learn = hello.start_step
         inflight: deque[_InFlight] = deque()
@@ -355,7 +278,7 @@ class Driver:
                     break
                 if stats is None:
                     break
-                self._record_rollout(stats)
+                self.record.rollout(stats)
                 self.telemetry.event("offer", step=item.step, generation=generation,
                                      rank_bytes=self._rank_bytes(item, stats))
                 ray.get(self.board.offer.remote(LearnerWork(step=item.step, rank_refs=self._rank_refs(item),
@@ -391,7 +314,7 @@ class Driver:
             seen += len(new)
             # Only a newer generation rewinds: a poll answered before a restart we already followed still carries
             # the dead generation's hello, and rewinding to it would redo finished steps with weights whose owner
-            # is gone (a CI run did exactly that).
+            # is gone.
             if current is not None and current.generation > generation:
                 self._follow_restart(current, inflight)
                 weights, generation = current.weights, current.generation
@@ -402,12 +325,9 @@ class Driver:
                     continue
                 if inflight and inflight[0].step == o.step:
                     inflight.popleft()
-                # Only the newest weights are kept: an outcome held with its handle pins that version's bytes.
-                self.outcomes[o.step] = replace(o, weights=None, eval_weights=None)
                 next_learn = o.step + 1
                 samples += o.samples
-                sps = samples / max(time.perf_counter() - t_first, 1e-9)
-                self._record_outcome(o, sps)
+                self.record.outcome(o, samples / max(time.perf_counter() - t_first, 1e-9))
                 if o.failed:
                     raise RunFailed(o.failed)
                 if o.weights is not None:
@@ -425,49 +345,11 @@ class Driver:
         log.warning("learner restarted (generation %d): resuming at step %d", hello.generation, hello.start_step)
         self.telemetry.event("learner_restart", generation=hello.generation, start_step=hello.start_step,
                              resumed_from=hello.resumed_from)
-        self._rewind(hello)
+        self.record.rewind(hello)
         for item in inflight:
             for ref in item.stats_refs:  # a queued call never runs; a running one finishes and is dropped
                 ray.cancel(ref)
         inflight.clear()
-
-    def _rewind(self, hello: LearnerHello) -> None:
-        self.hello = hello
-        self.summary.learner_generations = hello.generation
-        for s in [s for s in self.outcomes if s >= hello.start_step]:
-            del self.outcomes[s]
-        self._sync_summary()
-
-    def _record_rollout(self, stats) -> None:
-        for s in stats:
-            self.counters.rollout_pids.setdefault(s.worker, set()).add(s.pid)
-            if s.sync_seconds > 0:
-                self.telemetry.weight_sync(self._backend(), s.sync_seconds)
-        self.counters.add_phase("rollout", max(s.rollout_seconds for s in stats))
-        self.telemetry.phases({"rollout": max(s.rollout_seconds for s in stats)})
-
-    def _backend(self) -> str:
-        b = self.cfg.runtime.weight_sync
-        return ("lora_delta" if self.cfg.backbone.finetune == "lora" else "full_state") if b == "auto" else b
-
-    def _record_outcome(self, o: StepOutcome, sps: float) -> None:
-        self.telemetry.step(o, sps)
-        for k, v in o.phase_seconds.items():
-            self.counters.add_phase(k, v)
-        if o.weights is not None:
-            self.telemetry.weight_sync(o.weights.backend, o.weights.publish_seconds)
-        self._sync_summary()
-
-    def _sync_summary(self) -> None:
-        s = self.summary
-        s.losses = {k: o.loss for k, o in sorted(self.outcomes.items()) if not o.skipped}
-        s.rewards = {k: o.reward_mean for k, o in sorted(self.outcomes.items()) if not o.skipped}
-        s.skipped = {k: o.skip_reason for k, o in sorted(self.outcomes.items()) if o.skipped}
-        # Progress of the run (a resumed run counts the steps its checkpoint already holds).
-        start = self.hello.start_step if self.hello is not None else 0
-        s.steps_done = max(self.outcomes, default=start - 1) + 1
-        s.policy_version = max((o.policy_version for o in self.outcomes.values()), default=s.policy_version)
-        s.checkpoints = sorted({o.checkpoint for o in self.outcomes.values() if o.checkpoint})
 
     def _evaluate(self, step: int, weights) -> None:
         """Score the eval prompts sampled with `weights`: the learner's EMA shadow (an eval-only handle) when
@@ -481,9 +363,7 @@ class Driver:
                                  total_batch=len(prompts))
             refs.append(self.workers[w].evaluate.remote(req, self.score_app, a))
         scores = [x for r in ray.get(refs) for x in r]
-        result = {"reward_mean": float(sum(scores) / max(len(scores), 1))}
-        self.summary.eval_scores[step] = result
-        self.telemetry.eval(step, result)
+        self.record.evaluation(step, {"reward_mean": float(sum(scores) / max(len(scores), 1))})
 
     # --------------------------------------------------------------------------------------- shutdown
     def _shutdown(self, thread: threading.Thread | None) -> None:
@@ -500,7 +380,4 @@ class Driver:
             ray.kill(w, no_restart=True)
         if self.board is not None:
             ray.kill(self.board, no_restart=True)
-        from services.reward_serve.deployment import shutdown_app
-
-        for app in self._apps:
-            shutdown_app(app)
+        shutdown_reward_apps(self._apps)

@@ -144,10 +144,7 @@ class LearnerRank:
         t = cfg.train
         self.guard = BadStepGuard(t.max_bad_steps)
         self.run_dir = Path(cfg.checkpoint.dir).absolute() / run_id
-        backend = cfg.runtime.weight_sync
-        if backend == "auto":
-            backend = weight_sync.default_backend(cfg.backbone.finetune == "lora")
-        self.sync = weight_sync.build(backend)
+        self.sync = weight_sync.build(weight_sync.backend_name(cfg.runtime.weight_sync, cfg.backbone.finetune))
         self.step = 0
         self.version = 0
         self.resumed_from: str | None = None

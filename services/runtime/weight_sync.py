@@ -61,8 +61,11 @@ def build(name: str, **kw) -> WeightSync:
     return _REGISTRY[name](**kw)
 
 
-def default_backend(uses_lora: bool) -> str:
-    return "lora_delta" if uses_lora else "full_state"
+def backend_name(weight_sync: str, finetune: str) -> str:
+    """The backend `runtime.weight_sync` names; `auto` is the LoRA delta with LoRA, else the full state."""
+    if weight_sync != "auto":
+        return weight_sync
+    return "lora_delta" if finetune == "lora" else "full_state"
 
 
 def _to_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -97,8 +97,8 @@ def test_demos_started_in_the_same_second_get_their_own_run_folders(tmp_path):
 def test_demo_says_when_the_policy_games_the_preference_model(capsys):
     from types import SimpleNamespace
 
-    from services.entrypoints import demo
     from flowbp_core.world.rater import RaterReport
+    from services.entrypoints import demo_report
 
     judge = SimpleNamespace(overall=80.0, per_task={"colours": 80.0}, diversity=None)
     rated = {k: RaterReport(score=25.0, global_part=20.0, local_part=30.0, ratings=[]) for k in ("base", "aligned")}
@@ -109,9 +109,9 @@ def test_demo_says_when_the_policy_games_the_preference_model(capsys):
                 "delta_rater_parts_95ci": {"global": [-1, 1], "local": [-1, 1]}, "reward": "world_preference",
                 "base": {"placement_diversity": None}, "aligned": {"placement_diversity": None}}
 
-    demo.print_report(summary([-3.0, 2.0], [-1.0, 1.0]), judge, judge, rated, rows, 1, 1)  # ... the rater did not
+    demo_report.print_report(summary([-3.0, 2.0], [-1.0, 1.0]), judge, judge, rated, rows, 1, 1)  # ... the rater not
     assert "gaming the learned model" in capsys.readouterr().out
-    demo.print_report(summary([5.0, 9.0], [-9.0, -4.0]), judge, judge, rated, rows, 1, 1)
+    demo_report.print_report(summary([5.0, 9.0], [-9.0, -4.0]), judge, judge, rated, rows, 1, 1)
     assert "prompt following fell" in capsys.readouterr().out
-    demo.print_report(summary([5.0, 9.0], [-1.0, 1.0]), judge, judge, rated, rows, 1, 1)
+    demo_report.print_report(summary([5.0, 9.0], [-1.0, 1.0]), judge, judge, rated, rows, 1, 1)
     assert "warning" not in capsys.readouterr().out
