@@ -258,32 +258,47 @@ def load_backbone(name: str, pretrained: str | None, checkpoint: str | None, *, 
     return bb
 
 
-def generate(backbone, prompts: Sequence[str], *, batch_size: int, steps: int | None, seed: int,
-             guidance_scale: float | None = None) -> Iterator[tuple[Tensor, list[str], list[int]]]:
-    """Yield (images in [0,1], prompts, indices) batch by batch: rollout without gradients, decode, nothing kept."""
-    from flowbp_core.backbones.base import eval_schedule
+def sample_batches(backbone, prompts: Sequence[str], noise: Callable[[int, int], Tensor], *, sigmas: Tensor,
+                   guidance, batch_size: int, seed: int = 0,
+                   progress: bool = False) -> Iterator[tuple[Tensor, list[str], list[int]]]:
+    """The one sampler without gradients (evaluation, the world's judge and sample pool): yield (images in [0,1]
+    [b, 3, H, W], prompts, indices) batch by batch; `noise(start, end)` gives the noise of prompts [start, end);
+    each batch is rolled out keeping nothing and decoded."""
+    from tqdm import tqdm
+
     from flowbp_core.cache import CacheNeeds
-    from flowbp_core.guidance import GuidanceConfig
     from flowbp_core.sampling import rollout
 
-    n_steps = steps or backbone.preset.n_steps
+    nothing = CacheNeeds(states=frozenset(), velocities=frozenset())
+    for start in tqdm(range(0, len(prompts), batch_size), desc="sampling", unit="batch", disable=not progress):
+        batch = list(prompts[start:start + batch_size])
+        idx = list(range(start, start + len(batch)))
+        with torch.no_grad():
+            cond = backbone.encode_prompts(batch)
+            cache = rollout(backbone.bind(cond, guidance), noise(start, start + len(batch)).to(backbone.device),
+                            sigmas, seed=seed, cond=cond, prompts=batch, needs=nothing)
+            images = backbone.decode(cache.final.to(backbone.device))
+        yield images.float(), batch, idx
+
+
+def generate(backbone, prompts: Sequence[str], *, batch_size: int, steps: int | None, seed: int,
+             guidance_scale: float | None = None) -> Iterator[tuple[Tensor, list[str], list[int]]]:
+    """`sample_batches` as evaluation samples: the pipeline's schedule (`eval_schedule`), the preset's guidance at
+    `guidance_scale`, and the noise of prompt i from seed + i (the same whatever the batch size or --limit)."""
+    from flowbp_core.backbones.base import eval_schedule
+    from flowbp_core.guidance import GuidanceConfig
+
     g = backbone.preset.guidance
     if guidance_scale is not None:
         g = GuidanceConfig(mode=g.mode, scale=guidance_scale, detach_negative=g.detach_negative)
-    sigmas = eval_schedule(backbone, n_steps).sigmas
-    nothing = CacheNeeds(states=frozenset(), velocities=frozenset())
     shape = backbone.latent_shape(1)[1:]
-    for start in range(0, len(prompts), batch_size):
-        batch = list(prompts[start:start + batch_size])
-        idx = list(range(start, start + len(batch)))
-        # One generator per prompt: the noise of prompt i is the same whatever the batch size or --limit.
-        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in idx])
-        with torch.no_grad():
-            cond = backbone.encode_prompts(batch)
-            cache = rollout(backbone.bind(cond, g), noise.to(backbone.device), sigmas, seed=seed, cond=cond,
-                            prompts=batch, needs=nothing)
-            images = backbone.decode(cache.final.to(backbone.device))
-        yield images.float(), batch, idx
+
+    def noise(start: int, end: int) -> Tensor:
+        return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i))
+                            for i in range(start, end)])
+
+    return sample_batches(backbone, prompts, noise, sigmas=eval_schedule(backbone, steps or backbone.preset.n_steps)
+                          .sigmas, guidance=g, batch_size=batch_size, seed=seed)
 
 
 # ------------------------------------------------------------------------------------------------- rewards

@@ -11,15 +11,10 @@ import time
 from dataclasses import dataclass
 
 import torch
-from tqdm import tqdm
 
-from flowbp_core.cache import CacheNeeds
-from flowbp_core.sampling import rollout
+from flowbp_core.eval import sample_batches
 from flowbp_core.world.data import PromptItem, heldout_prompts
 from flowbp_core.world.judge import JudgeReport, diversity, evaluate
-
-_KEEP_NOTHING = CacheNeeds(states=frozenset(), velocities=frozenset())
-
 
 def noise_for(backbone, n_prompts: int, seed: int) -> torch.Tensor:
     shape = backbone.latent_shape(1)[1:]
@@ -28,20 +23,16 @@ def noise_for(backbone, n_prompts: int, seed: int) -> torch.Tensor:
     )
 
 
-@torch.no_grad()
-def generate(backbone, prompts: list[str], seed: int, n_steps: int | None = None, guidance=None,
-             batch_size: int = 64, noise: torch.Tensor | None = None, progress: bool = False) -> torch.Tensor:
-    """Images [B, 3, H, W] in [0, 1] for `prompts` (noise per index from `seed`, unless `noise` is given)."""
+def sample_images(backbone, prompts: list[str], seed: int, n_steps: int | None = None, guidance=None,
+                  batch_size: int = 64, noise: torch.Tensor | None = None, progress: bool = False) -> torch.Tensor:
+    """Images [B, 3, H, W] in [0, 1] on the CPU for `prompts`, sampled as the world was trained (the training
+    schedule, `backbone.schedule`): noise per index from `seed` (`noise_for`), unless `noise` is given."""
     steps = n_steps or backbone.preset.n_steps
-    sigmas = backbone.schedule(steps).sigmas
     noise = (noise if noise is not None else noise_for(backbone, len(prompts), seed)).to(backbone.device)
-    out = []
-    for a in tqdm(range(0, len(prompts), batch_size), desc="sampling", unit="batch", disable=not progress):
-        chunk = prompts[a : a + batch_size]
-        cond = backbone.encode_prompts(chunk)
-        cache = rollout(backbone.bind(cond, guidance), noise[a : a + batch_size], sigmas, needs=_KEEP_NOTHING)
-        out.append(backbone.decode(cache.final).float().cpu())
-    return torch.cat(out)
+    batches = sample_batches(backbone, prompts, lambda start, end: noise[start:end],
+                             sigmas=backbone.schedule(steps).sigmas, guidance=guidance, batch_size=batch_size,
+                             progress=progress)
+    return torch.cat([images.cpu() for images, _, _ in batches])
 
 
 @dataclass
@@ -60,7 +51,7 @@ def judge_backbone(backbone, items: list[PromptItem] | None = None, seeds: int =
     items = items if items is not None else heldout_prompts()
     texts = [it.text for it in items]
     t0 = time.perf_counter()
-    imgs = torch.cat([generate(backbone, texts, seed=s, n_steps=n_steps, guidance=guidance) for s in range(seeds)])
+    imgs = torch.cat([sample_images(backbone, texts, seed=s, n_steps=n_steps, guidance=guidance) for s in range(seeds)])
     all_specs = [it.spec for it in items] * seeds
     report = evaluate(imgs, all_specs)
     if seeds > 1:
