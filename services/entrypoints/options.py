@@ -8,11 +8,12 @@ argparse's usage error naming the field, the value and what is allowed.
 from __future__ import annotations
 
 import argparse
-import sys
 import dataclasses
+import json
+import sys
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -67,3 +68,20 @@ def _argument(hint: Any, f: dataclasses.Field) -> dict[str, Any]:
 def command_line(prog: str, argv: Sequence[str] | None) -> str:
     """The command as typed, for a checkpoint's provenance (`prog` is its `python -m ...` form)."""
     return " ".join([prog, *(sys.argv[1:] if argv is None else argv)])
+
+
+def options_command(options: type[T], run: Callable[..., object], *, module: str, doc: str | None,
+                    provenance: bool = True, report: bool = False) -> Callable[[Sequence[str] | None], int]:
+    """The `main(argv)` of `python -m <module>`, a command whose flags are the fields of `options`: it parses them
+    and calls `run(options, command line as typed)` (`run(options)` without `provenance`, for a run that keeps no
+    provenance); with `report` it prints what `run` returns as JSON. Exit status 0."""
+    prog = f"python -m {module}"
+
+    def main(argv: Sequence[str] | None = None) -> int:
+        opts = parse_options(options, argv, prog, doc)
+        out = run(opts, command_line(prog, argv)) if provenance else run(opts)
+        if report:
+            print(json.dumps(out))
+        return 0
+
+    return main

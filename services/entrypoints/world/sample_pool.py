@@ -7,21 +7,11 @@
 The sampling itself is flowbp_core.world.sample_pool.sample_pool (its docstring says why and what is stored).
 """
 
-from __future__ import annotations
-
-import json
-from collections.abc import Sequence
-
 from flowbp_core.world.sample_pool import SamplePoolOptions, sample_pool
-from services.entrypoints.options import parse_options
+from services.entrypoints.options import options_command
 
-PROG = "python -m services.entrypoints.world.sample_pool"
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    print(json.dumps(sample_pool(parse_options(SamplePoolOptions, argv, PROG, __doc__))))
-    return 0
-
+main = options_command(SamplePoolOptions, sample_pool, module="services.entrypoints.world.sample_pool", doc=__doc__,
+                       provenance=False, report=True)
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -8,20 +8,10 @@
 The run itself is flowbp_core.world.train_base.train_base (its docstring says what a step does).
 """
 
-from __future__ import annotations
-
-from collections.abc import Sequence
-
 from flowbp_core.world.train_base import BaseTrainOptions, train_base
-from services.entrypoints.options import command_line, parse_options
+from services.entrypoints.options import options_command
 
-PROG = "python -m services.entrypoints.world.train_base"
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    train_base(parse_options(BaseTrainOptions, argv, PROG, __doc__), command_line(PROG, argv))
-    return 0
-
+main = options_command(BaseTrainOptions, train_base, module="services.entrypoints.world.train_base", doc=__doc__)
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -7,20 +7,11 @@
 The run itself is flowbp_core.world.train_preference.train_preference (its docstring says what a step shows).
 """
 
-from __future__ import annotations
-
-from collections.abc import Sequence
-
 from flowbp_core.world.train_preference import PreferenceTrainOptions, train_preference
-from services.entrypoints.options import command_line, parse_options
+from services.entrypoints.options import options_command
 
-PROG = "python -m services.entrypoints.world.train_preference"
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    train_preference(parse_options(PreferenceTrainOptions, argv, PROG, __doc__), command_line(PROG, argv))
-    return 0
-
+main = options_command(PreferenceTrainOptions, train_preference, module="services.entrypoints.world.train_preference",
+                       doc=__doc__)
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -6,20 +6,10 @@
 The run itself is flowbp_core.world.train_reward.train_reward (its docstring says what the flags do).
 """
 
-from __future__ import annotations
-
-from collections.abc import Sequence
-
 from flowbp_core.world.train_reward import RewardTrainOptions, train_reward
-from services.entrypoints.options import command_line, parse_options
+from services.entrypoints.options import options_command
 
-PROG = "python -m services.entrypoints.world.train_reward"
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    train_reward(parse_options(RewardTrainOptions, argv, PROG, __doc__), command_line(PROG, argv))
-    return 0
-
+main = options_command(RewardTrainOptions, train_reward, module="services.entrypoints.world.train_reward", doc=__doc__)
 
 if __name__ == "__main__":
     raise SystemExit(main())
