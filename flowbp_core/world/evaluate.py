@@ -23,8 +23,9 @@ def noise_for(backbone, n_prompts: int, seed: int) -> torch.Tensor:
     )
 
 
-def sample_images(backbone, prompts: list[str], seed: int, n_steps: int | None = None, guidance=None,
-                  batch_size: int = 64, noise: torch.Tensor | None = None, progress: bool = False) -> torch.Tensor:
+def sample_world_images(backbone, prompts: list[str], seed: int, n_steps: int | None = None, guidance=None,
+                        batch_size: int = 64, noise: torch.Tensor | None = None,
+                        progress: bool = False) -> torch.Tensor:
     """Images [B, 3, H, W] in [0, 1] on the CPU for `prompts`, sampled as the world was trained (the training
     schedule, `backbone.schedule`): noise per index from `seed` (`noise_for`), unless `noise` is given."""
     steps = n_steps or backbone.preset.n_steps
@@ -51,7 +52,8 @@ def judge_backbone(backbone, items: list[PromptItem] | None = None, seeds: int =
     items = items if items is not None else heldout_prompts()
     texts = [it.text for it in items]
     t0 = time.perf_counter()
-    imgs = torch.cat([sample_images(backbone, texts, seed=s, n_steps=n_steps, guidance=guidance) for s in range(seeds)])
+    imgs = torch.cat([sample_world_images(backbone, texts, seed=s, n_steps=n_steps, guidance=guidance)
+                      for s in range(seeds)])
     all_specs = [it.spec for it in items] * seeds
     report = evaluate(imgs, all_specs)
     if seeds > 1:

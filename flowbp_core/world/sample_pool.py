@@ -21,7 +21,7 @@ import torch
 
 from flowbp_core.errors import ConfigError, check_range
 from flowbp_core.world.data import prompt_pool
-from flowbp_core.world.evaluate import sample_images
+from flowbp_core.world.evaluate import sample_world_images
 
 
 def load_policy(checkpoint: Path | None):
@@ -80,7 +80,7 @@ def sample_pool(a: SamplePoolOptions) -> dict:
     noise = torch.cat([torch.randn((len(prompts[s : s + a.batch]), *shape), generator=gen)
                        for s in range(0, len(prompts), a.batch)])
     t0 = time.perf_counter()
-    images = sample_images(bb, prompts, seed=0, batch_size=a.batch, noise=noise, progress=True)
+    images = sample_world_images(bb, prompts, seed=0, batch_size=a.batch, noise=noise, progress=True)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     save_file({"images": (images.clamp(0, 1) * 255).round().to(torch.uint8)}, str(a.out),
               metadata={"prompts": json.dumps(prompts), "policy": str(a.policy or "base"), "seed": str(a.seed),
