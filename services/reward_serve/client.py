@@ -47,15 +47,17 @@ class ServedRewardClient:
     def call(self, x: torch.Tensor, prompts: list[str], want_grad: bool = True) -> RewardResponse:
         """Score `x`: in requests of at most `max_samples` samples, sent together, joined in order."""
         n = self.max_samples or x.shape[0]
-        payloads = [RewardRequest(x[i:i + n].detach(), tuple(prompts[i:i + n]), self.kind, want_grad).to_bytes()
+        payloads = [RewardRequest(input=x[i:i + n].detach(), prompts=tuple(prompts[i:i + n]), kind=self.kind,
+                                  want_grad=want_grad).to_bytes()
                     for i in range(0, x.shape[0], n)]
         pending = [self._get_handle().score.remote(p) for p in payloads]
         parts = [self._result(p, r) for p, r in zip(payloads, pending)]
         if len(parts) == 1:
             return parts[0]
         grads = [r.grad for r in parts]
-        return RewardResponse(torch.cat([r.rewards for r in parts]),
-                              None if any(g is None for g in grads) else torch.cat(grads), parts[0].deployment)
+        return RewardResponse(rewards=torch.cat([r.rewards for r in parts]),
+                              grad=None if any(g is None for g in grads) else torch.cat(grads),
+                              deployment=parts[0].deployment)
 
     def _result(self, payload: bytes, pending) -> RewardResponse:
         last: Exception | None = None

@@ -18,9 +18,16 @@ from flowbp_core.errors import ConfigError
 from services.reward_serve.protocol import RewardRequest, RewardResponse, WireError
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DecoderSpec:
-    """Which backbone's VAE decodes latents on the reward side (`build(name, path, tiny=tiny, **kwargs)`)."""
+    """Which backbone's VAE decodes latents on the reward side (`build(name, path, tiny=tiny, **kwargs)`).
+
+    Attributes:
+        backbone (str): the backbone family's registered name (e.g. "sd3").
+        path (str | None): its pretrained folder or hub id; None builds it from config (tiny) or the default.
+        tiny (bool): the tiny random-weight config (tests, CPU runs).
+        kwargs (dict[str, Any]): further keyword arguments of the build (dtype, device, local_files_only).
+    """
 
     backbone: str
     path: str | None = None
@@ -28,10 +35,20 @@ class DecoderSpec:
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RewardServiceSpec:
-    """Everything a reward replica needs to build itself. `panel` is ((name, weight), ...); one entry with
-    weight 1 is a plain reward. `decoder=None` means the service accepts images only."""
+    """Everything a reward replica needs to build itself.
+
+    Attributes:
+        panel (tuple[tuple[str, float], ...]): the reward terms as ((name, weight), ...); one entry with weight 1
+            is a plain reward.
+        reward_kwargs (dict[str, dict[str, Any]]): each term's constructor keyword arguments, by name.
+        decoder (DecoderSpec | None): the VAE that decodes latent requests; None: the service takes images only.
+        device (str): where the replica runs its models ("cpu" or "cuda").
+        name (str): the deployment's name, returned in every response.
+        max_batch_size (int): samples a replica scores in one call, >= 1.
+        batch_wait_timeout_s (float): how long a replica waits to fill a batch, >= 0.
+    """
 
     panel: tuple[tuple[str, float], ...]
     reward_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -111,7 +128,8 @@ class RewardEngine:
             start = 0
             for i in idx:
                 n = requests[i].batch_size
-                out[i] = RewardResponse(r[start : start + n].detach().cpu(),
-                                        None if g is None else g[start : start + n].detach().cpu(), self.spec.name)
+                out[i] = RewardResponse(rewards=r[start : start + n].detach().cpu(),
+                                        grad=None if g is None else g[start : start + n].detach().cpu(),
+                                        deployment=self.spec.name)
                 start += n
         return out  # type: ignore[return-value]

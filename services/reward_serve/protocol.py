@@ -53,8 +53,17 @@ def request_samples(data: bytes) -> int:
         return 1
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RewardRequest:
+    """One call to the reward service.
+
+    Attributes:
+        input (torch.Tensor): [B, ...] latents, or images [B, 3, H, W] in [0, 1] (`kind` says which).
+        prompts (tuple[str, ...]): B prompts, one per input row.
+        kind (str): "latents" (the service decodes them) or "images".
+        want_grad (bool): whether the response carries d reward / d input.
+    """
+
     input: torch.Tensor
     prompts: tuple[str, ...]
     kind: str = "latents"
@@ -87,12 +96,21 @@ class RewardRequest:
         tensors = st_load(bytes(data))
         if "input" not in tensors:
             raise WireError("reward_request has no 'input' tensor")
-        return cls(tensors["input"], tuple(json.loads(meta["prompts"])), meta.get("kind", "latents"),
-                   meta.get("want_grad", "1") == "1")
+        return cls(input=tensors["input"], prompts=tuple(json.loads(meta["prompts"])),
+                   kind=meta.get("kind", "latents"), want_grad=meta.get("want_grad", "1") == "1")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RewardResponse:
+    """The reward service's answer to one `RewardRequest`.
+
+    Attributes:
+        rewards (torch.Tensor): [B] float32, one reward per input row.
+        grad (torch.Tensor | None): d reward / d input, shaped like the request's input (float32); None when the
+            request did not want it.
+        deployment (str): the name of the deployment that answered.
+    """
+
     rewards: torch.Tensor
     grad: torch.Tensor | None
     deployment: str = ""
@@ -110,4 +128,4 @@ class RewardResponse:
         if meta.get("type") != "reward_response":
             raise WireError(f"expected a reward_response payload, got type={meta.get('type')!r}")
         tensors = st_load(bytes(data))
-        return cls(tensors["rewards"], tensors.get("grad"), meta.get("deployment", ""))
+        return cls(rewards=tensors["rewards"], grad=tensors.get("grad"), deployment=meta.get("deployment", ""))

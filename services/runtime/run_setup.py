@@ -60,19 +60,19 @@ def deploy_reward_apps(cfg: RunConfig, run_id: str, deployed: list[str]) -> tupl
     dec_kw = {"dtype": b.dtype, "device": device}
     if not b.tiny and b.pretrained is not None:
         dec_kw["local_files_only"] = b.local_files_only
-    dec = DecoderSpec(b.name, b.pretrained, b.tiny, dec_kw)
+    dec = DecoderSpec(backbone=b.name, path=b.pretrained, tiny=b.tiny, kwargs=dec_kw)
     served_app = score_app = None
     if cfg.reward.placement == "served":
         decoder = dec if s.decode_on_reward_side else None
         served_app = f"reward-{run_id}"
-        spec = RewardServiceSpec(panel, kwargs, decoder, device=device, name=served_app,
+        spec = RewardServiceSpec(panel=panel, reward_kwargs=kwargs, decoder=decoder, device=device, name=served_app,
                                  max_batch_size=s.max_batch_size, batch_wait_timeout_s=s.batch_wait_timeout_s)
         deployment.deploy(spec, app_name=served_app, route_prefix=f"/{served_app}", num_replicas=s.replicas,
                           num_cpus=s.num_cpus, num_gpus=s.num_gpus, resources=role_resources(cfg, "reward"))
         deployed.append(served_app)
     if learner_mod.eval_steps(cfg):
         score_app = f"score-{run_id}"
-        spec = RewardServiceSpec(panel, kwargs, None, device=device, name=score_app,
+        spec = RewardServiceSpec(panel=panel, reward_kwargs=kwargs, decoder=None, device=device, name=score_app,
                                  max_batch_size=s.max_batch_size, batch_wait_timeout_s=s.batch_wait_timeout_s)
         deployment.deploy(spec, app_name=score_app, route_prefix=f"/{score_app}", num_replicas=1,
                           num_cpus=s.num_cpus, num_gpus=s.num_gpus, resources=role_resources(cfg, "reward"),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ctl_helpers import TOKEN, settings_for
+from controller_helpers import TOKEN, settings_for
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from ctl_helpers import AUTH, TOKEN
+from controller_helpers import AUTH, TOKEN
 
 pytestmark = pytest.mark.integration
 
@@ -79,7 +79,7 @@ def test_malformed_json_and_controller_limits_get_422(api, redis_server, tmp_pat
 
     from fastapi.testclient import TestClient
 
-    from ctl_helpers import settings_for
+    from controller_helpers import settings_for
     from services.controller.app import create_app
     from services.controller.settings import Limits
 
@@ -100,7 +100,7 @@ def test_registry_names_and_method_parameters_get_422(redis_server, tmp_path, to
     """Names and method parameters are checked by the registries themselves (check_registries=True)."""
     from fastapi.testclient import TestClient
 
-    from ctl_helpers import settings_for
+    from controller_helpers import settings_for
     from services.controller.app import create_app
 
     with TestClient(create_app(settings_for(redis_server.url, tmp_path, check_registries=True))) as c:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ctl_helpers import REPO, ControllerProcess, controller_env
+from controller_helpers import REPO, ControllerProcess, controller_env
 from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

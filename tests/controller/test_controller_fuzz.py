@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
-from ctl_helpers import AUTH, settings_for
+from controller_helpers import AUTH, settings_for
 
 pytestmark = pytest.mark.integration
 

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from ctl_helpers import AUTH, TOKEN, ControllerProcess, controller_env, settings_from_env
+from controller_helpers import AUTH, TOKEN, ControllerProcess, controller_env, settings_from_env
 from services.localproc import free_port
 
 pytestmark = pytest.mark.integration

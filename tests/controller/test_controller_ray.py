@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from ctl_helpers import TOKEN, ControllerProcess, controller_env
+from controller_helpers import TOKEN, ControllerProcess, controller_env
 from tests.waiting import wait_for
 from services.controller import cli
 

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from ctl_helpers import settings_for
+from controller_helpers import settings_for
 from services.controller.app import Controller
 from services.controller.auth import TokenStore
 from services.controller.models import JobRecord, JobState, Transition
@@ -90,7 +90,7 @@ def test_store_mutations_are_atomic_under_concurrency(redis_server, tmp_path):
 
 def test_real_server_rides_out_a_redis_restart(redis_server, tmp_path):
     """A uvicorn controller with its reconciler running: 503 while Redis is down, then back by itself."""
-    from ctl_helpers import ControllerProcess, controller_env
+    from controller_helpers import ControllerProcess, controller_env
     from tests.waiting import wait_for
 
     # Dispatch paused: each reconciler pass is then a few Redis calls, never a Ray submit waiting out back-offs.

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ctl_helpers import settings_from_env
+from controller_helpers import settings_from_env
 
 from services.controller import metric_names
 from services.controller.auth import TokenError, TokenStore

@@ -1,11 +1,11 @@
-"""Fixtures for tests/core (helpers live in core_fields.py, a uniquely named module)."""
+"""Fixtures for tests/core (helpers live in core_helpers.py, a uniquely named module)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from core_fields import LinearField
+from core_helpers import LinearField
 from flowbp_core.sampling import rollout
 from flowbp_core.schedules import make_schedule
 

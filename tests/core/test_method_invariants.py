@@ -10,7 +10,7 @@ from flowbp_core.methods.memory import saved_tensor_bytes
 from flowbp_core.sampling import rollout
 from flowbp_core.schedules import make_schedule
 
-from core_fields import TinyMLP
+from core_helpers import TinyMLP
 
 PINNING = ["flowbp_sparse", "flowbp_bridge", "flowbp_lagrange", "leapalign", "surrogate", "draft_k", "alignprop",
            "full_bptt"]

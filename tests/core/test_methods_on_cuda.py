@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from core_fields import TinyMLP
+from core_helpers import TinyMLP
 from flowbp_core import methods
 from flowbp_core.sampling import rollout
 from flowbp_core.schedules import make_schedule

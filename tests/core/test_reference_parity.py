@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from core_fields import LinearField
+from core_helpers import LinearField
 from flowbp_core import methods
 from flowbp_core.config import config_from_dict
 from flowbp_core.errors import ConfigError

@@ -29,7 +29,7 @@ import yaml
 from deploy_helpers import ALERT_RULES, REPO, alert_exprs, panel_targets, template_queries
 
 from services.localproc import LOOPBACK, RayHead, RedisServer, free_port, stop_process
-from tests.controller.ctl_helpers import TOKEN, ControllerProcess, controller_env
+from tests.controller.controller_helpers import TOKEN, ControllerProcess, controller_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow,
               pytest.mark.skipif(shutil.which("prometheus") is None,

@@ -61,7 +61,7 @@ def node_alive(node_id: str) -> bool:
 
 
 def config(run_dir: Path):
-    from tests.runtime.helpers import tiny_cfg
+    from tests.tiny_runs import tiny_cfg
 
     return tiny_cfg(run_dir, "multinode", train={"steps": STEPS},
                     runtime={"rollout_workers": 2, "learners": 1, "rollout_num_cpus": 0.25,

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.runtime.helpers import tiny_cfg
+from tests.tiny_runs import tiny_cfg
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from tests.runtime.helpers import tiny_cfg
+from tests.tiny_runs import tiny_cfg
 
 pytestmark = pytest.mark.integration
 

@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from tests.runtime.helpers import PROMPTS, tiny_cfg
+from tests.tiny_runs import PROMPTS, tiny_cfg
 
 pytestmark = pytest.mark.integration
 

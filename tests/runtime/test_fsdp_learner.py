@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-from tests.runtime.helpers import tiny_cfg, write_caches
+from services.localproc import free_port
+from tests.tiny_runs import tiny_cfg, write_caches
 
 pytestmark = pytest.mark.integration
 
@@ -31,12 +31,6 @@ def _cfg(tmp: Path, run_id: str, finetune: str, strategy: str):
                     reward={"terms": [{"name": "saturation"}], "loss": "neg_mean", "placement": "colocated"},
                     train={"steps": STEPS, "batch_size": 4, "lr": 1e-3, "ema_decay": 0.9},
                     runtime={"learners": 2, "strategy": strategy})
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank_main(rank: int, world: int, port: int, cfg_json: str, cache_files: list[str], steps: list[int],
@@ -85,7 +79,7 @@ def _rank_main(rank: int, world: int, port: int, cfg_json: str, cache_files: lis
 
 def _spawn(cfg, cache_files, steps, out: Path, save_steps: list[int] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    mp.spawn(_rank_main, args=(2, _free_port(), cfg.model_dump_json(), cache_files, steps, str(out), save_steps),
+    mp.spawn(_rank_main, args=(2, free_port(), cfg.model_dump_json(), cache_files, steps, str(out), save_steps),
              nprocs=2, join=True)
     return json.loads((out / "log.json").read_text())
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import traceback
 from datetime import timedelta
 from pathlib import Path
@@ -16,7 +15,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from tests.runtime.helpers import tiny_cfg, write_caches
+from services.localproc import free_port
+from tests.tiny_runs import tiny_cfg, write_caches
 
 pytestmark = pytest.mark.integration
 
@@ -31,12 +31,6 @@ def _cfg(tmp: Path, run_id: str, strategy: str = "fsdp", method: dict | None = N
                    train={"steps": steps, "batch_size": batch, "lr": 1e-3},
                    runtime={"learners": 2, "strategy": strategy})
     return config_from_dict({**cfg.to_dict(), "method": method or {"name": "flowbp_sparse", "k": 2}})
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank_entry(rank: int, world: int, port: int, scenario, args: tuple, out: str) -> None:
@@ -57,7 +51,7 @@ def _rank_entry(rank: int, world: int, port: int, scenario, args: tuple, out: st
 def run_group(scenario, args: tuple, out: Path, world: int = 2) -> list[dict]:
     """Run `scenario(rank, world, *args)` on `world` gloo ranks; each rank's JSON result, in rank order."""
     out.mkdir(parents=True, exist_ok=True)
-    ctx = mp.start_processes(_rank_entry, args=(world, _free_port(), scenario, args, str(out)), nprocs=world,
+    ctx = mp.start_processes(_rank_entry, args=(world, free_port(), scenario, args, str(out)), nprocs=world,
                              join=False, start_method="spawn")
     import time
 

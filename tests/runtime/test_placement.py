@@ -7,7 +7,6 @@ The multi-node half (each role on its own node, a node killed mid-run) is tests/
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 
@@ -15,14 +14,9 @@ import pytest
 
 from flowbp_core.config import config_from_dict
 from flowbp_core.errors import ConfigError
-from tests.runtime.helpers import tiny_cfg
+from tests.tiny_runs import run_events, tiny_cfg
 
 pytestmark = pytest.mark.integration
-
-
-def _events(run_dir) -> list[dict]:
-    path = run_dir / "events.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def _wait(pred, timeout: float, what: str) -> None:
@@ -62,7 +56,7 @@ def test_a_dead_rollout_workers_shard_goes_to_a_live_worker(ray_client, tmp_path
     t.join(timeout=300)
     assert not t.is_alive(), "run did not finish"
     s = box["summary"]
-    events = _events(drv.run_dir)
+    events = run_events(drv.run_dir)
     names = [e["event"] for e in events]
     assert s.status == "finished", (s.failure, names)
     assert drv.dead_workers == {0}

@@ -6,7 +6,6 @@ most of it actor start-up, so runs are shared between assertions where one run c
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -16,15 +15,10 @@ import pytest
 
 from flowbp_core.stages import STAGES
 
-from tests.runtime.helpers import tiny_cfg
+from tests.tiny_runs import run_events, tiny_cfg
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
-
-
-def _events(run_dir):
-    path = run_dir / "events.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +43,7 @@ def test_end_to_end_served_two_workers(baseline):
     assert [os.path.basename(p) for p in s.checkpoints] == ["step_1", "step_2", "step_3", "step_4"]
     assert all(os.path.exists(os.path.join(p, "COMPLETE")) for p in s.checkpoints)
     assert 4 in s.eval_scores and math.isfinite(s.eval_scores[4]["reward_mean"])
-    steps = [e["step"] for e in _events(drv.run_dir) if e["event"] == "step"]
+    steps = [e["step"] for e in run_events(drv.run_dir) if e["event"] == "step"]
     assert steps == [0, 1, 2, 3]
     for phase in STAGES:  # every stage of the step, named once in flowbp_core.stages
         assert s.phase_seconds.get(phase, 0) > 0, phase
@@ -114,7 +108,7 @@ def test_rollout_and_learner_killed_run_resumes_exactly(baseline, tmp_path):
     assert not t.is_alive(), "run did not finish"
     s = box["summary"]
     timeline = [{k: e.get(k) for k in ("event", "step", "generation", "start_step", "resumed_from") if k in e}
-                 for e in _events(drv.run_dir) if e["event"] != "queue"]
+                 for e in run_events(drv.run_dir) if e["event"] != "queue"]
     assert s.status == "finished", (s.failure, timeline)
     assert s.learner_generations == 2, timeline
     assert s.rollout_retries >= 1
@@ -122,12 +116,12 @@ def test_rollout_and_learner_killed_run_resumes_exactly(baseline, tmp_path):
     assert [s.losses[i] for i in range(4)] == pytest.approx([base.losses[i] for i in range(4)], rel=1e-6, abs=1e-8)
     # The learner may finish step 2 before the kill lands (a loaded machine): it resumes from the newest
     # complete checkpoint then, step_2 or step_3, and learns each later step once.
-    restart = [e for e in _events(drv.run_dir) if e["event"] == "learner_restart"]
+    restart = [e for e in run_events(drv.run_dir) if e["event"] == "learner_restart"]
     assert len(restart) == 1 and restart[0]["resumed_from"].rsplit("_", 1)[0].endswith("step"), restart
     resumed = int(restart[0]["resumed_from"].rsplit("_", 1)[1])
     assert resumed in (2, 3), restart
     by_gen: dict[int, list[int]] = {}
-    for e in _events(drv.run_dir):
+    for e in run_events(drv.run_dir):
         if e["event"] == "step":
             by_gen.setdefault(e["generation"], []).append(e["step"])
     assert by_gen[1][:resumed] == list(range(resumed)) and len(set(by_gen[1])) == len(by_gen[1]), by_gen
@@ -152,7 +146,7 @@ def test_non_finite_steps_are_skipped_counted_and_fail_the_run(ray_client, tmp_p
     # the streak's last step counts under its own reason, so a NaN-streak alert sees all max_bad_steps
     assert s.skipped == {0: "non_finite_gradient", 1: "non_finite_gradient", 2: "non_finite_gradient"}
     assert s.checkpoints == [] and not list(drv.run_dir.glob("step_*"))
-    ev = _events(drv.run_dir)
+    ev = run_events(drv.run_dir)
     assert [e["skip_reason"] for e in ev if e["event"] == "step"] == ["non_finite_gradient"] * 3
     assert any(e["event"] == "failed" and "non_finite" in e["reason"] for e in ev)
 
@@ -177,4 +171,4 @@ def test_cancel_stops_at_a_step_boundary_without_half_checkpoints(ray_client, tm
     dirs = sorted(p.name for p in drv.run_dir.glob("step_*"))
     assert dirs and not [d for d in dirs if ".tmp-" in d]
     assert all((drv.run_dir / d / "COMPLETE").exists() for d in dirs)
-    assert any(e["event"] == "cancelled" for e in _events(drv.run_dir))
+    assert any(e["event"] == "cancelled" for e in run_events(drv.run_dir))

@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from tests.runtime.helpers import tiny_cfg
+from tests.tiny_runs import tiny_cfg
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
@@ -51,7 +51,8 @@ def test_served_and_colocated_give_the_same_parameter_gradient(ray_client, parts
     cfg, comp, cache = parts
     app = f"grad-{int(decode_on_reward_side)}"
     panel, kwargs = reward_panel(cfg)
-    spec = RewardServiceSpec(panel, kwargs, DecoderSpec("sd3", tiny=True) if decode_on_reward_side else None,
+    spec = RewardServiceSpec(panel=panel, reward_kwargs=kwargs,
+                             decoder=DecoderSpec(backbone="sd3", tiny=True) if decode_on_reward_side else None,
                              name=app)
     deployment.deploy(spec, app_name=app, route_prefix=f"/{app}", num_cpus=0.25)
     try:
@@ -81,7 +82,7 @@ def test_reward_replica_killed_mid_request_is_retried(ray_client):
 
     app = "killme"
     # The batch wait holds the request in the replica long enough to kill it there, even on a loaded machine.
-    spec = RewardServiceSpec((("saturation", 1.0),), name=app, max_batch_size=64, batch_wait_timeout_s=10.0)
+    spec = RewardServiceSpec(panel=(("saturation", 1.0),), name=app, max_batch_size=64, batch_wait_timeout_s=10.0)
     handle = deployment.deploy(spec, app_name=app, route_prefix=f"/{app}", num_cpus=0.25)
     try:
         pid0 = handle.pid.remote().result(timeout_s=120)
@@ -99,8 +100,8 @@ def test_reward_replica_killed_mid_request_is_retried(ray_client):
         ray.kill(replica, no_restart=True)
         t.join(timeout=300)
         assert not t.is_alive(), "the request never completed"
-        expected = RewardEngine(RewardServiceSpec((("saturation", 1.0),))).run(
-            [RewardRequest(images, ("a", "b", "c"), "images")])[0]
+        expected = RewardEngine(RewardServiceSpec(panel=(("saturation", 1.0),))).run(
+            [RewardRequest(input=images, prompts=("a", "b", "c"), kind="images")])[0]
         torch.testing.assert_close(out["r"].rewards, expected.rewards)
         torch.testing.assert_close(out["r"].grad, expected.grad)
         assert client.retried >= 1
@@ -118,13 +119,13 @@ def test_http_route_speaks_safetensors_and_rejects_bad_payloads(ray_client):
     from services.reward_serve.protocol import MEDIA_TYPE, RewardRequest, RewardResponse
 
     app = "http-score"
-    deployment.deploy(RewardServiceSpec((("saturation", 1.0),), name=app), app_name=app, route_prefix=f"/{app}",
+    deployment.deploy(RewardServiceSpec(panel=(("saturation", 1.0),), name=app), app_name=app, route_prefix=f"/{app}",
                       num_cpus=0.25, score_only=True)
     try:
         url = deployment.http_url(f"/{app}")
         assert url.startswith("http://127.0.0.1:")
         images = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-        body = RewardRequest(images, ("a", "b"), "images", want_grad=True).to_bytes()
+        body = RewardRequest(input=images, prompts=("a", "b"), kind="images", want_grad=True).to_bytes()
         req = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": MEDIA_TYPE})
         with urllib.request.urlopen(req, timeout=60) as r:
             resp = RewardResponse.from_bytes(r.read())

@@ -1,8 +1,10 @@
-"""Shared config builder for the runtime tests: the tiny random SD3, a weight-free reward, few steps."""
+"""A tiny run for the tests that run one (runtime, reward service): its config (the tiny random SD3, a weight-free
+reward, few steps), serialised rollout caches, and the events the run logged."""
 
 from __future__ import annotations
 
 import copy
+import json
 
 from flowbp_core.config import RunConfig, config_from_dict
 
@@ -41,3 +43,9 @@ def write_caches(comp, steps: int, directory) -> list[str]:
         f.write_bytes(rollout_for(comp, s, 0).to_bytes())
         files.append(str(f))
     return files
+
+
+def run_events(run_dir) -> list[dict]:
+    """The events a run logged in `run_dir/events.jsonl`, in order (none before it starts)."""
+    path = run_dir / "events.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []

@@ -17,7 +17,7 @@ class _Pending:
             raise TimeoutError(f"request {self.i}")
         req = RewardRequest.from_bytes(self.payload)
         x = req.input.float()
-        return RewardResponse(x.flatten(1).mean(1), torch.ones_like(x), "fake").to_bytes()
+        return RewardResponse(rewards=x.flatten(1).mean(1), grad=torch.ones_like(x), deployment="fake").to_bytes()
 
     def cancel(self) -> None:
         self.handle.events.append(("cancel", self.i))
@@ -63,6 +63,6 @@ def test_a_call_larger_than_the_batch_limit_goes_as_requests_within_it():
 def test_the_serve_batch_limit_counts_samples_not_requests():
     from services.reward_serve.deployment import _samples
 
-    four = RewardRequest(torch.zeros(4, 4, 8, 8), tuple("abcd")).to_bytes()
-    two = RewardRequest(torch.zeros(2, 4, 8, 8), ("a", "b")).to_bytes()
+    four = RewardRequest(input=torch.zeros(4, 4, 8, 8), prompts=tuple("abcd")).to_bytes()
+    two = RewardRequest(input=torch.zeros(2, 4, 8, 8), prompts=("a", "b")).to_bytes()
     assert _samples([four, two, b"not a request"]) == 7

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+
+from services.localproc import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -78,18 +79,12 @@ def _rank_main(rank: int, port: int, run_dir: str, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_ranks_write_shards_one_process_reads_them_and_a_failed_rank_leaves_nothing(tmp_path):
     from flowbp_core import checkpoint as ckpt
 
     run_dir, out = tmp_path / "run", tmp_path / "out"
     out.mkdir()
-    mp.spawn(_rank_main, args=(_free_port(), str(run_dir), str(out)), nprocs=2, join=True)
+    mp.spawn(_rank_main, args=(free_port(), str(run_dir), str(out)), nprocs=2, join=True)
     r0, r1 = (json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["path"] == str(run_dir / "step_1") and r1["path"] is None
     assert r0["raised"] and r1["raised"]  # both ranks learn of rank 1's failure: nobody waits forever

@@ -24,8 +24,9 @@ def test_reward_decoder_loads_the_vae_alone_and_decodes_as_the_backbone(tmp_path
     for cls in (diffusers.SD3Transformer2DModel, transformers.CLIPTextModelWithProjection,
                 transformers.T5EncoderModel):
         monkeypatch.setattr(cls, "from_pretrained", refuse)
-    decode = build_decoder(DecoderSpec("sd3", str(folder), False, {"dtype": "float32", "device": "cpu",
-                                                                   "local_files_only": True}))
+    spec = DecoderSpec(backbone="sd3", path=str(folder), tiny=False,
+                       kwargs={"dtype": "float32", "device": "cpu", "local_files_only": True})
+    decode = build_decoder(spec)
     z = torch.randn(2, *bb.latent_shape(1)[1:], generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(decode(z), bb.decode(z))

@@ -1,0 +1,137 @@
+"""Fast checks of the reward service's pieces without a Ray cluster: the wire format, the engine, the served
+reward's backward, its boundary types, and the import direction (the runtime imports the service, not back)."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from services.reward_serve.client import served_reward
+from services.reward_serve.engine import DecoderSpec, RewardEngine, RewardServiceSpec
+from services.reward_serve.protocol import RewardRequest, RewardResponse, WireError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module a file imports, at the top or inside a function."""
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            out |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
+    return out
+
+
+def test_reward_serve_imports_nothing_from_the_runtime():
+    files = sorted((REPO / "services/reward_serve").glob("*.py"))
+    assert len(files) > 3
+    bad = {f.name: sorted(m for m in imported_modules(f) if m.startswith("services.runtime"))
+           for f in files}
+    assert not {k: v for k, v in bad.items() if v}, "services/runtime imports services/reward_serve, not back"
+
+
+def test_payloads_are_keyword_only_and_document_every_field():
+    for t in (RewardRequest, RewardResponse, DecoderSpec, RewardServiceSpec):
+        fields = dataclasses.fields(t)
+        assert all(f.kw_only for f in fields), f"{t.__name__} takes positional arguments"
+        doc = t.__doc__.split("Attributes:", 1)
+        assert len(doc) == 2, f"{t.__name__} has no Attributes: block"
+        missing = [f.name for f in fields if not re.search(rf"\b{f.name}\b", doc[1])]
+        assert not missing, f"{t.__name__}'s Attributes: block leaves out {missing}"
+    with pytest.raises(TypeError):
+        RewardRequest(torch.zeros(1, 3, 4, 4), ("x",))
+
+
+# ------------------------------------------------------------------------------------------ wire format
+def test_request_and_response_round_trip_as_safetensors():
+    x = torch.randn(2, 4, 8, 8)
+    req = RewardRequest(input=x, prompts=("a cat", "a dog"), kind="latents", want_grad=True)
+    blob = req.to_bytes()
+    assert not blob.startswith(b"\x80"), "pickle protocol header: payloads must be safetensors"
+    back = RewardRequest.from_bytes(blob)
+    assert torch.equal(back.input, x) and back.prompts == ("a cat", "a dog") and back.want_grad
+    resp = RewardResponse(rewards=torch.tensor([0.5, 1.5]), grad=torch.ones(2, 4, 8, 8), deployment="dep")
+    r2 = RewardResponse.from_bytes(resp.to_bytes())
+    assert torch.equal(r2.rewards, resp.rewards) and torch.equal(r2.grad, resp.grad) and r2.deployment == "dep"
+
+
+@pytest.mark.parametrize("bad, match", [
+    (b"short", "not a safetensors blob"),
+    (RewardResponse(rewards=torch.zeros(1), grad=None).to_bytes(), "expected a reward_request"),
+])
+def test_bad_payloads_are_rejected_with_a_reason(bad, match):
+    with pytest.raises(WireError, match=match):
+        RewardRequest.from_bytes(bad)
+
+
+def test_unknown_version_is_rejected():
+    blob = RewardRequest(input=torch.zeros(1, 3, 4, 4), prompts=("x",), kind="images").to_bytes()
+    tampered = blob.replace(b'"format_version":"1"', b'"format_version":"9"')
+    assert tampered != blob
+    with pytest.raises(WireError, match="format_version='9'"):
+        RewardRequest.from_bytes(tampered)
+
+
+def test_request_validation_names_the_problem():
+    with pytest.raises(WireError, match="2 inputs but 1 prompts"):
+        RewardRequest(input=torch.zeros(2, 3, 4, 4), prompts=("x",), kind="images")
+    with pytest.raises(WireError, match="kind='pixels'"):
+        RewardRequest(input=torch.zeros(1, 3, 4, 4), prompts=("x",), kind="pixels")
+
+
+# ------------------------------------------------------------------------------------------ engine
+def _engine():
+    return RewardEngine(RewardServiceSpec(panel=(("saturation", 0.6), ("contrast", 0.4)), name="t"))
+
+
+def test_engine_batches_requests_and_returns_per_sample_gradients():
+    eng = _engine()
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.rand(n, 3, 8, 8, generator=g) for n in (1, 3)]
+    prompts = [("a",), ("b", "c", "d")]
+    out = eng.run([RewardRequest(input=x, prompts=p, kind="images") for x, p in zip(xs, prompts)])
+    for x, p, o in zip(xs, prompts, out):
+        for b in range(x.shape[0]):
+            xb = x[b : b + 1].clone().requires_grad_(True)
+            r = eng.reward(xb, [p[b]])
+            (gb,) = torch.autograd.grad(r.sum(), xb)
+            torch.testing.assert_close(o.rewards[b], r.detach()[0])
+            torch.testing.assert_close(o.grad[b], gb[0])
+
+
+def test_engine_without_decoder_refuses_latents():
+    with pytest.raises(WireError, match="has no decoder"):
+        _engine().run([RewardRequest(input=torch.zeros(1, 4, 8, 8), prompts=("x",), kind="latents")])
+
+
+class _InProcessClient:
+    """The real engine behind the client interface (what a Serve replica runs), without Serve."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def call(self, x, prompts, want_grad=True):
+        sent = RewardRequest(input=x.detach(), prompts=tuple(prompts), kind="images", want_grad=want_grad)
+        req = RewardRequest.from_bytes(sent.to_bytes())
+        return RewardResponse.from_bytes(self.engine.run([req])[0].to_bytes())
+
+
+def test_served_reward_function_seeds_the_backward_like_autograd():
+    eng = _engine()
+    w = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    prompts = ["p", "q"]
+    weights = torch.tensor([0.3, -1.7])
+
+    def images():
+        return torch.sigmoid(w * 2.0)
+
+    (g_direct,) = torch.autograd.grad((weights * eng.reward(images(), prompts)).sum(), w)
+    (g_served,) = torch.autograd.grad((weights * served_reward(images(), prompts, _InProcessClient(eng))).sum(), w)
+    torch.testing.assert_close(g_served, g_direct)
