@@ -1,18 +1,16 @@
 """Fast checks of the reward service's pieces without a Ray cluster: the wire format, the engine, the served
-reward's backward, its boundary types, and the import direction (the runtime imports the service, not back)."""
+reward's backward, and the import direction (the runtime imports the service, not back)."""
 
 from __future__ import annotations
 
 import ast
-import dataclasses
-import re
 from pathlib import Path
 
 import pytest
 import torch
 
 from services.reward_serve.client import served_reward
-from services.reward_serve.engine import DecoderSpec, RewardEngine, RewardServiceSpec
+from services.reward_serve.engine import RewardEngine, RewardServiceSpec
 from services.reward_serve.protocol import RewardRequest, RewardResponse, WireError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -35,18 +33,6 @@ def test_reward_serve_imports_nothing_from_the_runtime():
     bad = {f.name: sorted(m for m in imported_modules(f) if m.startswith("services.runtime"))
            for f in files}
     assert not {k: v for k, v in bad.items() if v}, "services/runtime imports services/reward_serve, not back"
-
-
-def test_payloads_are_keyword_only_and_document_every_field():
-    for t in (RewardRequest, RewardResponse, DecoderSpec, RewardServiceSpec):
-        fields = dataclasses.fields(t)
-        assert all(f.kw_only for f in fields), f"{t.__name__} takes positional arguments"
-        doc = t.__doc__.split("Attributes:", 1)
-        assert len(doc) == 2, f"{t.__name__} has no Attributes: block"
-        missing = [f.name for f in fields if not re.search(rf"\b{f.name}\b", doc[1])]
-        assert not missing, f"{t.__name__}'s Attributes: block leaves out {missing}"
-    with pytest.raises(TypeError):
-        RewardRequest(torch.zeros(1, 3, 4, 4), ("x",))
 
 
 # ------------------------------------------------------------------------------------------ wire format

@@ -1,4 +1,4 @@
-"""Session fixtures for the reward tests (helpers live in reward_helpers.py, importable from the tests)."""
+"""Session fixtures for the reward tests (helpers live in rewards_helpers.py, importable from the tests)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from reward_helpers import clip_processor_config, clip_tokenizer, make_tiny_clip
+from rewards_helpers import clip_processor_config, clip_tokenizer, make_tiny_clip
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from flowbp_core.rewards import build
 from flowbp_core.rewards.aesthetic import AestheticMLP
 from flowbp_core.rewards.preprocess import ImagePipeline
-from reward_helpers import TINY_IMAGE, assert_pixel_grad
+from rewards_helpers import TINY_IMAGE, assert_pixel_grad
 
 PROMPTS = ["a", "b", "c"]
 

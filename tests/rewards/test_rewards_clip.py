@@ -10,7 +10,7 @@ from flowbp_core.rewards import build
 from flowbp_core.rewards.hpsv2 import hps_pipeline
 from flowbp_core.rewards.openclip_convert import openclip_to_hf
 from flowbp_core.rewards.preprocess import ImagePipeline
-from reward_helpers import TINY_IMAGE, assert_pixel_grad, make_tiny_clip
+from rewards_helpers import TINY_IMAGE, assert_pixel_grad, make_tiny_clip
 
 PROMPTS = ["a photo of a cat", "a red car on a street", "an oil painting of a lake"]
 

@@ -8,7 +8,7 @@ import torch
 from flowbp_core.errors import ConfigError
 from flowbp_core.rewards import build
 from flowbp_core.rewards.efficientnet import EfficientNetLite0, class_for_prompt, packaged_weights
-from reward_helpers import assert_pixel_grad, load_sample_image
+from rewards_helpers import assert_pixel_grad, load_sample_image
 
 MILITARY_UNIFORM = 652
 # Other ImageNet classes a portrait of an officer in dress uniform plausibly gets: academic gown, mortarboard,

@@ -9,7 +9,7 @@ from flowbp_core.rewards import build
 from flowbp_core.rewards.aesthetic import AestheticMLP
 from flowbp_core.rewards.imagereward import IR_MEAN, IR_STD
 from flowbp_core.rewards.preprocess import ImagePipeline
-from reward_helpers import TINY_IMAGE, assert_pixel_grad
+from rewards_helpers import TINY_IMAGE, assert_pixel_grad
 
 PROMPTS = ["a photo of a cat", "a red car", "a lake at dawn"]
 WORDS = ["a", "photo", "of", "cat", "red", "car", "lake", "at", "dawn", "the"]

@@ -14,7 +14,7 @@ from PIL import Image
 
 from flowbp_core.rewards.preprocess import (CLIP_MEAN, CLIP_STD, ImagePipeline, center_crop, longest_side_size,
                                             pad_to_square)
-from reward_helpers import load_sample_image, sample_image_path
+from rewards_helpers import load_sample_image, sample_image_path
 
 
 def to_01(x: torch.Tensor) -> torch.Tensor:
