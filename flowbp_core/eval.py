@@ -218,11 +218,8 @@ def load_backbone(name: str, pretrained: str | None, checkpoint: str | None, *, 
 
     from flowbp_core.dtypes import resolve_dtype
 
-    kw: dict[str, Any] = {"dtype": resolve_dtype(dtype, "eval.dtype"), "device": device}
-    if tiny:
-        kw["seed"] = seed
-    elif pretrained is not None:
-        kw["local_files_only"] = local_files_only
+    kw = backbones.build_kwargs(tiny=tiny, path=pretrained, local_files_only=local_files_only,
+                                dtype=resolve_dtype(dtype, "eval.dtype"), device=device, seed=seed if tiny else None)
     bb = backbones.build(name, pretrained, tiny=tiny, **kw)
     if checkpoint is None:
         return bb

@@ -35,9 +35,14 @@ log = logging.getLogger("flowbp.run")
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
 
+def run_stamp() -> str:
+    """The local time as run ids and run folders carry it: YYYYmmdd-HHMMSS."""
+    return time.strftime("%Y%m%d-%H%M%S")
+
+
 def new_run_id() -> str:
-    """The id of a run whose config names none: run-<local time YYYYmmdd-HHMMSS>-<6 hex>."""
-    return f"run-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    """The id of a run whose config names none: run-<run_stamp()>-<6 hex>."""
+    return f"run-{run_stamp()}-{uuid.uuid4().hex[:6]}"
 
 
 # --------------------------------------------------------------------------------------------- prompts
@@ -105,15 +110,9 @@ def build_backbone(cfg: RunConfig, device: torch.device | None = None, trainable
     caches), and its transformer and trainable init are those of a build with them."""
     spec = cfg.backbone
     device = device or resolve_device(spec.device)
-    kw: dict[str, Any] = {"dtype": resolve_dtype(spec.dtype), "device": device}
-    if not text_encoders:
-        kw["text_encoders"] = False
-    if not spec.tiny and spec.pretrained is not None:
-        kw["local_files_only"] = spec.local_files_only
-    if spec.height is not None:
-        kw["height"] = spec.height
-    if spec.width is not None:
-        kw["width"] = spec.width
+    kw = backbones.build_kwargs(tiny=spec.tiny, path=spec.pretrained, local_files_only=spec.local_files_only,
+                                dtype=resolve_dtype(spec.dtype), device=device,
+                                text_encoders=None if text_encoders else False, height=spec.height, width=spec.width)
     bb = backbones.build(spec.name, spec.pretrained, tiny=spec.tiny, **kw)
     if trainable:
         if spec.finetune == "lora":

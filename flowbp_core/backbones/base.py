@@ -177,6 +177,17 @@ def method_preset_of(name: str) -> str | None:
     return preset.method_preset if preset is not None else None
 
 
+def build_kwargs(*, tiny: bool, path: str | None, local_files_only: bool, dtype: Any, device: Any,
+                 **extra: Any) -> dict[str, Any]:
+    """The keywords of `build(name, path, tiny=tiny, ...)`: dtype and device, `local_files_only` for a pretrained
+    folder or hub id (a tiny or default model reads none), and each `extra` keyword that is not None (seed,
+    text_encoders, height, width)."""
+    kw: dict[str, Any] = {"dtype": dtype, "device": device}
+    if not tiny and path is not None:
+        kw["local_files_only"] = local_files_only
+    return kw | {k: v for k, v in extra.items() if v is not None}
+
+
 def build(name: str, path: str | None = None, *, tiny: bool = False, **kw: Any) -> Any:
     """Build backbone `name`: from a hub id or local folder (`path`), or tiny random weights (`tiny=True`, for
     tests; `seed=` picks them). Extra keywords go to `from_pretrained` / `tiny` (dtype, device, ...)."""

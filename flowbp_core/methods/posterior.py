@@ -16,7 +16,7 @@ from flowbp_core.methods.base import Endpoint, Plan, SegmentPlan, VelocityFn
 from flowbp_core.methods.common import EngineMethod, GuidanceParams, cache_plan
 from flowbp_core.methods.engine import compute_dtype, per_sample_mean_abs, run_surrogate
 from flowbp_core.methods.registry import make_params, register
-from flowbp_core.samplers import evenly_spaced
+from flowbp_core.methods.indices import evenly_spaced
 
 
 def _leap(s: int, n: int, active: bool) -> SegmentPlan:

@@ -19,7 +19,7 @@ from flowbp_core.methods.base import Plan, SegmentPlan
 from flowbp_core.methods.common import EngineMethod, GuidanceParams
 from flowbp_core.methods.registry import make_params, register
 from flowbp_core.quadrature import SUPPORT_MODES, WEIGHT_SCHEMES, select_active_supports, support_indices
-from flowbp_core.samplers import DEFAULT_DIRICHLET, JK_MODES, late_biased, sample_jk, split_budget, tail_start
+from flowbp_core.methods.indices import DEFAULT_DIRICHLET, JK_MODES, late_biased, sample_jk, split_budget, tail_start
 
 ANCHOR_MODES = ("none", "j", "kj")
 REWARD_INPUTS = ("sample", "posterior_mean")

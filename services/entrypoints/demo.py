@@ -39,6 +39,7 @@ import torch
 
 from flowbp_core.config import RunConfig, load_config
 from flowbp_core.errors import ConfigError, check_range
+from flowbp_core.run import run_stamp
 from services.entrypoints import demo_report
 
 RUN_FILE = Path(__file__).resolve().parents[2] / "deploy" / "configs" / "demo.yaml"
@@ -229,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
                       seeds=defaults.seeds if a.eval_seeds is None else a.eval_seeds)
         named = [*(QUICK if a.quick else ()), *REWARDS[a.reward]]
         load_config(a.config, [*named, *overrides])  # checked before a run folder is made
-        run_dir = new_run_dir(a.out.absolute(), f"demo-{time.strftime('%Y%m%d-%H%M%S')}{'-quick' if a.quick else ''}")
+        run_dir = new_run_dir(a.out.absolute(), f"demo-{run_stamp()}{'-quick' if a.quick else ''}")
         cfg = demo_config([*named, *overrides], out_root=a.out.absolute(), run_id=run_dir.name,
                           threads=torch.get_num_threads(), run_file=a.config)
     except ConfigError as e:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import ray
 
+from flowbp_core.backbones import build_kwargs
 from flowbp_core.config import RunConfig
 from flowbp_core.errors import ConfigError
 from services.runtime import learner as learner_mod
@@ -57,9 +58,8 @@ def deploy_reward_apps(cfg: RunConfig, run_id: str, deployed: list[str]) -> tupl
     device = "cuda" if s.num_gpus > 0 else "cpu"
     # Exactly the learner's VAE: build_components builds tiny models with their default seed, pretrained
     # ones from the same path and dtype.
-    dec_kw = {"dtype": b.dtype, "device": device}
-    if not b.tiny and b.pretrained is not None:
-        dec_kw["local_files_only"] = b.local_files_only
+    dec_kw = build_kwargs(tiny=b.tiny, path=b.pretrained, local_files_only=b.local_files_only, dtype=b.dtype,
+                          device=device)
     dec = DecoderSpec(backbone=b.name, path=b.pretrained, tiny=b.tiny, kwargs=dec_kw)
     served_app = score_app = None
     if cfg.reward.placement == "served":

@@ -17,7 +17,7 @@ from flowbp_core.errors import ConfigError
 from flowbp_core.guidance import GuidanceConfig, guided_velocity
 from flowbp_core.methods.base import Plan
 from flowbp_core.run import guidance_for, loss_for
-from flowbp_core.samplers import dirichlet, evenly_spaced, sample_jk
+from flowbp_core.methods.indices import dirichlet, evenly_spaced, sample_jk
 
 
 def _within(freq: float, p: float, draws: int, z: float = 5.0) -> bool:

@@ -9,7 +9,7 @@ import torch
 
 from flowbp_core.errors import ConfigError
 from flowbp_core.quadrature import leap_weights, lagrange_weights, select_active_supports, support_indices
-from flowbp_core.samplers import (
+from flowbp_core.methods.indices import (
     dirichlet,
     evenly_spaced,
     late_biased,
