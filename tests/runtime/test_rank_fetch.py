@@ -10,7 +10,7 @@ import hashlib
 import pytest
 import torch
 
-from tests.runtime.helpers import PROMPTS, tiny_cfg
+from tests.tiny_runs import PROMPTS, tiny_cfg
 
 pytestmark = pytest.mark.integration
 

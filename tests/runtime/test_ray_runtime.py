@@ -78,7 +78,7 @@ def test_two_learner_ranks_match_one(baseline, tmp_path, strategy):
     assert [s.losses[i] for i in range(4)] == pytest.approx([base.losses[i] for i in range(4)], rel=1e-5, abs=1e-7)
     # Each rank fetched its own piece of the step alone: the bytes it read (measured by the rank) are the bytes
     # the rollout wrote for its rows, half the step's each, not the whole step.
-    events = _events(drv.run_dir)
+    events = run_events(drv.run_dir)
     offered = {e["step"]: e["rank_bytes"] for e in events if e["event"] == "offer"}
     fetched = {e["step"]: e["fetched_bytes"] for e in events if e["event"] == "step"}
     assert sorted(fetched) == [0, 1, 2, 3] and all(len(v) == 2 and min(v) > 0 for v in fetched.values()), fetched
