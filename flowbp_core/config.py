@@ -195,6 +195,7 @@ class RuntimeSpec(_Strict):
     use_gpu: bool = False
     strategy: Literal["ddp", "fsdp"] = "ddp"
     weight_sync: Literal["auto", "lora_delta", "full_state"] = "auto"
+    weight_sync_bucket_mb: float = Field(64.0, gt=0.0, le=16_384.0, description="full_state: MiB a streamed bucket")
     compile_rollout: bool = False
     max_actor_restarts: int = Field(3, ge=0, le=100, description="restarts of each rollout worker and failures "
                                     "of the learner group a run survives (a learner group still waiting for its "

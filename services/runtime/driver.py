@@ -267,10 +267,11 @@ class Driver:
                     continue
                 try:
                     stats = self._rollout_stats(item)
-                except ray.exceptions.ObjectLostError as e:
-                    # The weights this rollout was told to load were published (ray.put) by a learner that has
-                    # died since: their owner is gone, so the rollout cannot run. The learner group is being
-                    # restarted from its newest checkpoint; wait for it and redo the steps from there.
+                except (ray.exceptions.ObjectLostError, weight_sync.WeightsLost) as e:
+                    # The weights this rollout was told to load were published (ray.put, or held by a
+                    # WeightServer) by a learner that has died since: they are gone, so the rollout cannot run.
+                    # The learner group is being restarted from its newest checkpoint; wait for it and redo the
+                    # steps from there.
                     log.warning("rollout of step %d lost its weights (%s): waiting for the learner to restart",
                                 item.step, type(e).__name__)
                     self.telemetry.event("rollout_weights_lost", step=item.step, generation=generation)

@@ -19,6 +19,7 @@ import torch
 from flowbp_core.cache import TrajectoryCache
 from flowbp_core.config import RunConfig, load_config
 from flowbp_core.training import generator_for
+from services.runtime import weight_sync
 
 _BACKBONES = {"sd3": ("flowbp_core.backbones.sd3", "SD3Transformer2DModel"),
               "flux1": ("flowbp_core.backbones.flux1", "FluxTransformer2DModel")}
@@ -59,7 +60,12 @@ class StepBytes:
         cache_per_rank (int): the most any learner rank fetches: its own pieces, read in place from its node's
             object store.
         weights (int): one weights publish by learner rank 0 (`full_state` bf16, or `lora_delta` fp32).
-        weights_network (int): that publish pulled to the rollout nodes (one copy per node).
+        weights_network (int): that publish pulled to the rollout workers: `lora_delta` one copy per node (a
+            node's workers share it), `full_state` at most one copy per worker (workers reading in step share a
+            bucket object, one that falls behind gets its own).
+        weights_store (int): the most weight bytes the object store on rank 0's node pins: `lora_delta` two
+            versions (the newest and the learner generation's first), `full_state` at most
+            `weight_sync.IN_FLIGHT` buckets for the publisher, for its server and for each rollout worker.
         reward_per_rank (int): the latents a learner rank sends the reward service (the same again back as dr/dz).
     """
 
@@ -69,6 +75,7 @@ class StepBytes:
     cache_per_rank: int
     weights: int
     weights_network: int
+    weights_store: int
     reward_per_rank: int
 
 
@@ -176,9 +183,13 @@ def step_bytes(cfg: RunConfig, px: int, roles: Roles, lora_rank: int | None = No
             for i in range(roles.learners)]
     step = sum(rank)
     weights = transformer_params(cfg.backbone.name, lora_rank) * (_FP32 if lora_rank is not None else _BF16)
+    rt = cfg.runtime
+    window = weight_sync.IN_FLIGHT * int(rt.weight_sync_bucket_mb * 2**20)
+    lora = lora_rank is not None
     return StepBytes(cache_per_sample=per_sample, cache_step=step, cache_network=step,
                      cache_per_rank=max(rank), weights=weights,
-                     weights_network=weights * roles.nodes(roles.rollout_workers),
+                     weights_network=weights * (roles.nodes(roles.rollout_workers) if lora else roles.rollout_workers),
+                     weights_store=2 * weights if lora else min(2 * weights, (2 + roles.rollout_workers) * window),
                      reward_per_rank=b // roles.learners * latent_bf16 * _FP32 // _BF16)
 
 
@@ -194,8 +205,9 @@ def table(configs: dict[str, str], roles: Roles = Roles(), lora_rank: int = 64) 
     of one step over `roles`."""
     ln, rn = roles.nodes(roles.learners), roles.nodes(roles.rollout_workers)
     rows = [f"| model | px | cache / sample | caches / step | to {ln} learner nodes | fetched by a learner rank | "
-            f"weights: full / LoRA r{lora_rank} | to {rn} rollout nodes: full / LoRA | reward latents / rank |",
-            "|---|---|---|---|---|---|---|---|---|"]
+            f"weights: full / LoRA r{lora_rank} | to {roles.rollout_workers} rollout workers ({rn} nodes): full (at "
+            "most) / LoRA | weights pinned in rank 0's store: full / LoRA | reward latents / rank |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for name, path in configs.items():
         cfg = load_config(_REPO / path)
         for px in (512, 1024):
@@ -205,6 +217,7 @@ def table(configs: dict[str, str], roles: Roles = Roles(), lora_rank: int = 64) 
                         f"{_fmt(full.cache_network)} | {_fmt(full.cache_per_rank)} | "
                         f"{_fmt(full.weights)} / {_fmt(lora.weights)} | "
                         f"{_fmt(full.weights_network)} / {_fmt(lora.weights_network)} | "
+                        f"{_fmt(full.weights_store)} / {_fmt(lora.weights_store)} | "
                         f"{_fmt(full.reward_per_rank)} |")
     return "\n".join(rows)
 

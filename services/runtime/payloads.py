@@ -4,7 +4,8 @@ Why dataclasses and not dicts: a field renamed on one side fails loudly on the o
 it carries. Big tensors never ride in these: a `TrajectoryCache` travels as safetensors bytes in the object store,
 in one piece per learner rank a shard covers (the ObjectRefs sit in tuples, so that Ray does not resolve them on the
 way through the driver and the board), and weights
-travel as `WeightsHandle.refs` (one ObjectRef per bucket).
+travel as `WeightsHandle.refs` (a LoRA adapter's one blob) or are read bucket by bucket from the server a
+`WeightsHandle.stream` names (full fine-tuning).
 """
 
 from __future__ import annotations
@@ -18,6 +19,23 @@ PAYLOAD_VERSION = 1
 
 
 @dataclass(frozen=True, kw_only=True)
+class BucketStream:
+    """Where a `full_state` publish's buckets wait to be read: a `WeightServer` actor's memory, not the store.
+
+    Attributes:
+        server (ActorHandle): the `weight_sync.WeightServer` on learner rank 0's node holding the buckets.
+        key (int): the publish's number at that server (one per publish, live or eval-only).
+        n_buckets (int): how many buckets to read, in order 0..n_buckets-1.
+        in_flight (int): how many buckets a reader may have in the object store at once.
+    """
+
+    server: Any
+    key: int
+    n_buckets: int
+    in_flight: int
+
+
+@dataclass(frozen=True, kw_only=True)
 class WeightsHandle:
     """Where a published set of trainable weights lives.
 
@@ -26,12 +44,14 @@ class WeightsHandle:
         policy_version (int): the learner step count the weights belong to (0 = the initial weights).
         generation (int): the learner (re)start count: a resumed learner may publish an older version than a
             worker holds, and the generation tells the worker to take it anyway.
-        refs (tuple[ObjectRef, ...]): one ObjectRef per safetensors byte bucket.
+        refs (tuple[ObjectRef, ...]): one ObjectRef per safetensors byte bucket (`lora_delta`); () when
+            `stream` holds them.
         nbytes (int): the buckets' total size in bytes.
         n_tensors (int): the tensors in the buckets.
         publish_seconds (float): the time the learner spent publishing them.
         eval_only (bool): the EMA shadow at that version, published for an in-run eval; a rollout never samples
             with it.
+        stream (BucketStream | None): where a `full_state` publish's buckets are read from (None: `refs`).
     """
 
     backend: str
@@ -42,6 +62,7 @@ class WeightsHandle:
     n_tensors: int
     publish_seconds: float
     eval_only: bool = False
+    stream: BucketStream | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -36,9 +36,9 @@ def test_boundary_types_are_keyword_only_and_document_every_field():
     from services.reward_serve.protocol import RewardRequest, RewardResponse
     from services.runtime import payloads
 
-    types = [Plan, SegmentPlan, TrajectoryCache, StepResult, payloads.WeightsHandle, payloads.RolloutRequest,
-             payloads.RolloutStats, payloads.LearnerWork, payloads.StepOutcome, payloads.LearnerHello,
-             RewardRequest, RewardResponse, DecoderSpec, RewardServiceSpec]
+    types = [Plan, SegmentPlan, TrajectoryCache, StepResult, payloads.WeightsHandle, payloads.BucketStream,
+             payloads.RolloutRequest, payloads.RolloutStats, payloads.LearnerWork, payloads.StepOutcome,
+             payloads.LearnerHello, RewardRequest, RewardResponse, DecoderSpec, RewardServiceSpec]
     for t in types:
         fields = dataclasses.fields(t)
         assert all(f.kw_only for f in fields), f"{t.__name__} takes positional arguments"
