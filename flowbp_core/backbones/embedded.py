@@ -12,6 +12,7 @@ corrupt file raises CheckpointError naming the file and the command that regener
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import torch
 
 from flowbp_core.dtypes import resolve_dtype
 from flowbp_core.backbones.adapter import text_encoder_for
-from flowbp_core.backbones.base import BackbonePreset, register
+from flowbp_core.backbones.base import BackbonePreset, LoRAConfig, register
 from flowbp_core.backbones.sd3 import SD3Backbone
 from flowbp_core.guidance import GuidanceConfig
 
@@ -95,3 +96,22 @@ class EmbeddedBackbone(SD3Backbone):
         torch.manual_seed(seed)
         transformer = build_transformer(BaseModelConfig(num_layers=2, num_attention_heads=2, attention_head_dim=16))
         return cls(transformer, **kw).to(device).cast(resolve_dtype(dtype))
+
+
+def load_policy(checkpoint: Path | None):
+    """The committed base model, with the LoRA of a FlowBP checkpoint folder applied when one is given."""
+    bb = EmbeddedBackbone.default()
+    if checkpoint is None:
+        return bb
+    from safetensors.torch import load_file
+
+    cfg_path = checkpoint / "config.json"
+    weights = checkpoint / "trainable.safetensors"
+    if not weights.exists() or not cfg_path.exists():
+        raise FileNotFoundError(f"--policy {checkpoint}: expected a FlowBP checkpoint folder "
+                                "with trainable.safetensors "
+                                "and config.json (a runs/<id>/step_<n> folder)")
+    lora = json.loads(cfg_path.read_text())["backbone"]["lora"]
+    bb.apply_lora(LoRAConfig(**lora))
+    bb.load_trainable_state_dict(load_file(str(weights)))
+    return bb

@@ -1,6 +1,6 @@
 """Sample the generator's own images for the recogniser to learn from (on-policy reward data): `sample_pool(options)`;
 the command is `python -m services.entrypoints.world.sample_pool` (`--policy runs/<id>/step_<n>` applies a FlowBP
-checkpoint's LoRA first).
+checkpoint's LoRA first: `backbones.embedded.load_policy`).
 
 Why: a recogniser trained only on crisp renders is fooled by what a generator draws (blocky textures, bloated
 blobs), and alignment finds those holes within tens of steps. Training it also on the generator's samples,
@@ -16,35 +16,13 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from flowbp_core.errors import ConfigError, check_range
 from flowbp_core.world.data import prompt_pool
 from flowbp_core.world.evaluate import sample_world_images
-
-
-def load_policy(checkpoint: Path | None):
-    """The committed base model, with the LoRA of a FlowBP checkpoint folder applied when one is given."""
-    from flowbp_core.backbones.embedded import EmbeddedBackbone
-
-    bb = EmbeddedBackbone.default()
-    if checkpoint is None:
-        return bb
-    from safetensors.torch import load_file
-
-    from flowbp_core.backbones.lora import LoRAConfig
-
-    cfg_path = checkpoint / "config.json"
-    weights = checkpoint / "trainable.safetensors"
-    if not weights.exists() or not cfg_path.exists():
-        raise FileNotFoundError(f"--policy {checkpoint}: expected a FlowBP checkpoint folder "
-                                "with trainable.safetensors "
-                                "and config.json (a runs/<id>/step_<n> folder)")
-    lora = json.loads(cfg_path.read_text())["backbone"]["lora"]
-    bb.apply_lora(LoRAConfig(**lora))
-    bb.load_trainable_state_dict(load_file(str(weights)))
-    return bb
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,13 +44,13 @@ class SamplePoolOptions:
         check_range("per_prompt", self.per_prompt, 1, 16)
 
 
-def sample_pool(a: SamplePoolOptions) -> dict:
-    """Sample and save the pool; returns {"out", "n", "seconds"}."""
+def sample_pool(a: SamplePoolOptions, bb: Any) -> dict:
+    """Sample backbone `bb` (the policy `a.policy` names, loaded by the caller: the world package builds no
+    backbone) and save the pool; returns {"out", "n", "seconds"}."""
     if a.threads:
         torch.set_num_threads(a.threads)
     from safetensors.torch import save_file
 
-    bb = load_policy(a.policy)
     items = prompt_pool("train", -(-a.n // a.per_prompt), seed=10_000 + a.seed)
     prompts = [it.text for it in items for _ in range(a.per_prompt)][: a.n]  # a prompt's samples side by side
     shape = bb.latent_shape(1)[1:]

@@ -7,10 +7,16 @@
 The sampling itself is flowbp_core.world.sample_pool.sample_pool (its docstring says why and what is stored).
 """
 
+from flowbp_core.backbones.embedded import load_policy
 from flowbp_core.world.sample_pool import SamplePoolOptions, sample_pool
 from services.entrypoints.options import options_command
 
-main = options_command(SamplePoolOptions, sample_pool, module="services.entrypoints.world.sample_pool", doc=__doc__,
+
+def run(options: SamplePoolOptions) -> dict:
+    return sample_pool(options, load_policy(options.policy))
+
+
+main = options_command(SamplePoolOptions, run, module="services.entrypoints.world.sample_pool", doc=__doc__,
                        provenance=False, report=True)
 
 if __name__ == "__main__":
