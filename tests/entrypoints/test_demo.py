@@ -52,8 +52,9 @@ def test_demo_config_is_the_run_file_with_the_named_overrides(tmp_path):
 
     default = demo.demo_config([], out_root=tmp_path, run_id="r")
     assert [t.name for t in default.reward.terms] == ["world_preference"] and default.reward.loss == "neg_mean"
-    assert (default.train.steps, default.train.batch_size, default.train.lr, default.sampling.n_steps,
-            default.backbone.lora.rank, default.method.preset) == (40, 8, 1e-3, 10, 8, "sd35")
+    assert (default.train.steps, default.train.batch_size, default.train.lr, default.train.velocity_penalty,
+            default.sampling.n_steps, default.backbone.lora.rank, default.method.preset) == (40, 8, 1.5e-3, 0.3, 10, 8,
+                                                                                            "sd35")
     assert (default.checkpoint.every, default.checkpoint.dir, default.run_id) == (40, str(tmp_path), "r")
     quick = demo.demo_config(demo.QUICK, out_root=tmp_path, run_id="r")
     assert (quick.train.steps, quick.train.batch_size, quick.backbone.lora.rank, quick.checkpoint.every) == (3, 4, 4, 3)
@@ -69,6 +70,7 @@ def test_demo_config_is_the_run_file_with_the_named_overrides(tmp_path):
                             f"{kw}.smoothing_sigma=0.1", f"{kw}.contrastive_negatives=24", "train.lr=3e-3"],
                            out_root=tmp_path, run_id="r")
     assert cfg.backbone.pretrained == "/x/transformer.safetensors" and cfg.train.lr == 3e-3
+    assert cfg.train.velocity_penalty == 0
     assert (cfg.reward.loss, cfg.reward.clip) == ("hinge", -0.05)
     assert cfg.reward.terms[0].kwargs == {"aesthetic_weight": 0.0, "smoothing_sigma": 0.1, "contrastive_negatives": 24}
 
