@@ -261,7 +261,9 @@ def test_prometheus_answers_every_panel_and_alert(tmp_path):
     ray = ctl = prom = None
     stack = contextlib.ExitStack()
     try:
-        ray = RayHead(num_cpus=4, object_store_mb=200).start()
+        # every process exports its metrics each second (Ray's default is 10 s), so a step's histogram change
+        # reaches a scrape before the next step's, however the load spaces the steps
+        ray = RayHead(num_cpus=4, object_store_mb=200, env={"RAY_metrics_report_interval_ms": "1000"}).start()
         env = controller_env(redis.url, ray.dashboard_url, tmp_path,
                              FLOWBP_ENTRYPOINT=f"{shlex.quote(sys.executable)} -m services.entrypoints.train",
                              FLOWBP_CHECK_REGISTRIES="true", FLOWBP_RECONCILE_INTERVAL_S="1.0",
