@@ -28,12 +28,19 @@ def _inputs(bb):
     return cond, x
 
 
-def test_penalty_is_the_mean_squared_distance_to_the_model_with_its_lora_off():
+def _moved_lora_at(sigma: float):
+    """A backbone with a moved LoRA, an input, its bound velocity and the LoRA model's velocity there."""
     bb = _lora()
     cond, x = _inputs(bb)
     velocity = bb.bind(cond)
     with torch.no_grad():
-        v_lora = velocity(x, 0.6)
+        v_lora = velocity(x, sigma)
+    return bb, x, velocity, v_lora
+
+
+def test_penalty_is_the_mean_squared_distance_to_the_model_with_its_lora_off():
+    bb, x, velocity, v_lora = _moved_lora_at(0.6)
+    with torch.no_grad():
         bb.transformer.disable_adapters()
         v_base = velocity(x, 0.6)
         bb.transformer.enable_adapters()
@@ -80,11 +87,8 @@ def test_a_fresh_lora_has_zero_penalty_and_no_grad_calls_are_not_counted():
 
 
 def test_adapters_come_back_on_when_the_block_raises():
-    bb = _lora()
-    cond, x = _inputs(bb)
-    velocity = bb.bind(cond)
+    bb, x, velocity, v_lora = _moved_lora_at(0.6)
     with torch.no_grad():
-        v_lora = velocity(x, 0.6)
         with pytest.raises(RuntimeError, match="boom"), adapters_off(bb):
             raise RuntimeError("boom")
         torch.testing.assert_close(velocity(x, 0.6), v_lora)
