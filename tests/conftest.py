@@ -34,7 +34,9 @@ from services.localproc import RayHead, RedisServer  # noqa: E402
 @pytest.fixture(scope="session")
 def ray_head():
     """A local `ray start --head` (job server included) shared by the whole session."""
-    head = RayHead(num_cpus=4, object_store_mb=512).start(timeout=600)  # minutes when the machine is loaded
+    # Exports every 2 s (Ray's default is 10 s): a job's end waits for its last values to be exported.
+    head = RayHead(num_cpus=4, object_store_mb=512, env={"RAY_metrics_report_interval_ms": "2000"}).start(
+        timeout=600)  # minutes when the machine is loaded
     try:
         yield head
     finally:

@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     except RunFailed as e:
         print(f"run {driver.run_id} failed: {e}", file=sys.stderr)
         code = 1
+    driver.telemetry.flush()  # this process exits next: the final step's and eval's values must be exported first
     print(json.dumps(asdict(driver.summary), default=str))
     sys.stdout.flush()
     return code

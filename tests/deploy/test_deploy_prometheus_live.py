@@ -148,6 +148,11 @@ class PrometheusServer:
     def query(self, expr: str) -> list[dict]:
         return self.api("query", query=expr)["result"]
 
+    def query_range(self, expr: str, since: float) -> list[dict]:
+        """`expr` at every scrape from `since` (epoch seconds) to now, as a Grafana time-series panel asks it."""
+        return self.api("query_range", query=expr, start=f"{since:.3f}", end=f"{time.time():.3f}",
+                        step=SCRAPE_INTERVAL)["result"]
+
     def stop(self) -> None:
         stop_process(self.proc, timeout=30)
         self.proc = None
@@ -185,8 +190,10 @@ def fill(expr: str, variables: dict[str, str]) -> str:
 
 
 def finite_values(result: list[dict]) -> list[float]:
-    """The finite sample values of an instant query's result (empty when it has none: no series, or all NaN)."""
-    return [v for v in (float(sample["value"][1]) for sample in result) if math.isfinite(v)]
+    """The finite sample values of an instant or range query's result (empty when it has none: no series, or all
+    NaN)."""
+    samples = [s for series in result for s in (series["values"] if "values" in series else [series["value"]])]
+    return [v for v in (float(value) for _, value in samples) if math.isfinite(v)]
 
 
 def out_of_bounds(values: list[float], bounds: tuple[float | None, float | None]) -> list[float]:
@@ -195,16 +202,21 @@ def out_of_bounds(values: list[float], bounds: tuple[float | None, float | None]
 
 
 class Answers:
-    """Which queries have answered with a finite value yet, asked over and over until a deadline."""
+    """Which queries have answered with a finite value at some scrape since `since`, asked until a deadline.
 
-    def __init__(self, prom: PrometheusServer, queries: dict[str, str]):
+    Range queries, as the panels ask them: a gauge a finished process set last (the run's final eval score) lives
+    in Ray's exporter for two export intervals only, and an instant query after its staleness marker sees nothing.
+    """
+
+    def __init__(self, prom: PrometheusServer, queries: dict[str, str], since: float):
         self.prom = prom
+        self.since = since
         self.pending = dict(queries)
         self.wrong: list[str] = []  # answers outside their BOUNDS
 
     def sweep(self) -> None:
         for key, expr in list(self.pending.items()):
-            values = finite_values(self.prom.query(expr))
+            values = finite_values(self.prom.query_range(expr, self.since))
             if values:
                 del self.pending[key]
                 bad = out_of_bounds(values, BOUNDS.get(key, (None, None)))
@@ -248,6 +260,8 @@ def test_fill_finite_values_and_bounds():
         fill('x{instance=~"${node}"}', {})
     assert finite_values([{"metric": {}, "value": [0, "NaN"]}, {"metric": {}, "value": [0, "+Inf"]}]) == []
     assert finite_values([]) == [] and finite_values([{"metric": {}, "value": [0, "0.5"]}]) == [0.5]
+    assert finite_values([{"metric": {}, "values": [[0, "NaN"], [1, "2"]]}, {"metric": {}, "values": [[1, "3"]]}]) \
+        == [2.0, 3.0]
     assert out_of_bounds([0.5, 1.0, 3.0], (1.0, None)) == [0.5] and out_of_bounds([2.0], (0.0, 1.0)) == [2.0]
 
 
@@ -278,13 +292,14 @@ def test_prometheus_answers_every_panel_and_alert(tmp_path):
 
         # -- the healthy run: every data query and every operand answers while the job runs --
         sets = [a for s in SHRINK for a in ("--set", s)]
+        submitted = time.time()
         job = flowbp(ctl.url, "submit", str(REPO / "deploy" / "configs" / "embedded.yaml"), *sets).split()[0]
         api = stack.enter_context(ctl.client())
         run_id = api.get(f"/v1/jobs/{job}").json()["run_id"]
         variables = {"run_id": run_id, "__rate_interval": RATE_INTERVAL}
         pending = {k: fill(q, variables) for k, q in data.items()}
         pending |= {f"{k} (operand {i})": part for k, e in EVENTS.items() for i, part in enumerate(e.operands)}
-        healthy = Answers(prom, pending)
+        healthy = Answers(prom, pending, since=submitted)
         picks = {f"{board} ${name}": query for board, name, query in template_queries()}
         picked: dict[str, list[str]] = {}
         deadline = time.monotonic() + RUN_DEADLINE_S
@@ -311,7 +326,8 @@ def test_prometheus_answers_every_panel_and_alert(tmp_path):
 
         # -- the faults, one after the other: each event query answers after its own --
         for fault in FAULTS:
-            waiting = Answers(prom, {k: fill(queries[k], variables) for k, e in EVENTS.items() if e.fault == fault})
+            waiting = Answers(prom, {k: fill(queries[k], variables) for k, e in EVENTS.items() if e.fault == fault},
+                              since=time.time())
             poke = lambda: None  # noqa: E731
             if fault == RAY_DOWN:
                 ray.stop()  # by the pids of our head only
