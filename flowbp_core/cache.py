@@ -24,10 +24,16 @@ from flowbp_core.plan import CacheNeeds, Plan
 from flowbp_core.schedules import validate_sigmas
 from flowbp_core.wire import read_metadata, read_views
 
-__all__ = ["CacheNeeds", "TrajectoryCache"]
+__all__ = ["CacheNeeds", "TrajectoryCache", "cond_rows"]
 
 FORMAT_VERSION = "1"
 _SUPPORTED_VERSIONS = frozenset({"1"})
+
+
+def cond_rows(cond: dict[str, torch.Tensor], start: int, end: int, batch: int) -> dict[str, torch.Tensor]:
+    """Rows [start, end) of a batch-`batch` conditioning: tensors whose first dim is the batch are cut, the others
+    (shared, e.g. one negative-prompt embedding) are kept whole."""
+    return {k: (t[start:end] if t.dim() > 0 and t.shape[0] == batch else t) for k, t in cond.items()}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -216,7 +222,7 @@ class TrajectoryCache:
             states={i: t[sl] for i, t in self.states.items()},
             velocities={i: t[sl] for i, t in self.velocities.items()},
             final=self.final[sl],
-            cond={k: (t[sl] if t.dim() > 0 and t.shape[0] == b else t) for k, t in self.cond.items()},
+            cond=cond_rows(self.cond, start, end, b),
             prompts=self.prompts[sl],
             meta=meta,
         )

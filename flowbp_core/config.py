@@ -16,7 +16,11 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator)
 
+from .config_base import FINITE_NUMBERS as FINITE_NUMBERS
+from .config_base import FLOAT32_MAX, MAX_METHOD_PARAM, MAX_SEED, STRICT_NUMBERS
+from .config_base import Strict as _Strict
 from .errors import ConfigError
+from .runtime_spec import RuntimeSpec
 
 SCHEMA_VERSION = 1
 
@@ -25,24 +29,6 @@ MAX_PROMPTS = 10_000
 MAX_PROMPT_CHARS = 1_000
 
 Scalar = str | int | float | bool
-
-# NaN and +-inf are no numbers at all: every model that takes numbers from outside rejects them, as literals
-# and as strings. Models that read JSON or YAML also take JSON's types as written (STRICT_NUMBERS): `true` is no
-# integer and "3" no number. Each model takes its number rules from here.
-FINITE_NUMBERS = ConfigDict(allow_inf_nan=False)
-STRICT_NUMBERS = ConfigDict(strict=True, **FINITE_NUMBERS)
-# Numbers without a natural ceiling still get one, so a huge value fails here instead of deep in torch or C:
-# seeds fit numpy's 32 bits, free floats stay finite in float32 (the dtype the math runs in; a huge but finite
-# one, like a LoRA alpha of 1e30, is a run's non-finite steps to skip, not a bad request), and method parameters
-# (step counts, scales, fractions) stay within 1e6.
-MAX_SEED = 2**32 - 1
-FLOAT32_MAX = 3.4028234663852886e38
-MAX_METHOD_PARAM = 1e6
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, **STRICT_NUMBERS)
-
 
 class LoRASpec(_Strict):
     rank: int = Field(16, ge=1, le=1024, description="LoRA rank r")
@@ -182,38 +168,6 @@ class TrainSpec(_Strict):
     seed: int = Field(0, ge=0, le=MAX_SEED)
     max_bad_steps: int = Field(3, ge=1, le=1000, description="non-finite steps in a row that fail the run")
     prompts: PromptSource = Field(default_factory=lambda: PromptSource(set="world_train"))
-
-
-class RuntimeSpec(_Strict):
-    rollout_workers: int = Field(1, ge=1, le=256)
-    learners: int = Field(1, ge=1, le=256)
-    mode: Literal["sync", "async"] = Field("sync", description="sync: rollout t+1 uses learner step t's weights")
-    max_staleness: int = Field(0, ge=0, le=100, description="policy versions a cache may lag in async mode")
-    queue_depth: int = Field(2, ge=1, le=64, description="in-flight rollout ObjectRefs (back-pressure)")
-    rollout_num_cpus: float = Field(1.0, gt=0.0, le=64.0)
-    learner_num_cpus: float = Field(1.0, gt=0.0, le=64.0)
-    use_gpu: bool = False
-    strategy: Literal["ddp", "fsdp"] = "ddp"
-    weight_sync: Literal["auto", "lora_delta", "full_state"] = "auto"
-    weight_sync_bucket_mb: float = Field(64.0, gt=0.0, le=16_384.0, description="full_state: MiB a streamed bucket")
-    compile_rollout: bool = False
-    max_actor_restarts: int = Field(3, ge=0, le=100, description="restarts of each rollout worker and failures "
-                                    "of the learner group a run survives (a learner group still waiting for its "
-                                    "nodes is not failing: hello_timeout_s bounds that wait)")
-    hello_timeout_s: float = Field(600.0, ge=10.0, le=86_400.0, description="seconds the driver waits for the "
-                                   "learner group to start or restart, and for one step's rollout (whose workers "
-                                   "may be restarting on a new node); with GPU groups that scale from zero it "
-                                   "covers a node's start, the image pull and the model load")
-    role_resources: bool = Field(False, description="rollout workers, learner ranks and reward replicas request "
-                                 "the custom resource flowbp_<role> (flowbp_rollout, flowbp_learner, "
-                                 "flowbp_reward) that the Helm chart's worker groups provide, so each role lands "
-                                 "on its own group; off: any node with CPUs and GPUs to spare")
-
-    @model_validator(mode="after")
-    def _staleness(self) -> "RuntimeSpec":
-        if self.mode == "sync" and self.max_staleness != 0:
-            raise ValueError("max_staleness must be 0 in sync mode (set mode: async to let rollout run ahead)")
-        return self
 
 
 class CheckpointSpec(_Strict):

@@ -104,6 +104,15 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def lora_config(cfg: RunConfig):
+    """The run's `backbone.lora` as the backbones' `LoRAConfig` (the learner's adapter and the rollout's merge)."""
+    from .backbones.base import LoRAConfig
+
+    lo = cfg.backbone.lora
+    return LoRAConfig(rank=lo.rank, alpha=lo.alpha, dropout=lo.dropout,
+                      target_modules=tuple(lo.target_modules) if lo.target_modules else None)
+
+
 def build_backbone(cfg: RunConfig, device: torch.device | None = None, trainable: bool = True,
                    text_encoders: bool = True):
     """The configured backbone; `text_encoders=False` loads none (a learner: its conditioning comes in the
@@ -116,11 +125,7 @@ def build_backbone(cfg: RunConfig, device: torch.device | None = None, trainable
     bb = backbones.build(spec.name, spec.pretrained, tiny=spec.tiny, **kw)
     if trainable:
         if spec.finetune == "lora":
-            from .backbones.base import LoRAConfig
-
-            bb.apply_lora(LoRAConfig(rank=spec.lora.rank, alpha=spec.lora.alpha, dropout=spec.lora.dropout,
-                                     target_modules=tuple(spec.lora.target_modules) if spec.lora.target_modules
-                                     else None))
+            bb.apply_lora(lora_config(cfg))
         elif hasattr(bb, "enable_full_finetune"):
             bb.enable_full_finetune()
         if spec.gradient_checkpointing:

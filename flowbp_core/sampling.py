@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from flowbp_core.cache import CacheNeeds, TrajectoryCache
+from flowbp_core.cache import CacheNeeds, TrajectoryCache, cond_rows
 from flowbp_core.plan import Plan
 from flowbp_core.schedules import validate_sigmas
 
@@ -27,6 +27,26 @@ def euler_add(z: torch.Tensor, h: float, v: torch.Tensor) -> torch.Tensor:
     """z + h * v in z's dtype (float32 in the rollout); `h` is a Python float from the float64 sigmas, so the
     product rounds once in that dtype."""
     return z + float(h) * v.to(z.dtype)
+
+
+def micro_batched(bind: Callable[[dict[str, torch.Tensor]], VelocityFn], cond: dict[str, torch.Tensor], batch: int,
+                  size: int | None) -> VelocityFn:
+    """The velocity of a batch of `batch` evaluated `size` rows at a time, each chunk bound (`bind(cond)`) to its
+    rows of `cond` (`cache.cond_rows`); None or `size >= batch`: one call. Rows are independent in the model, so
+    the chunks join into the batch's velocity up to the dtype's rounding."""
+    if size is None or size >= batch:
+        return bind(cond)
+    if size < 1:
+        raise ValueError(f"micro-batch size {size}: expected an integer >= 1 (or None for the whole batch)")
+    parts = [(a, min(a + size, batch)) for a in range(0, batch, size)]
+    bound = [bind(cond_rows(cond, a, b, batch)) for a, b in parts]
+
+    def velocity(x: torch.Tensor, sigma: float) -> torch.Tensor:
+        if x.shape[0] != batch:
+            raise ValueError(f"micro-batched velocity bound to a batch of {batch} got a state batch of {x.shape[0]}")
+        return torch.cat([v(x[a:b], sigma) for (a, b), v in zip(parts, bound)])
+
+    return velocity
 
 
 @torch.no_grad()

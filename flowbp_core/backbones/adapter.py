@@ -308,6 +308,14 @@ class DiffusersBackbone:
         self._lora_cfg = cfg
         return names
 
+    def merged_lora(self, cfg: LoRAConfig) -> lora_mod.MergedLoRA:
+        """Freeze this adapter-free backbone and return what folds a synced adapter state of `cfg` into its
+        weights (`MergedLoRA.load`): a rollout worker samples on merged weights, never through adapters."""
+        if self._lora_cfg is not None:
+            raise ValueError("merged_lora needs a backbone without a LoRA adapter (build it with trainable=False)")
+        self.freeze()
+        return lora_mod.MergedLoRA(self.transformer, cfg, self.default_lora_targets)
+
     def enable_full_finetune(self) -> None:
         if self._lora_cfg is not None:
             raise ValueError("this backbone carries a LoRA adapter; build a fresh one for full fine-tuning")

@@ -5,6 +5,10 @@ A shard comes back in pieces cut at the learner ranks' bounds (the request's `cu
 learner rank fetches only its own rows. Each piece is a numpy uint8 array: Ray stores it out of band and a
 reader's `ray.get` maps it from the object store without a copy (`TrajectoryCache.from_buffer`).
 
+With LoRA the worker holds no adapter: each sync folds the synced adapter into the base weights
+(`backbones.lora.MergedLoRA`: W0 + delta from a kept copy of W0, so a sync replaces the previous delta), and
+sampling runs the plain model. A shard goes through the transformer `runtime.rollout_batch` samples at a time.
+
 Why the request names its weights: a worker that was killed and restarted by Ray comes back with the base
 weights; because every request carries the `WeightsHandle` it must be sampled with, the restarted worker
 catches up on its first request, and a retried request produces the same cache (noise is seeded per sample).
@@ -22,6 +26,7 @@ import torch
 
 from flowbp_core.config import RunConfig
 from flowbp_core.dtypes import resolve_dtype
+from flowbp_core.sampling import micro_batched
 from flowbp_core.sampling import rollout as cached_rollout
 from flowbp_core.stages import ROLLOUT, timed
 from flowbp_core.step import rollout_step, step_noise
@@ -39,14 +44,17 @@ class RolloutCore:
     """
 
     def __init__(self, cfg: RunConfig, worker: int = 0):
-        from flowbp_core.run import build_components
+        from flowbp_core.run import build_components, lora_config
 
         self.cfg = cfg
         self.worker = worker
-        # trainable=True so that the LoRA adapter (or the full-finetune flags) exists and the synced state dict's
-        # keys match; "trainable" is requires_grad in the backbone, so we leave it, and sample under no_grad.
-        self.comp = build_components(cfg, with_reward=False, trainable=True)
+        lora = cfg.backbone.finetune == "lora"
+        # LoRA: a plain backbone whose adapted weights each sync sets to W0 + delta (MergedLoRA), so sampling runs
+        # no adapter; full fine-tuning: the trainable flags name the synced keys (sampled under no_grad).
+        self.comp = build_components(cfg, with_reward=False, trainable=not lora)
         self.backbone = self.comp.backbone
+        self.merged = self.backbone.merged_lora(lora_config(cfg)) if lora else None
+        self.load = self.merged.load if lora else self.backbone.load_trainable_state_dict
         self.state_dtype = resolve_dtype(cfg.backbone.dtype)
         self.receiver = WeightReceiver()
         if cfg.runtime.compile_rollout:
@@ -66,14 +74,15 @@ class RolloutCore:
         cuts = ((offset, end),) if cuts is None else tuple(cuts)
         if [a for a, _ in cuts] + [end] != [offset] + [b for _, b in cuts] or any(a >= b for a, b in cuts):
             raise ValueError(f"cuts {cuts}: contiguous non-empty [start, end) rows from {offset} to {end}")
-        sync_s = self.receiver.apply(req.weights, self.backbone.load_trainable_state_dict)
+        sync_s = self.receiver.apply(req.weights, self.load)
         timings: dict[str, float] = {}
         with timed(ROLLOUT, timings):
             cache = rollout_step(backbone=self.backbone, guidance=self.comp.guidance, plan=req.plan,
                                  prompts=list(req.prompts), seed=req.seed, step=req.step,
                                  policy_version=max(self.receiver.version, 0), state_dtype=self.state_dtype,
                                  device=self.comp.device, offset=offset, total=req.total_batch,
-                                 meta={"step": str(req.step), "worker": str(self.worker), "offset": str(offset)})
+                                 meta={"step": str(req.step), "worker": str(self.worker), "offset": str(offset)},
+                                 micro_batch=self.cfg.runtime.rollout_batch)
             whole = len(cuts) == 1
             pieces = [np.frombuffer((cache if whole else cache.rows(a - offset, b - offset)).to_bytes(), np.uint8)
                       for a, b in cuts]
@@ -92,14 +101,16 @@ class RolloutCore:
 
         w = req.weights
         if w is not None and w.eval_only:
-            self.receiver.apply_once(w, self.backbone.load_trainable_state_dict)
+            self.receiver.apply_once(w, self.load)
         else:
-            self.receiver.apply(w, self.backbone.load_trainable_state_dict)
+            self.receiver.apply(w, self.load)
         prompts = list(req.prompts)
         cond = self.backbone.encode_prompts(prompts)
         n = self.cfg.sampling.eval_n_steps or self.comp.n_steps
         noise = step_noise(self.backbone, req.seed, req.step, req.total_batch, offset, len(prompts))
-        cache = cached_rollout(self.backbone.bind(cond, self.comp.guidance), noise.to(self.comp.device),
+        velocity = micro_batched(lambda c: self.backbone.bind(c, self.comp.guidance), cond, len(prompts),
+                                 self.cfg.runtime.rollout_batch)
+        cache = cached_rollout(velocity, noise.to(self.comp.device),
                                eval_schedule(self.backbone, n).sigmas, cond=cond, prompts=prompts,
                                needs=CacheNeeds(frozenset(), frozenset()))
         return self.backbone.decode(cache.final.to(self.backbone.dtype))

@@ -26,7 +26,7 @@ def test_eval_only_weights_serve_the_eval_and_the_next_rollout_samples_live(ray_
     torch.set_num_threads(1)
     core = RolloutCore(tiny_cfg(tmp_path, "core"))
     g = torch.Generator().manual_seed(0)
-    base = core.backbone.trainable_state_dict()
+    base = {k: torch.zeros(s) for k, s in core.merged.shapes.items()}  # the worker holds no adapter
     live = {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()}
     ema = {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()}
     sync = weight_sync.build("lora_delta")
@@ -77,7 +77,7 @@ def test_ray_run_evaluates_the_ema_shadow_and_trains_as_without_eval(ray_client,
     assert sorted(s.eval_scores) == [1, 2]
 
     core = RolloutCore(cfg)
-    keys = list(core.backbone.trainable_state_dict())
+    keys = list(core.merged.shapes)  # the learner's parameter order (tests/backbones/test_merged_lora.py)
     reward = build_reward(*reward_panel(cfg))
     prompts = tuple(load_prompts(cfg.eval.prompts, cfg.eval.limit))
     sync = weight_sync.build("lora_delta")

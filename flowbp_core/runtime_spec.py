@@ -1,0 +1,46 @@
+"""`runtime`: how a run is laid out on Ray (workers, learner ranks, modes, weight sync, placement). Its own module
+because the run schema (`flowbp_core.config`, which re-exports it) is otherwise too long to hold."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from .config_base import Strict
+
+
+class RuntimeSpec(Strict):
+    rollout_workers: int = Field(1, ge=1, le=256)
+    learners: int = Field(1, ge=1, le=256)
+    mode: Literal["sync", "async"] = Field("sync", description="sync: rollout t+1 uses learner step t's weights")
+    max_staleness: int = Field(0, ge=0, le=100, description="policy versions a cache may lag in async mode")
+    queue_depth: int = Field(2, ge=1, le=64, description="in-flight rollout ObjectRefs (back-pressure)")
+    rollout_num_cpus: float = Field(1.0, gt=0.0, le=64.0)
+    learner_num_cpus: float = Field(1.0, gt=0.0, le=64.0)
+    use_gpu: bool = False
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    weight_sync: Literal["auto", "lora_delta", "full_state"] = "auto"
+    weight_sync_bucket_mb: float = Field(64.0, gt=0.0, le=16_384.0, description="full_state: MiB a streamed bucket")
+    compile_rollout: bool = Field(False, description="rollout workers sample through torch.compile'd "
+                                  "transformer (the learner re-forwards eagerly)")
+    rollout_batch: int | None = Field(None, ge=1, le=4096, description="samples a rollout worker puts through "
+                                      "the transformer at once (true CFG runs twice as many rows: both branches "
+                                      "in one batch); None: its whole shard of the step")
+    max_actor_restarts: int = Field(3, ge=0, le=100, description="restarts of each rollout worker and failures "
+                                    "of the learner group a run survives (a learner group still waiting for its "
+                                    "nodes is not failing: hello_timeout_s bounds that wait)")
+    hello_timeout_s: float = Field(600.0, ge=10.0, le=86_400.0, description="seconds the driver waits for the "
+                                   "learner group to start or restart, and for one step's rollout (whose workers "
+                                   "may be restarting on a new node); with GPU groups that scale from zero it "
+                                   "covers a node's start, the image pull and the model load")
+    role_resources: bool = Field(False, description="rollout workers, learner ranks and reward replicas request "
+                                 "the custom resource flowbp_<role> (flowbp_rollout, flowbp_learner, "
+                                 "flowbp_reward) that the Helm chart's worker groups provide, so each role lands "
+                                 "on its own group; off: any node with CPUs and GPUs to spare")
+
+    @model_validator(mode="after")
+    def _staleness(self) -> "RuntimeSpec":
+        if self.mode == "sync" and self.max_staleness != 0:
+            raise ValueError("max_staleness must be 0 in sync mode (set mode: async to let rollout run ahead)")
+        return self
