@@ -20,8 +20,11 @@ class RuntimeSpec(Strict):
     learner_num_cpus: float = Field(1.0, gt=0.0, le=64.0)
     use_gpu: bool = False
     strategy: Literal["ddp", "fsdp"] = "ddp"
-    weight_sync: Literal["auto", "lora_delta", "full_state"] = "auto"
-    weight_sync_bucket_mb: float = Field(64.0, gt=0.0, le=16_384.0, description="full_state: MiB a streamed bucket")
+    weight_sync: Literal["auto", "lora_delta", "full_state", "collective"] = Field(
+        "auto", description="how weights reach the rollout workers: auto (lora_delta with LoRA, else full_state), "
+        "or collective (torch.distributed broadcasts from learner rank 0: gloo on CPU, nccl with use_gpu)")
+    weight_sync_bucket_mb: float = Field(64.0, gt=0.0, le=16_384.0, description="full_state and collective: MiB "
+                                         "a bucket")
     compile_rollout: bool = Field(False, description="rollout workers sample through torch.compile'd "
                                   "transformer (the learner re-forwards eagerly)")
     rollout_batch: int | None = Field(None, ge=1, le=4096, description="samples a rollout worker puts through "

@@ -144,10 +144,7 @@ class LearnerRank:
         t = cfg.train
         self.guard = BadStepGuard(t.max_bad_steps)
         self.run_dir = Path(cfg.checkpoint.dir).absolute() / run_id
-        backend, rt = weight_sync.backend_name(cfg.runtime.weight_sync, cfg.backbone.finetune), cfg.runtime
-        self.sync = weight_sync.build(backend, **({"bucket_mb": rt.weight_sync_bucket_mb,
-                                                   "keep": weight_sync.versions_kept(cfg)}
-                                                  if backend == "full_state" else {}))
+        self.sync = weight_sync.for_run(cfg)
         self.step = 0
         self.version = 0
         self.resumed_from: str | None = None

@@ -5,7 +5,7 @@ it carries. Big tensors never ride in these: a `TrajectoryCache` travels as safe
 in one piece per learner rank a shard covers (the ObjectRefs sit in tuples, so that Ray does not resolve them on the
 way through the driver and the board), and weights
 travel as `WeightsHandle.refs` (a LoRA adapter's one blob) or are read bucket by bucket from the server a
-`WeightsHandle.stream` names (full fine-tuning).
+`WeightsHandle.stream` names (full fine-tuning), or broadcast from learner rank 0 (`collective`).
 """
 
 from __future__ import annotations
@@ -36,6 +36,28 @@ class BucketStream:
 
 
 @dataclass(frozen=True, kw_only=True)
+class CollectiveStream:
+    """Where a `collective` publish is read from: learner rank 0's store, and the layout of its buckets.
+
+    Attributes:
+        host (str): the node address of learner rank 0, whose `TCPStore` hands out tickets and groups.
+        port (int): that store's port.
+        key (int): the publish's number at rank 0's sender (one per publish, live or eval-only).
+        backend (str): the process groups' backend, gloo (CPU tensors) or nccl (GPU tensors).
+        buckets (tuple): per bucket, the (name, dtype, shape) of each tensor in it, in order: a reader
+            allocates each bucket's bytes and cuts them into tensors with it.
+        timeout_s (float): how long a group's rendezvous and each broadcast may take.
+    """
+
+    host: str
+    port: int
+    key: int
+    backend: str
+    buckets: tuple[tuple[tuple[str, str, tuple[int, ...]], ...], ...]
+    timeout_s: float
+
+
+@dataclass(frozen=True, kw_only=True)
 class WeightsHandle:
     """Where a published set of trainable weights lives.
 
@@ -51,7 +73,8 @@ class WeightsHandle:
         publish_seconds (float): the time the learner spent publishing them.
         eval_only (bool): the EMA shadow at that version, published for an in-run eval; a rollout never samples
             with it.
-        stream (BucketStream | None): where a `full_state` publish's buckets are read from (None: `refs`).
+        stream (BucketStream | CollectiveStream | None): where a `full_state` publish's buckets are read from,
+            or where a `collective` publish is broadcast from (None: `refs`).
     """
 
     backend: str
@@ -62,7 +85,7 @@ class WeightsHandle:
     n_tensors: int
     publish_seconds: float
     eval_only: bool = False
-    stream: BucketStream | None = None
+    stream: BucketStream | CollectiveStream | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -13,6 +13,8 @@
   once), so the store pins at most `IN_FLIGHT` buckets for the publisher, `IN_FLIGHT` for the server and
   `IN_FLIGHT` for each reading worker, whatever the model size.
   The server keeps the publishes a request can still name (`versions_kept`) and frees older ones.
+- `collective` (`collective_sync.py`, either fine-tuning mode): learner rank 0 broadcasts the state in buckets over
+  torch.distributed (gloo on CPU, NCCL on GPUs) to the workers that ask for it together; no object store.
 
 Every publish carries a `policy_version` (the learner step count), and a worker applies a handle only when its
 version is newer than what it holds: a restarted worker therefore catches up from the next request, which always
@@ -23,6 +25,7 @@ new learner generation.
 
 from __future__ import annotations
 
+import importlib
 import time
 from collections import deque
 from typing import Callable, Protocol
@@ -51,6 +54,8 @@ class WeightSync(Protocol):
 
 
 _REGISTRY: dict[str, Callable[..., WeightSync]] = {}
+# Backends in their own module, imported when named (each registers itself).
+_BUILTIN_MODULES = {"collective": "services.runtime.collective_sync"}
 
 
 def register(name: str):
@@ -62,13 +67,27 @@ def register(name: str):
 
 
 def names() -> list[str]:
+    for module in _BUILTIN_MODULES.values():
+        importlib.import_module(module)
     return sorted(_REGISTRY)
 
 
 def build(name: str, **kw) -> WeightSync:
+    if name in _BUILTIN_MODULES:
+        importlib.import_module(_BUILTIN_MODULES[name])
     if name not in _REGISTRY:
         raise ConfigError("runtime.weight_sync", name, f"one of {names()}")
     return _REGISTRY[name](**kw)
+
+
+def for_run(cfg) -> WeightSync:
+    """The publishing side of the run's backend (learner rank 0), with the run's bucket size and kept versions."""
+    rt = cfg.runtime
+    name = backend_name(rt.weight_sync, cfg.backbone.finetune)
+    kw = {"bucket_mb": rt.weight_sync_bucket_mb, "keep": versions_kept(cfg)}
+    if name == "collective":
+        return build(name, **kw, backend="nccl" if rt.use_gpu else "gloo", timeout_s=rt.hello_timeout_s)
+    return build(name, **kw) if name == "full_state" else build(name)
 
 
 def backend_name(weight_sync: str, finetune: str) -> str:
@@ -115,6 +134,24 @@ class LoRASync:
 
     def fetch(self, handle: WeightsHandle) -> dict[str, torch.Tensor]:
         return _fetch_blobs(handle)
+
+
+def bucket_groups(state: dict[str, torch.Tensor], bucket_bytes: int) -> list[dict[str, torch.Tensor]]:
+    """`state` in name order, cut into buckets of at most `bucket_bytes` (a larger tensor gets its own)."""
+    out: list[dict[str, torch.Tensor]] = []
+    cur: dict[str, torch.Tensor] = {}
+    size = 0
+    for k in sorted(state):
+        t = state[k]
+        n = t.numel() * t.element_size()
+        if cur and size + n > bucket_bytes:
+            out.append(cur)
+            cur, size = {}, 0
+        cur[k] = t
+        size += n
+    if cur:
+        out.append(cur)
+    return out
 
 
 IN_FLIGHT = 2  # buckets the publisher, the server and each rollout worker may hold in the object store at once
@@ -196,20 +233,7 @@ class BucketedSync:
         self.next_key = 0
 
     def buckets(self, state: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-        out: list[dict[str, torch.Tensor]] = []
-        cur: dict[str, torch.Tensor] = {}
-        size = 0
-        for k in sorted(state):
-            t = state[k]
-            n = t.numel() * t.element_size()
-            if cur and size + n > self.bucket_bytes:
-                out.append(cur)
-                cur, size = {}, 0
-            cur[k] = t
-            size += n
-        if cur:
-            out.append(cur)
-        return out
+        return bucket_groups(state, self.bucket_bytes)
 
     def publish(self, state: dict[str, torch.Tensor], policy_version: int, generation: int = 0) -> WeightsHandle:
         t0 = time.perf_counter()

@@ -22,3 +22,10 @@ def test_rollout_batch_out_of_range_names_field_value_and_range(value, allowed):
     with pytest.raises(ConfigError) as e:
         config.config_from_dict({"runtime": {"rollout_batch": value}})
     assert str(e.value) == f"runtime.rollout_batch={value!r} is not allowed: expected {allowed}"
+
+
+def test_weight_sync_names_its_backends():
+    assert config.config_from_dict({"runtime": {"weight_sync": "collective"}}).runtime.weight_sync == "collective"
+    with pytest.raises(ConfigError, match="runtime.weight_sync='nccl' is not allowed: expected 'auto', "
+                                          "'lora_delta', 'full_state' or 'collective'"):
+        config.config_from_dict({"runtime": {"weight_sync": "nccl"}})

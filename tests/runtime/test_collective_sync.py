@@ -1,0 +1,142 @@
+"""`runtime.weight_sync: collective` (issue 16, item 2): learner rank 0 holds each publish as byte buckets and
+broadcasts them over gloo to the readers that ask together; a run on the real Ray runtime syncs through it, and a
+rollout worker killed between two syncs comes back, reads the weights its retried request names, and the run
+equals the uninterrupted one."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from tests.tiny_runs import tiny_cfg
+from tests.waiting import wait_for
+
+
+def _state() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {"a.w": torch.randn(3, 5, generator=g), "b.w": torch.randn(7, generator=g).to(torch.bfloat16),
+            "c.scale": torch.tensor(2.5), "d.idx": torch.arange(6, dtype=torch.int64).view(2, 3)}
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return set(a) == set(b) and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+
+
+def test_pack_cuts_buckets_and_unpack_restores_every_tensor_bitwise():
+    from services.runtime.collective_sync import bucket_nbytes, pack, unpack
+
+    state = _state()
+    layout, buffers = pack(state, 64, torch.device("cpu"))  # 64-byte buckets, tensors in name order
+    assert [[name for name, _, _ in b] for b in layout] == [["a.w"], ["b.w", "c.scale"], ["d.idx"]]
+    assert [buf.numel() for buf in buffers] == [bucket_nbytes(b) for b in layout] == [60, 14 + 4, 48]
+    back = {}
+    for buf, bucket in zip(buffers, layout):
+        back.update(unpack(buf, bucket))
+    assert _same(back, state)
+
+
+def _read_in_thread(stream, box: dict, name: str) -> threading.Thread:
+    from services.runtime.collective_sync import read
+
+    def run():
+        try:
+            box[name] = read(stream, torch.device("cpu"))
+        except Exception as e:  # noqa: BLE001 - the test asserts on what the reader got
+            box[name] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def test_readers_that_ask_together_share_one_broadcast_and_a_late_one_gets_its_own():
+    from services.runtime.collective_sync import Sender, pack
+    from services.runtime.payloads import CollectiveStream
+    from services.runtime.weight_sync import WeightsLost
+
+    state = _state()
+    sender = Sender(keep=1, backend="gloo", timeout_s=60, host="127.0.0.1", start=False)
+    layout, buffers = pack(state, 64, torch.device("cpu"))
+    sender.hold(0, buffers)
+    stream = CollectiveStream(host=sender.host, port=sender.port, key=0, backend="gloo", buckets=layout,
+                              timeout_s=60)
+    box: dict = {}
+    readers = [_read_in_thread(stream, box, f"r{i}") for i in range(2)]
+    wait_for(lambda: sender.store.check(["ticket/0", "ticket/1"]), 60, "two readers' tickets")
+    sender.thread.start()  # both tickets are queued: one group of rank 0 + 2 readers
+    for t in readers:
+        t.join(60)
+    assert _same(box["r0"], state) and _same(box["r1"], state)
+    _read_in_thread(stream, box, "late").join(60)
+    assert _same(box["late"], state)
+    assert sender.group_sizes == [2, 1]
+
+    sender.hold(1, buffers)  # keep=1: publish 0 is dropped
+    _read_in_thread(stream, box, "old").join(60)
+    assert isinstance(box["old"], WeightsLost) and "no longer held" in str(box["old"])
+
+
+def test_a_publisher_that_is_gone_raises_weights_lost(monkeypatch):
+    import socket
+
+    from services.runtime import collective_sync
+    from services.runtime.payloads import CollectiveStream
+    from services.runtime.weight_sync import WeightsLost
+
+    monkeypatch.setattr(collective_sync, "CONNECT_S", 1.0)
+    with socket.socket() as s:  # a port nobody listens on once closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    stream = CollectiveStream(host="127.0.0.1", port=port, key=0, backend="gloo", buckets=(), timeout_s=5)
+    with pytest.raises(WeightsLost, match="is gone"):
+        collective_sync.read(stream, torch.device("cpu"))
+
+
+@pytest.mark.integration
+def test_ray_run_syncs_by_broadcast_and_a_restarted_worker_catches_up(ray_client, tmp_path):
+    """Two rollout workers and one learner rank on Ray, weights by gloo broadcast. Rollout worker 0 is killed
+    (Ray restarts it) once step 0 is done, between the syncs of v1 and v2: the run finishes, the restarted
+    worker (a new process) sampled with the weights its requests named, and the losses equal the single-process
+    loop's."""
+    import ray
+
+    from flowbp_core.run import train_loop
+    from services.runtime.driver import Driver
+
+    torch.set_num_threads(1)
+    cfg = tiny_cfg(tmp_path, "coll", train={"steps": 4},
+                   reward={"terms": [{"name": "saturation"}], "loss": "neg_mean", "placement": "colocated"},
+                   runtime={"weight_sync": "collective", "weight_sync_bucket_mb": 0.001},
+                   eval={"every": 0, "limit": 0})
+    drv = Driver(cfg)
+    box: dict = {}
+    run = threading.Thread(target=lambda: box.setdefault("summary", drv.run()), daemon=True)
+    run.start()
+    wait_for(lambda: 0 in drv.outcomes, 900, "step 0")
+    pid = ray.get(drv.workers[0].pid.remote())
+    ray.kill(drv.workers[0], no_restart=False)
+    run.join(timeout=900)
+    assert not run.is_alive(), "run did not finish"
+    s = box["summary"]
+    assert s.status == "finished", s.failure
+    assert s.policy_version == 4 and sorted(s.losses) == [0, 1, 2, 3]
+    h = drv.hello.weights  # the learner generation's first publish; the outcomes' handles are dropped once read
+    assert h.backend == "collective" and len(h.stream.buckets) > 1
+    pids = drv.record.counters.rollout_pids  # the processes that sampled each worker's shards
+    assert pid in pids[0] and len(pids[0]) == 2 and len(pids[1]) == 1, pids
+    ref = train_loop(cfg.model_copy(update={"run_id": "ref"}), run_dir=tmp_path / "ref")
+    assert [r.loss for r in ref.results] == pytest.approx([s.losses[i] for i in range(4)], rel=1e-5, abs=1e-7)
+
+
+def test_the_run_config_builds_the_collective_backend_with_its_bucket_size_and_kept_versions(tmp_path):
+    from services.runtime import weight_sync
+    from services.runtime.collective_sync import CollectiveSync
+
+    cfg = tiny_cfg(tmp_path, "c", runtime={"weight_sync": "collective", "weight_sync_bucket_mb": 0.5,
+                                           "mode": "async", "max_staleness": 1, "queue_depth": 3})
+    sync = weight_sync.for_run(cfg)
+    assert isinstance(sync, CollectiveSync) and sync.backend == "gloo" and sync.sender is None
+    assert (sync.bucket_bytes, sync.keep, sync.timeout_s) == (512 * 1024, 5, cfg.runtime.hello_timeout_s)
+    assert "collective" in weight_sync.names()
