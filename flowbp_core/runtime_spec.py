@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from .config_base import Strict
 
@@ -19,6 +19,11 @@ class RuntimeSpec(Strict):
     rollout_num_cpus: float = Field(1.0, gt=0.0, le=64.0)
     learner_num_cpus: float = Field(1.0, gt=0.0, le=64.0)
     use_gpu: bool = False
+    rollout_gpus: float = Field(1.0, ge=0.0, le=8.0, description="GPUs a rollout worker takes with use_gpu: a "
+                                "fraction shares a card with other actors (a one-GPU machine runs every role), "
+                                "above 1 a whole number")
+    learner_gpus: float = Field(1.0, ge=0.0, le=8.0, description="GPUs a learner rank takes with use_gpu (as "
+                                "rollout_gpus; with learners > 1 at least 1: NCCL takes one card a rank)")
     strategy: Literal["ddp", "fsdp"] = "ddp"
     weight_sync: Literal["auto", "lora_delta", "full_state", "collective"] = Field(
         "auto", description="how weights reach the rollout workers: auto (lora_delta with LoRA, else full_state), "
@@ -41,6 +46,17 @@ class RuntimeSpec(Strict):
                                  "the custom resource flowbp_<role> (flowbp_rollout, flowbp_learner, "
                                  "flowbp_reward) that the Helm chart's worker groups provide, so each role lands "
                                  "on its own group; off: any node with CPUs and GPUs to spare")
+
+    @field_validator("rollout_gpus", "learner_gpus")
+    @classmethod
+    def _ray_gpu_amount(cls, v: float, info: ValidationInfo) -> float:
+        if v > 1 and v != int(v):
+            raise ValueError("a fraction in [0, 1] or a whole number up to 8 (Ray shares a GPU only below 1)")
+        learners, gpu = info.data.get("learners", 1), info.data.get("use_gpu", False)
+        if info.field_name == "learner_gpus" and gpu and learners > 1 and v < 1:
+            raise ValueError(f"at least 1 with runtime.learners={learners} on a use_gpu run (NCCL takes one GPU a "
+                             "learner rank)")
+        return v
 
     @model_validator(mode="after")
     def _staleness(self) -> "RuntimeSpec":

@@ -44,7 +44,7 @@ from flowbp_core.training import EMA, BadStepGuard, NonFiniteStreak
 from services.runtime import components, sharding, weight_sync
 from services.runtime.board import STOP
 from services.runtime.payloads import LearnerHello, StepOutcome
-from services.runtime.placement import role_resources
+from services.runtime.placement import role_gpus, role_resources
 
 
 def concat_caches(caches: list[TrajectoryCache]) -> TrajectoryCache:
@@ -347,17 +347,25 @@ def torch_backend(use_gpu: bool) -> str:
     return "cpu:gloo,cuda:nccl" if use_gpu else "gloo"
 
 
+def rank_resources(cfg: RunConfig) -> dict[str, float]:
+    """What each learner rank asks Ray for: its CPUs, its GPUs (`placement.role_gpus`; none: no GPU key) and its
+    role's resource."""
+    gpus = role_gpus(cfg, "learner")
+    return {"CPU": cfg.runtime.learner_num_cpus, **({"GPU": gpus} if gpus > 0 else {}),
+            **role_resources(cfg, "learner")}
+
+
 def make_trainer(cfg: RunConfig, run_id: str, board, served_app: str | None, storage_path: str):
     from ray.train import FailureConfig, RunConfig as TrainRunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     rt = cfg.runtime
-    resources = {"CPU": rt.learner_num_cpus, **({"GPU": 1} if rt.use_gpu else {}), **role_resources(cfg, "learner")}
+    resources = rank_resources(cfg)
     return TorchTrainer(
         learner_loop,
         train_loop_config={"cfg_json": cfg.model_dump_json(), "board": board, "run_id": run_id,
                            "served_app": served_app},
-        scaling_config=ScalingConfig(num_workers=rt.learners, use_gpu=rt.use_gpu,
+        scaling_config=ScalingConfig(num_workers=rt.learners, use_gpu="GPU" in resources,
                                      resources_per_worker=resources),
         torch_config=TorchConfig(backend=torch_backend(rt.use_gpu)),
         run_config=TrainRunConfig(name=f"learner-{run_id}", storage_path=storage_path,

@@ -27,6 +27,18 @@ def role_resources(cfg: RunConfig, role: str) -> dict[str, float]:
     return {role_resource(role): ROLE_SHARE} if cfg.runtime.role_resources else {}
 
 
+def role_gpus(cfg: RunConfig, role: str) -> float:
+    """The GPUs one actor of `role` requests (the one place each role's GPU count is read): a rollout worker
+    `runtime.rollout_gpus` and a learner rank `runtime.learner_gpus` on a `use_gpu` run (none otherwise), a
+    reward replica `reward.served.num_gpus`. Fractions let several roles share one card."""
+    rt = cfg.runtime
+    amounts = {"rollout": rt.rollout_gpus if rt.use_gpu else 0.0, "learner": rt.learner_gpus if rt.use_gpu else 0.0,
+               "reward": cfg.reward.served.num_gpus}
+    if role not in amounts:
+        raise ValueError(f"role {role!r}: expected one of {ROLES}")
+    return float(amounts[role])
+
+
 def on_this_node():
     """A scheduling strategy that keeps an actor on the caller's node (and fails rather than move it elsewhere)."""
     import ray

@@ -31,7 +31,7 @@ from flowbp_core.sampling import rollout as cached_rollout
 from flowbp_core.stages import ROLLOUT, timed
 from flowbp_core.step import rollout_step, step_noise
 from services.runtime.payloads import RolloutRequest, RolloutStats
-from services.runtime.placement import role_resources
+from services.runtime.placement import role_gpus, role_resources
 from services.runtime.weight_sync import WeightReceiver
 
 
@@ -146,12 +146,19 @@ class RolloutWorker:
         return self.core.receiver.version
 
 
+def actor_options(cfg: RunConfig) -> dict:
+    """What each rollout worker asks Ray for: its CPUs, its GPUs (`placement.role_gpus`), its role's resource,
+    and restarts with its in-flight call retried."""
+    rt = cfg.runtime
+    return dict(num_cpus=rt.rollout_num_cpus, num_gpus=role_gpus(cfg, "rollout"),
+                resources=role_resources(cfg, "rollout"),
+                max_restarts=rt.max_actor_restarts, max_task_retries=rt.max_actor_restarts)
+
+
 def spawn(cfg: RunConfig, n: int, name_prefix: str | None = None) -> list:
     """Start `n` workers; Ray restarts a dead one (max_actor_restarts) and retries its in-flight call."""
     rt = cfg.runtime
-    opts = dict(num_cpus=rt.rollout_num_cpus, num_gpus=1 if rt.use_gpu else 0,
-                resources=role_resources(cfg, "rollout"),
-                max_restarts=rt.max_actor_restarts, max_task_retries=rt.max_actor_restarts)
+    opts = actor_options(cfg)
     cfg_json = cfg.model_dump_json()
     workers = []
     for i in range(n):

@@ -123,6 +123,9 @@ def test_rollouts_queued_for_a_dead_generation_are_cancelled(ray_client, tmp_pat
     ("hello_timeout_s", 1e6, "less than or equal to 86400"),
     ("max_actor_restarts", 101, "less than or equal to 100"),
     ("role_resources", "yes", "a valid boolean"),
+    ("rollout_gpus", 1.5, "a fraction in [0, 1] or a whole number up to 8"),
+    ("rollout_gpus", -0.5, "greater than or equal to 0"),
+    ("learner_gpus", 9, "less than or equal to 8"),
 ])
 def test_runtime_limits_name_the_field(field, value, allowed):
     with pytest.raises(ConfigError) as e:
@@ -140,3 +143,27 @@ def test_role_resources_are_off_by_default_and_name_the_chart_groups():
         "rollout": {"flowbp_rollout": 0.001}, "learner": {"flowbp_learner": 0.001},
         "reward": {"flowbp_reward": 0.001}}
     assert [role_resource(r) for r in ROLES] == ["flowbp_rollout", "flowbp_learner", "flowbp_reward"]
+
+
+def test_each_role_requests_its_gpus_and_one_card_holds_every_role(tmp_path):
+    """`runtime.rollout_gpus`, `runtime.learner_gpus` and `reward.served.num_gpus` are what the rollout workers,
+    the learner ranks and the reward replicas ask Ray for; fractions that add up to one card put every role on a
+    one-GPU machine, a CPU run asks for none, and several NCCL learner ranks cannot share a card."""
+    from services.runtime.learner import rank_resources
+    from services.runtime.placement import ROLES, role_gpus
+    from services.runtime.rollout import actor_options
+
+    one_card = tiny_cfg(tmp_path, "one", runtime={"use_gpu": True, "rollout_gpus": 0.5, "learner_gpus": 0.25,
+                                                  "rollout_num_cpus": 0.25, "learner_num_cpus": 0.5},
+                        reward={"served": {"num_gpus": 0.25}})
+    assert actor_options(one_card)["num_gpus"] == 0.5
+    assert rank_resources(one_card) == {"CPU": 0.5, "GPU": 0.25}
+    assert role_gpus(one_card, "reward") == 0.25
+    assert sum(role_gpus(one_card, r) for r in ROLES) == 1.0
+    cpu = tiny_cfg(tmp_path, "cpu", runtime={"rollout_gpus": 0.5})
+    assert actor_options(cpu)["num_gpus"] == 0.0 and "GPU" not in rank_resources(cpu)
+    whole = tiny_cfg(tmp_path, "whole", runtime={"use_gpu": True, "learners": 2, "rollout_workers": 2})
+    assert (actor_options(whole)["num_gpus"], rank_resources(whole)["GPU"]) == (1.0, 1.0)
+    with pytest.raises(ConfigError, match=r"runtime.learner_gpus=0.5 is not allowed: expected at least 1 with "
+                                          r"runtime.learners=2 on a use_gpu run"):
+        config_from_dict({"runtime": {"use_gpu": True, "learners": 2, "learner_gpus": 0.5}}, check_registries=False)
