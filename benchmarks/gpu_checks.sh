@@ -7,13 +7,19 @@
 #      with cat), evaluated here afterwards;
 #   2. the real-size learner-step costs, benchmarks/gpu_step.py (SD3.5-M, FLUX.1, FLUX.2-Klein), after the
 #      training so that nothing shares the GPU with its timings.
+# CHECKS=rollout runs, instead and alone (it takes the call's 10 minutes: 540 s budget, 570 s timeout):
+#   3. benchmarks/gpu_rollout.py: SD3.5-M rollout ms per sample-step (batch 1/4/16, eager and compiled, plain,
+#      merged LoRA, peft adapter) against the arithmetic limit, one flowbp_sparse learner step, the full
+#      state's CUDA IPC handoff between two processes; it needs only whl/ (not minilm.tar.gz).
 # What it needs beside the repository, in one folder (default .gpu, listed in .git/info/exclude), carried as
 # two paths (.gpu/whl and .gpu/minilm.tar.gz; the repository is ~34 MB of the transfer's 64 MiB):
 #   whl/              the diffusers wheel (pip download --no-deps diffusers==0.42.1 -d .gpu/whl)
 #   minilm.tar.gz     the text encoder, packed by `python benchmarks/pack_minilm.py --out .gpu` (19.8 MiB)
-# Usage there: OUT=<folder> bash benchmarks/gpu_checks.sh [.gpu]. SMOKE=1 runs the same steps tiny on a CPU.
+# Usage there: OUT=<folder> [CHECKS=rollout] bash benchmarks/gpu_checks.sh [.gpu]. SMOKE=1 runs the same steps
+# tiny on a CPU.
 set -u
 C=${1:-.gpu}
+CHECKS=${CHECKS:-train,step}
 : "${OUT:?set OUT to the folder that receives the results}"
 if [ "${SMOKE:-0}" = 1 ]; then
   DEV=cpu; MINUTES=0.1; BATCH_A=8; BATCH_B=16; WORKERS=1; LAYERS=1; HEAD=16; STEP_ARGS="--smoke --backbones sd3"
@@ -26,11 +32,18 @@ else
   export PYTHONPATH=/tmp/site
   nvidia-smi -L
 fi
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)" || exit 1
+if [ "$CHECKS" = rollout ]; then
+  ROLLOUT_ARGS=""; [ "${SMOKE:-0}" = 1 ] && ROLLOUT_ARGS="--smoke"
+  # shellcheck disable=SC2086
+  timeout 570 python3 benchmarks/gpu_rollout.py $ROLLOUT_ARGS --budget-s 540 --out "$OUT" 2>&1 \
+    | tee "$OUT/gpu_rollout.log"
+  ls -l "$OUT"; exit 0
+fi
 rm -rf /tmp/gpu_checks; mkdir -p /tmp/gpu_checks
 tar -xzf "$C/minilm.tar.gz" -C /tmp/gpu_checks || exit 1
-export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 \
-  FLOWBP_MINILM_PATH=/tmp/gpu_checks/minilm
-python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)" || exit 1
+export FLOWBP_MINILM_PATH=/tmp/gpu_checks/minilm
 
 train() {  # name batch lr
   timeout $(( ${MINUTES%.*} * 60 + 120 )) python3 -m services.entrypoints.world.train_base \
