@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from deploy_helpers import load_values, render_docs
+from deploy_helpers import load_values, one_gpu_values, render_docs
 
 
 @pytest.fixture(scope="session")
@@ -16,9 +16,15 @@ def gpu_docs() -> list[dict]:
     return render_docs(load_values("values-gpu.yaml"))
 
 
-@pytest.fixture(scope="session", params=["values.yaml", "values-gpu.yaml"])
+@pytest.fixture(scope="session")
+def one_gpu_docs() -> list[dict]:
+    return render_docs(one_gpu_values())
+
+
+@pytest.fixture(scope="session", params=["values.yaml", "values-gpu.yaml", "values-one-gpu.yaml"])
 def rendered(request) -> tuple[str, list[dict]]:
-    values = None if request.param == "values.yaml" else load_values(request.param)
+    layered = {"values.yaml": lambda: None, "values-one-gpu.yaml": one_gpu_values}  # the rest stand alone
+    values = layered.get(request.param, lambda: load_values(request.param))()
     return request.param, render_docs(values)
 
 

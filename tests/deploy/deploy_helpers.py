@@ -41,6 +41,20 @@ def load_values(name: str) -> dict:
     return yaml.safe_load((CHART / name).read_text())
 
 
+def merge_values(base: dict, top: dict) -> dict:
+    """`top` over `base` as `helm -f base -f top` merges them: maps key by key, anything else replaced."""
+    out = dict(base)
+    for key, value in top.items():
+        both_maps = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = merge_values(out[key], value) if both_maps else value
+    return out
+
+
+def one_gpu_values() -> dict:
+    """The documented one-GPU layout: values-gpu.yaml with values-one-gpu.yaml on top."""
+    return merge_values(load_values("values-gpu.yaml"), load_values("values-one-gpu.yaml"))
+
+
 def render_docs(values: dict | None, *, release: str = RELEASE, namespace: str = NAMESPACE) -> list[dict]:
     """Every object the chart renders with `values` (defaults merged by Helm), in template order."""
     from k8s.render import render_chart

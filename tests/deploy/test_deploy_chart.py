@@ -103,7 +103,7 @@ def test_gpu_values_give_each_role_its_gpu_group_scaling_from_zero(gpu_docs, rew
         assert int(limits["nvidia.com/gpu"]) >= 1, role
         assert any(t.get("key") == "nvidia.com/gpu" for t in pod["tolerations"]), role
         # Actors choose their group through this custom resource.
-        assert group["rayStartParams"]["resources"] == f'"{{\\"flowbp_{role}\\": 1}}"'
+        assert group["rayStartParams"]["resources"] == f'"{{\\"flowbp_{role}\\":1}}"'
     head = spec["headGroupSpec"]
     assert head["rayStartParams"]["num-cpus"] == "0"
     assert "nvidia.com/gpu" not in head["template"]["spec"]["containers"][0]["resources"]["limits"]

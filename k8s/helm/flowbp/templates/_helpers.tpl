@@ -298,12 +298,59 @@ dashboard-host: "0.0.0.0"
 {{- /* The head schedules no work: actors land on the role groups. */}}
 num-cpus: "0"
 {{- else }}
-resources: {{ printf "{\"flowbp_%s\": 1}" .role | quote | squote }}
+resources: {{ include "flowbp.groupResources" (dict "role" .role "spec" .spec) | quote | squote }}
 {{- end }}
 {{- end -}}
 
-{{/* The run overrides every job on this cluster gets (ray.jobRuntime), as `--section.field=value` words. */}}
+{{/* The roles a worker group's pods host (`hosts`, role -> processes a pod; its own role alone when unset). */}}
+{{- define "flowbp.groupHosts" -}}
+{{- toJson (.spec.hosts | default (dict .role 1)) -}}
+{{- end -}}
+
+{{/* A worker pod's custom resources: one unit of flowbp_<role> for each role it hosts, as JSON. */}}
+{{- define "flowbp.groupResources" -}}
+{{- $res := dict -}}
+{{- range $role, $_ := include "flowbp.groupHosts" . | fromJson }}{{ $_ := set $res (printf "flowbp_%s" $role) 1 }}{{ end -}}
+{{- toJson $res -}}
+{{- end -}}
+
+{{/*
+Each enabled worker group's pods have the GPUs their hosted processes take (processes x ray.jobRuntime.roleGpus)
+and, while jobs request role resources, every role has a group: else an actor waits forever for a pod that
+cannot come.
+*/}}
+{{- define "flowbp.checkPlacement" -}}
+{{- $shares := .Values.ray.jobRuntime.roleGpus -}}
+{{- $hosted := dict -}}
+{{- range $group := list "rollout" "learner" "reward" -}}
+{{- $g := get $.Values.ray.workerGroups $group -}}
+{{- if $g.enabled -}}
+{{- $hosts := include "flowbp.groupHosts" (dict "role" $group "spec" $g) | fromJson -}}
+{{- $need := 0.0 -}}
+{{- range $role, $n := $hosts -}}
+{{- $_ := set $hosted $role true -}}
+{{- $need = addf $need (mulf $n (get $shares $role)) -}}
+{{- end -}}
+{{- /* the tolerance absorbs float rounding (0.1 x 3 is not 0.3) */ -}}
+{{- if gt $need (addf $g.gpus 0.000001) -}}
+{{- fail (printf "ray.workerGroups.%s.gpus: %v, but its pods host %s processes that take %v GPUs (ray.jobRuntime.roleGpus %s); allowed: at least %v, or fewer hosts or smaller roleGpus" $group $g.gpus (toJson $hosts) $need (toJson $shares) (ceil $need)) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- if .Values.ray.jobRuntime.roleResources -}}
+{{- range $role := list "rollout" "learner" "reward" -}}
+{{- if not (hasKey $hosted $role) -}}
+{{- fail (printf "ray.workerGroups: no enabled group hosts %s, but ray.jobRuntime.roleResources is on, so its actors would wait forever; allowed: %s in the hosts of an enabled group" $role $role) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The run overrides every job on this cluster gets (ray.jobRuntime), as `--section.field=value` words: the
+GPUs each role's process asks for are the shares the worker groups were sized for (flowbp.checkPlacement). */}}
 {{- define "flowbp.jobRuntimeArgs" -}}
 {{- $j := .Values.ray.jobRuntime -}}
+{{- $g := $j.roleGpus -}}
 --runtime.role_resources={{ $j.roleResources }} --runtime.hello_timeout_s={{ $j.helloTimeoutSeconds }}
+{{- printf " --runtime.rollout_gpus=%v --runtime.learner_gpus=%v --reward.served.num_gpus=%v" $g.rollout $g.learner $g.reward }}
 {{- end -}}
