@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from services.runtime.payloads import CollectiveStream, WeightsHandle
-from services.runtime.weight_sync import WeightsLost, bucket_groups, register
+from services.runtime.weight_sync import WeightsLost, bucket_groups, complete, register
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +229,4 @@ class CollectiveSync:
                 if attempt == READ_ATTEMPTS:
                     raise WeightsLost(f"weights v{handle.policy_version} (generation {handle.generation}) from "
                                       f"{s.host}:{s.port}: {type(e).__name__}: {e}") from e
-        if len(out) != handle.n_tensors:
-            raise RuntimeError(f"weights v{handle.policy_version}: got {len(out)} tensors, "
-                               f"the handle lists {handle.n_tensors}")
-        return out
+        return complete(out, handle)

@@ -58,6 +58,14 @@ _REGISTRY: dict[str, Callable[..., WeightSync]] = {}
 _BUILTIN_MODULES = {"collective": "services.runtime.collective_sync"}
 
 
+def complete(out: dict[str, torch.Tensor], handle: WeightsHandle) -> dict[str, torch.Tensor]:
+    """`out` when it holds every tensor the handle lists (a short read is a bug, never a partial load)."""
+    if len(out) != handle.n_tensors:
+        raise RuntimeError(f"weights v{handle.policy_version}: got {len(out)} tensors, "
+                           f"the handle lists {handle.n_tensors}")
+    return out
+
+
 def register(name: str):
     def deco(factory):
         _REGISTRY[name] = factory
@@ -112,10 +120,7 @@ def _fetch_blobs(handle: WeightsHandle) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for blob in ray.get(list(handle.refs)):
         out.update(read_views(blob)[0])
-    if len(out) != handle.n_tensors:
-        raise RuntimeError(f"weights v{handle.policy_version}: got {len(out)} tensors, "
-                           f"the handle lists {handle.n_tensors}")
-    return out
+    return complete(out, handle)
 
 
 @register("lora_delta")
@@ -275,10 +280,7 @@ class BucketedSync:
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError, ray.exceptions.ObjectLostError) as e:
             raise WeightsLost(f"weights v{handle.policy_version} (generation {handle.generation}): "
                               f"{type(e).__name__}: {e}") from e
-        if len(out) != handle.n_tensors:
-            raise RuntimeError(f"weights v{handle.policy_version}: got {len(out)} tensors, "
-                               f"the handle lists {handle.n_tensors}")
-        return out
+        return complete(out, handle)
 
 
 class WeightReceiver:
