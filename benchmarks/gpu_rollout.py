@@ -226,7 +226,6 @@ def measure_handoff(run: Run, state: dict[str, torch.Tensor]) -> None:
 def measure_learner(run: Run, bb, args) -> None:
     """One flowbp_sparse (K = args.k) learner step on the LoRA backbone, as gpu_step.py measures it."""
     from flowbp_core import methods
-    from flowbp_core.sampling import rollout
 
     if not run.fits("learner flowbp_sparse", 20.0 if args.smoke else 90.0):
         return
@@ -238,14 +237,8 @@ def measure_learner(run: Run, bb, args) -> None:
     velocity = bb.bind(cond)
     noise = torch.randn(bb.latent_shape(1), generator=torch.Generator().manual_seed(0)).to(run.dev, bb.dtype)
     method = methods.build("flowbp_sparse", backbone=bb.preset.method_preset, k=args.k)
-
-    def step():
-        plan = method.plan(n, torch.Generator().manual_seed(114))
-        cache = rollout(velocity, noise, sched.sigmas, cond=cond, prompts=prompts, needs=method.needs(plan, n))
-        ep = method.endpoint(cache.with_plan(plan), velocity)
-        r = reward(bb.decode(ep.value))
-        (-(ep.weights.to(r) * r).mean()).backward()
-
+    step = gpu_step.reward_step(method, bb, reward, velocity=velocity, noise=noise, sigmas=sched.sigmas, cond=cond,
+                                prompts=prompts, n=n)
     s, peak = run.meter.run(step, warm=1, reps=1)
     for p in bb.trainable_parameters():
         p.grad = None

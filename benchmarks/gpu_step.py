@@ -203,6 +203,21 @@ def build_backbone(name: str, smoke: bool, dev: torch.device, dtype: torch.dtype
 
 
 # ------------------------------------------------------------------------------------------------ the run
+def reward_step(method, bb, reward, *, velocity, noise, sigmas, cond, prompts, n: int):
+    """One learner step without the optimizer (rollout, the method's endpoint, decode, reward, backward), as a
+    callable for the timers; the plan is drawn from a fixed seed so that every rep does the same work."""
+    from flowbp_core.sampling import rollout
+
+    def step():
+        plan = method.plan(n, torch.Generator().manual_seed(114))
+        cache = rollout(velocity, noise, sigmas, cond=cond, prompts=prompts, needs=method.needs(plan, n))
+        ep = method.endpoint(cache.with_plan(plan), velocity)
+        r = reward(bb.decode(ep.value))
+        (-(ep.weights.to(r) * r).mean()).backward()
+
+    return step
+
+
 def measure_backbone(name: str, args, dev: torch.device, dtype: torch.dtype, report: Report, t_start: float):
     meter = Meter(dev)
     _measure_modes(name, args, dev, dtype, report, t_start, meter)
@@ -270,15 +285,8 @@ def _measure_modes(name: str, args, dev: torch.device, dtype: torch.dtype, repor
 
     def learner_step(method_name, overrides):
         method = methods.build(method_name, backbone=bb.preset.method_preset, **overrides)
-
-        def step():
-            plan = method.plan(n, torch.Generator().manual_seed(114))
-            cache = rollout(velocity, noise, sched.sigmas, cond=cond, prompts=prompts, needs=method.needs(plan, n))
-            ep = method.endpoint(cache.with_plan(plan), velocity)
-            r = reward(bb.decode(ep.value))
-            (-(ep.weights.to(r) * r).mean()).backward()
-
-        return step, method
+        return reward_step(method, bb, reward, velocity=velocity, noise=noise, sigmas=sched.sigmas, cond=cond,
+                           prompts=prompts, n=n), method
 
     for mode in args.modes:
         if mode == "lora":
