@@ -8,6 +8,15 @@ The pipeline runs in `async` mode (max_staleness 1, queue depth 2) so rollout an
 alone are: R rollout workers sampling back to back with no learner, and one learner stepping on caches that are
 already in the object store. Rates are steady state (the first step, which pays start-up, is left out).
 Prints a table and writes benchmarks/results/pipeline.json.
+
+    .venv/bin/python benchmarks/pipeline.py --model sd35m   # no Ray run: efficiency at SD3.5-M size from measured
+                                                             # stage times and object-store transfers
+
+`--model sd35m` computes (`model_efficiency`, formula in the README) the step time and efficiency of 1 GPU
+(colocated) and of R rollout GPUs + 1 learner GPU (async) from the per-sample rollout and learner times of a GPU
+JSON (`--stages`, default the newest benchmarks/results/gpu_step_*.json; or `--rollout-s/--learn-s` with
+`--stages-source`) and the transfers of `benchmarks/objstore.py` (`--objstore`); it writes
+benchmarks/results/pipeline_sd35m.json, every input with its source.
 """
 
 from __future__ import annotations
@@ -142,6 +151,97 @@ def learner_alone(cfg, steps: int) -> tuple[float, int]:
     return cfg.train.batch_size / median(times), cache_bytes
 
 
+def model_efficiency(*, rollout_s: float, learn_s: float, batch: int, rollout_gpus: int | None,
+                     cache_put_s: float, cache_get_s: float, weights_publish_s: float, weights_fetch_s: float) -> dict:
+    """Step time and efficiency of one step of `batch` samples. Per-sample inputs: `rollout_s` and `learn_s` (the
+    stages alone on one GPU), `cache_put_s` (serialize + put, on the rollout side) and `cache_get_s` (get + read in
+    place, on the learner side); per-step inputs: `weights_publish_s` (learner side) and `weights_fetch_s` (rollout
+    side). `rollout_gpus=None`: colocated on one GPU, every stage and transfer in series. Else async with R
+    rollout GPUs and 1 learner GPU: each transfer sits on its own side's critical path and the sides overlap.
+    Efficiency = the slowest stage's compute / the step time."""
+    if batch < 1 or (rollout_gpus is not None and rollout_gpus < 1):
+        raise ValueError(f"batch={batch}, rollout_gpus={rollout_gpus}: need batch >= 1 and rollout_gpus >= 1 or None")
+    transfer = batch * (cache_put_s + cache_get_s) + weights_publish_s + weights_fetch_s
+    if rollout_gpus is None:
+        compute = batch * (rollout_s + learn_s)
+        step = compute + transfer
+    else:
+        r = rollout_gpus
+        compute = max(batch * rollout_s / r, batch * learn_s)
+        step = max(batch * (rollout_s + cache_put_s) / r + weights_fetch_s,
+                   batch * (learn_s + cache_get_s) + weights_publish_s)
+    return {"rollout_gpus": rollout_gpus, "mode": "colocated" if rollout_gpus is None else "async",
+            "step_s": step, "compute_s": compute, "efficiency": compute / step,
+            "transfer_s": transfer, "transfer_share_of_step": transfer / step,
+            "transfer_not_overlapped_s": step - compute,
+            "samples_per_s": batch / step}
+
+
+def stage_inputs(a: argparse.Namespace) -> dict:
+    """Per-sample rollout and learner seconds, each {value, kind, source}: from a gpu_step JSON (the learner alone
+    is its flowbp_sparse step less its rollout), or from the flags."""
+    if a.rollout_s is not None or a.learn_s is not None:
+        if a.rollout_s is None or a.learn_s is None or not a.stages_source:
+            raise SystemExit("--rollout-s, --learn-s and --stages-source go together")
+        return {k: {"value": v, "kind": "cited", "source": a.stages_source}
+                for k, v in (("rollout_s", a.rollout_s), ("learn_s", a.learn_s))}
+    paths = [Path(a.stages)] if a.stages else sorted((REPO / "benchmarks/results").glob("gpu_step_*.json"))
+    for path in paths:  # the first with ok sd3 rollout and flowbp_sparse rows in this fine-tuning mode
+        d = json.loads(path.read_text())
+        rows = {r["item"]: r for r in d["rows"] if r["backbone"] == "sd3" and r["mode"] == a.finetune
+                and r["status"] == "ok"}
+        if {"rollout", "flowbp_sparse"} <= set(rows):
+            break
+    else:
+        raise SystemExit(f"no ok sd3 {a.finetune} rollout and flowbp_sparse rows in {[str(p) for p in paths]}: "
+                         "pass --stages or --rollout-s/--learn-s/--stages-source")
+    per = d["batch"]
+    src = (f"{path.relative_to(REPO) if path.is_relative_to(REPO) else path}: {d['device']}, {d['resolution']} px, "
+           f"N={d['n_steps']}, batch {per}, {a.finetune}")
+    ro, step = rows["rollout"]["seconds"], rows["flowbp_sparse"]["seconds"]
+    return {"rollout_s": {"value": ro / per, "kind": "measured", "source": f"{src}: rollout row"},
+            "learn_s": {"value": (step - ro) / per, "kind": "measured",
+                        "source": f"{src}: flowbp_sparse (K={rows['flowbp_sparse']['k']}) less rollout"}}
+
+
+def transfer_inputs(path: Path, px: int) -> dict:
+    """Per-sample cache put/get and per-step weight publish/fetch seconds from benchmarks/objstore.py's JSON."""
+    d = json.loads(path.read_text())
+    c = next((c for c in d["cache"] if c["px"] == px), None)
+    if c is None:
+        raise SystemExit(f"{path}: no cache row at {px} px")
+    w = d["weights"]
+    src = f"{path.relative_to(REPO) if path.is_relative_to(REPO) else path}: {d['machine']}, median of {c['reps']}"
+    wsrc = src + (f", {w['fraction_sent']:.2f} of the state sent, scaled linearly" if w["scaled_linearly"] else "")
+    return {"cache_put_s": {"value": (c["serialize_s"] + c["put_s"]) / c["batch"], "kind": "measured", "source": src},
+            "cache_get_s": {"value": (c["get_s"] + c["view_s"]) / c["batch"], "kind": "measured", "source": src},
+            "weights_publish_s": {"value": w["publish_s"], "kind": "measured", "source": wsrc},
+            "weights_fetch_s": {"value": w["fetch_s"], "kind": "measured", "source": wsrc}}
+
+
+def model_main(a: argparse.Namespace) -> None:
+    import yaml
+
+    inputs = {**stage_inputs(a), **transfer_inputs(Path(a.objstore), a.px)}
+    vals = {k: v["value"] for k, v in inputs.items()}
+    batch = a.model_batch or yaml.safe_load((REPO / "deploy/configs/sd35.yaml").read_text())["train"]["batch_size"]
+    rows = [model_efficiency(**vals, batch=batch, rollout_gpus=r) for r in [None, *a.rollout_gpus]]
+    out = Path(a.out if a.out != str(REPO / "benchmarks/results/pipeline.json")
+               else REPO / "benchmarks/results/pipeline_sd35m.json")
+    out.write_text(json.dumps({"model": a.model, "px": a.px, "batch": batch, "inputs": inputs, "rows": rows},
+                              indent=2))
+    for k, v in inputs.items():
+        print(f"{k} = {v['value']:.4g} s ({v['kind']}: {v['source']})")
+    print("| GPUs | mode | step s | transfer s | transfer % | not overlapped s | efficiency |")
+    print("|---|---|---|---|---|---|---|")
+    for x in rows:
+        g = "1 (shared)" if x["rollout_gpus"] is None else f"{x['rollout_gpus']} + 1"
+        print(f"| {g} | {x['mode']} | {x['step_s']:.2f} | {x['transfer_s']:.2f} | "
+              f"{100 * x['transfer_share_of_step']:.1f} | {x['transfer_not_overlapped_s']:.2f} | "
+              f"{x['efficiency']:.3f} |")
+    print(f"wrote {out}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=12)
@@ -151,7 +251,19 @@ def main() -> None:
     p.add_argument("--placement", choices=["colocated", "served"], default="colocated")
     p.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray")
     p.add_argument("--out", default=str(REPO / "benchmarks/results/pipeline.json"))
+    p.add_argument("--model", choices=["sd35m"], help="no Ray run: efficiency at this model's size (see above)")
+    p.add_argument("--model-batch", type=int, help="--model: samples per step (default: deploy/configs/sd35.yaml's)")
+    p.add_argument("--px", type=int, default=512, help="--model: the resolution of the cache transfer")
+    p.add_argument("--finetune", choices=["full", "lora"], default="full", help="--model: the gpu_step rows used")
+    p.add_argument("--rollout-gpus", type=int, nargs="+", default=[1, 2, 4, 8], help="--model: R of R + 1 GPUs")
+    p.add_argument("--stages", help="--model: a gpu_step JSON (default: the newest under benchmarks/results)")
+    p.add_argument("--rollout-s", type=float, help="--model: rollout seconds per sample, instead of --stages")
+    p.add_argument("--learn-s", type=float, help="--model: learner seconds per sample, instead of --stages")
+    p.add_argument("--stages-source", help="--model: where --rollout-s/--learn-s come from")
+    p.add_argument("--objstore", default=str(REPO / "benchmarks/results/objstore.json"), help="--model: transfers")
     a = p.parse_args()
+    if a.model:
+        return model_main(a)
     import ray
 
     from services.localproc import init_local_ray

@@ -134,18 +134,23 @@ def _cond(backbone: str, batch: int, with_negative: bool) -> tuple[dict[str, tor
     return per, shared
 
 
-def cache_bytes(cfg: RunConfig, px: int, samples: int, states: int, velocities: int) -> int:
-    """The serialized bytes of a cache of `samples` samples at `px` pixels with that many kept states and
-    velocities (bf16; the final latent float32, as `sampling.rollout` keeps it)."""
+def real_cache(cfg: RunConfig, px: int, samples: int, states: int, velocities: int,
+               fill: float = 0.0) -> TrajectoryCache:
+    """A cache of `samples` samples at `px` pixels with that many kept states and velocities, every tensor at its
+    real shape and dtype (bf16; the final latent float32, as `sampling.rollout` keeps it), latents set to `fill`."""
     latent = (samples, 16, px // _VAE_FACTOR, px // _VAE_FACTOR)
-    zeros = lambda dtype: torch.zeros(latent, dtype=dtype)  # noqa: E731 - one shape, two dtypes
+    zeros = lambda dtype: torch.full(latent, fill, dtype=dtype)  # noqa: E731 - one shape, two dtypes
     per, shared = _cond(cfg.backbone.name, samples, _true_cfg(cfg))
-    cache = TrajectoryCache(noise=zeros(torch.bfloat16), states={i + 1: zeros(torch.bfloat16) for i in range(states)},
-                            velocities={i: zeros(torch.bfloat16) for i in range(velocities)},
-                            sigmas=torch.linspace(1, 0, cfg.sampling.n_steps + 1, dtype=torch.float64),
-                            final=zeros(torch.float32), seed=0, policy_version=0, cond={**per, **shared},
-                            prompts=["x" * 64] * samples)
-    return len(cache.to_bytes())
+    return TrajectoryCache(noise=zeros(torch.bfloat16), states={i + 1: zeros(torch.bfloat16) for i in range(states)},
+                           velocities={i: zeros(torch.bfloat16) for i in range(velocities)},
+                           sigmas=torch.linspace(1, 0, cfg.sampling.n_steps + 1, dtype=torch.float64),
+                           final=zeros(torch.float32), seed=0, policy_version=0, cond={**per, **shared},
+                           prompts=["x" * 64] * samples)
+
+
+def cache_bytes(cfg: RunConfig, px: int, samples: int, states: int, velocities: int) -> int:
+    """The serialized bytes of `real_cache(cfg, px, samples, states, velocities)`."""
+    return len(real_cache(cfg, px, samples, states, velocities).to_bytes())
 
 
 @functools.lru_cache(maxsize=None)
