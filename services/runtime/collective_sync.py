@@ -19,10 +19,12 @@ asks for the weights its next request names, and versions and generations behave
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import logging
 import threading
 import time
+import weakref
 from collections import OrderedDict
 
 import torch
@@ -35,6 +37,7 @@ log = logging.getLogger(__name__)
 
 READ_ATTEMPTS = 3  # a reader whose group failed (another reader died in it) asks again this often
 CONNECT_S = 10.0  # a publisher's store that does not answer this fast died with its learner generation
+WAIT_SLICE_S = 1.0  # the sender's thread waits for a ticket this long at a time, so that close() is heard
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -108,9 +111,18 @@ class Sender:
         self.held: OrderedDict[int, list[torch.Tensor]] = OrderedDict()
         self.lock = threading.Lock()
         self.group_sizes: list[int] = []  # readers served by each broadcast, in order
+        self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._serve, name="collective-sender", daemon=True)
+        _LIVE.add(self)
         if start:
             self.thread.start()
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Stop serving and join the thread. A daemon thread still inside a c10d call when the interpreter
+        finalizes aborts the process (its GIL release unwinds through noexcept C++), so exit closes every sender."""
+        self.stopping.set()
+        if self.thread.is_alive():
+            self.thread.join(timeout_s)
 
     def hold(self, key: int, buffers: list[torch.Tensor]) -> None:
         with self.lock:
@@ -122,14 +134,17 @@ class Sender:
         # its own client: the master store object is the publishing thread's
         store = dist.TCPStore(self.host, self.port, is_master=False,
                               timeout=datetime.timedelta(seconds=self.timeout_s))
-        served = 0
-        while True:
+        served, since = 0, time.monotonic()
+        while not self.stopping.is_set():
             try:
-                store.wait([f"ticket/{served}"], datetime.timedelta(seconds=self.timeout_s))
+                store.wait([f"ticket/{served}"], datetime.timedelta(seconds=WAIT_SLICE_S))
             except dist.DistStoreError:
-                if store.add("tickets", 0) > served + 1:
-                    served += 1  # its reader took the ticket and died before naming a publish; later ones wait
+                if time.monotonic() - since >= self.timeout_s:
+                    if store.add("tickets", 0) > served + 1:
+                        served += 1  # its reader took the ticket and died before naming a publish; later ones wait
+                    since = time.monotonic()
                 continue
+            since = time.monotonic()
             try:
                 tickets, key = self._queued(store, served)
             except (RuntimeError, ValueError) as e:  # a ticket that names no publish: skip it, serve the rest
@@ -165,6 +180,15 @@ class Sender:
             self.group_sizes.append(len(tickets))
         except RuntimeError as e:  # a reader died in the group: the others ask again
             log.warning("collective weight sync: broadcast of publish %d to tickets %s failed: %s", key, tickets, e)
+
+
+_LIVE: weakref.WeakSet[Sender] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    for sender in list(_LIVE):
+        sender.close()
 
 
 def read(s: CollectiveStream, device: torch.device) -> dict[str, torch.Tensor]:

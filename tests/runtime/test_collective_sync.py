@@ -5,13 +5,19 @@ equals the uninterrupted one."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
 
 from tests.tiny_runs import tiny_cfg
 from tests.waiting import wait_for
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _state() -> dict[str, torch.Tensor]:
@@ -76,6 +82,24 @@ def test_readers_that_ask_together_share_one_broadcast_and_a_late_one_gets_its_o
     sender.hold(1, buffers)  # keep=1: publish 0 is dropped
     _read_in_thread(stream, box, "old").join(60)
     assert isinstance(box["old"], WeightsLost) and "no longer held" in str(box["old"])
+    sender.close()
+    assert not sender.thread.is_alive()
+
+
+def test_a_process_with_a_serving_sender_exits_cleanly():
+    # a daemon thread whose c10d wait returns while the interpreter finalizes aborts it (exit 134): a module
+    # global that sleeps in __del__ holds finalization open past the 1 s wait; exit must close the sender first
+    code = ("import time\n"
+            "from services.runtime.collective_sync import Sender\n"
+            "class SlowTeardown:\n"
+            "    def __del__(self):\n"
+            "        time.sleep(3)\n"
+            "s = Sender(keep=1, backend='gloo', timeout_s=1, host='127.0.0.1')\n"
+            "keep = SlowTeardown()\n"
+            "print('serving', s.thread.is_alive(), flush=True)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0 and "serving True" in out.stdout, (out.returncode, out.stdout, out.stderr[-2000:])
 
 
 def test_a_publisher_that_is_gone_raises_weights_lost(monkeypatch):
