@@ -39,9 +39,10 @@ SCRAPE_INTERVAL = "1s"
 # Grafana's $__rate_interval with Prometheus' default 15 s scrape interval (4 x 15 s); it also spans the run's steps
 RATE_INTERVAL = "1m"
 # The embedded run config made as short as it allows while every runtime metric is still written: two reward
-# deployments (train and eval), three steps (a rate needs two changes), an eval at the end.
-SHRINK = ["train.steps=3", "train.batch_size=2", "sampling.n_steps=4", "method.k=2", "runtime.rollout_workers=1",
-          "runtime.mode=sync", "runtime.max_staleness=0", "checkpoint.every=3", "eval.every=3", "eval.limit=2"]
+# deployments (train and eval), six steps (a rate needs two changes a scrape apart: on a quiet machine three steps
+# fitted between two of the reward replica's exports), an eval at the end.
+SHRINK = ["train.steps=6", "train.batch_size=2", "sampling.n_steps=4", "method.k=2", "runtime.rollout_workers=1",
+          "runtime.mode=sync", "runtime.max_staleness=0", "checkpoint.every=6", "eval.every=6", "eval.limit=2"]
 RUN_DEADLINE_S = 900  # submit to success; about 5 minutes on this project's loaded 2-core machine
 EVENT_DEADLINE_S = 120  # a fault to its series answering (scrapes every second, the reconciler ticks every second)
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tests.tiny_runs import tiny_cfg
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -119,6 +120,18 @@ def test_full_state_publish_keeps_the_store_within_in_flight_buckets(ray_client)
             ray.kill(r, no_restart=True)
 
 
+def _dead(actor) -> bool:
+    import ray
+
+    try:
+        ray.get(actor.__ray_ready__.remote(), timeout=10)
+    except ray.exceptions.RayActorError:
+        return True
+    except ray.exceptions.GetTimeoutError:
+        pass
+    return False
+
+
 def test_weights_lost_when_the_publisher_dies(ray_client):
     """The server dies with its publisher (a learner restart): a worker's fetch raises WeightsLost, which the
     driver treats as lost weights (it waits for the new learner generation)."""
@@ -128,7 +141,8 @@ def test_weights_lost_when_the_publisher_dies(ray_client):
 
     sync = weight_sync.build("full_state", bucket_mb=0.2)
     h = sync.publish({"w": torch.ones(2**16)}, policy_version=3, generation=1)
-    ray.kill(sync.server, no_restart=True)
+    ray.kill(sync.server, no_restart=True)  # asynchronous: a fetch right after it can still be served
+    wait_for(lambda: _dead(sync.server), 120, "the killed weight server to be reported dead")
     with pytest.raises(weight_sync.WeightsLost, match="v3"):
         sync.fetch(h)
 
