@@ -113,7 +113,6 @@ class Telemetry:
         if url is None:
             return _gave_up("Ray names no metrics export port for this node")
         deadline = time.monotonic() + timeout_s
-        missing = list(self._last)
         while True:
             try:
                 with urllib.request.urlopen(url, timeout=5) as r:
