@@ -109,7 +109,8 @@ def render_batch(scenes: list[Scene]) -> np.ndarray:
     return np.stack([render(s) for s in scenes]) if scenes else np.zeros((0, 3, IMAGE_SIZE, IMAGE_SIZE), np.float32)
 
 
-def _separated(a: SceneObject, b: SceneObject) -> bool:
+def separated(a: SceneObject, b: SceneObject) -> bool:
+    """True when the bounding boxes of `a` and `b` are at least the minimum gap apart (their pixels never touch)."""
     ax0, ax1, ay0, ay1 = a.bbox()
     bx0, bx1, by0, by1 = b.bbox()
     return ax1 + _GAP <= bx0 or bx1 + _GAP <= ax0 or ay1 + _GAP <= by0 or by1 + _GAP <= ay0
@@ -149,7 +150,7 @@ def sample_scene(spec: PromptSpec, rng: np.random.Generator, size: int = IMAGE_S
                       else (o.colour or COLOUR_NAMES[rng.integers(len(COLOUR_NAMES))]))
             for _inner in range(50):
                 cand = _place(shape, colour, o.position, rng, size, size_range)
-                if all(_separated(cand, p) for p in placed):
+                if all(separated(cand, p) for p in placed):
                     placed.append(cand)
                     break
             else:
@@ -171,7 +172,7 @@ def sample_free_scene(rng: np.random.Generator, size: int = IMAGE_SIZE) -> Scene
             pos = POSITIONS[rng.integers(len(POSITIONS))] if rng.random() < 0.5 else None
             for _inner in range(50):
                 cand = _place(shape, colour, pos, rng, size)
-                if all(_separated(cand, p) for p in placed):
+                if all(separated(cand, p) for p in placed):
                     placed.append(cand)
                     break
         if len(placed) == k:

@@ -7,6 +7,8 @@ least `MIN_MARGIN` points, as "a is preferred to b"; it never sees a rating itse
 - renders: scenes of a training prompt drawn in varied styles (object size, edge width, background tone, a
   little blur and noise), a quarter of them of another prompt of the same task and a fifth with objects grown
   until they merge or leave the frame (prompt-breaking images, which the rater rates 0);
+- near misses (`near_miss_groups`): one scene in one style and copies that each break the prompt in one
+  attribute (colours swapped, an object recoloured or reshaped, a copy added or dropped);
 - the generator's own samples (`pool`, files of `sample_pool --per-prompt K`): the K samples of one prompt
   plus two renders of it, so that the model ranks what alignment will actually show it; pools of a policy
   aligned to an earlier preference model (`sample_pool --policy`) teach it where that policy gamed it.
@@ -30,8 +32,8 @@ from flowbp_core.world.captions import parse
 from flowbp_core.world.data import prompt_pool
 from flowbp_core.world.preference import PreferenceConfig, PreferenceModel, bradley_terry_loss
 from flowbp_core.world.rater import rate_one
-from flowbp_core.world.scenes import Scene, render, sample_scene
-from flowbp_core.world.spec import BACKGROUNDS, PromptSpec, all_specs
+from flowbp_core.world.scenes import Scene, render, sample_scene, separated
+from flowbp_core.world.spec import BACKGROUNDS, COLOURS, SHAPES, PromptSpec, all_specs
 from flowbp_core.world.train_reward import _blur, augment, clock_cosine_lr
 
 MIN_MARGIN = 1.0  # rating points below which a pair is a tie and not shown
@@ -99,6 +101,62 @@ def matched_group(spec: PromptSpec, m: int, rng: np.random.Generator, factor: st
     return np.stack([render(scene, edge=float(w)) for w in widths])
 
 
+def _mutated(scene: Scene, rng: np.random.Generator) -> Scene | None:
+    """`scene` with one attribute changed (colours swapped between two objects, one object recoloured or
+    reshaped, a copy added or an object dropped); None when the drawn change does not apply to this scene."""
+    objs = list(scene.objects)
+    kind = ("swap", "recolour", "reshape", "add", "drop")[int(rng.integers(5))]
+    i = int(rng.integers(len(objs)))
+    if kind == "swap":
+        pair = [j for j in range(len(objs)) if objs[j].colour != objs[i].colour]
+        if not pair:
+            return None
+        j = pair[int(rng.integers(len(pair)))]
+        objs[i], objs[j] = replace(objs[i], colour=objs[j].colour), replace(objs[j], colour=objs[i].colour)
+    elif kind == "recolour":
+        options = [c for c in COLOURS if c != objs[i].colour]
+        objs[i] = replace(objs[i], colour=options[int(rng.integers(len(options)))])
+    elif kind == "reshape":
+        options = [s for s in SHAPES if s != objs[i].shape]
+        objs[i] = replace(objs[i], shape=options[int(rng.integers(len(options)))])
+    elif kind == "drop":
+        if len(objs) < 2:
+            return None
+        del objs[i]
+    else:
+        lo, hi = objs[i].size + 1.0, scene.size - objs[i].size - 1.0
+        for _ in range(50):
+            copy = replace(objs[i], x=float(rng.uniform(lo, hi)), y=float(rng.uniform(lo, hi)))
+            if all(separated(copy, o) for o in objs):
+                objs.append(copy)
+                break
+        else:
+            return None
+    return replace(scene, objects=tuple(objs))
+
+
+def near_miss_group(spec: PromptSpec, m: int, rng: np.random.Generator) -> np.ndarray:
+    """One scene of `spec` in one style (size, edge width, background tone) and `m - 1` copies that each break
+    the prompt in one attribute: the only difference in the group is whether the prompt holds, so the model
+    cannot let a liked style outweigh a broken binding or count (what aligned policies break first)."""
+    lo = float(rng.uniform(4.0, 7.0)) - 0.5 * (_objects_in(spec) - 1)
+    try:
+        scene = sample_scene(spec, rng, size_range=(lo, lo + 0.6))
+    except RuntimeError:
+        scene = sample_scene(spec, rng)
+    edge = float(np.exp(rng.uniform(np.log(0.15), np.log(1.5))))
+    light = float(rng.uniform(0.45, 0.95))
+    bg = BACKGROUNDS[spec.background] if spec.background is not None else (light, light, light)
+    variants = [scene]
+    for _ in range(20 * m):
+        if len(variants) == m:
+            break
+        changed = _mutated(scene, rng)
+        if changed is not None:
+            variants.append(changed)
+    return np.stack([render(sc, edge=edge, background_rgb=bg) for sc in variants])
+
+
 def sharpened(images: np.ndarray, amount: float) -> np.ndarray:
     """Unsharp-masked copies of generated images [K, 3, H, W]: crisper edges on the generator's own drawings (the
     rater labels the pair; the model learns what crisper means on samples, not only on renders)."""
@@ -160,8 +218,11 @@ def load_pool(paths: list[Path], seed: int) -> tuple[list[tuple[str, np.ndarray]
 
 
 def build_batch(rng: np.random.Generator, g: torch.Generator, prompts, n_render: int, pool_groups,
-                n_pool: int, n_matched: int = 0) -> GroupBatch:
+                n_pool: int, n_matched: int = 0, n_near_miss: int = 0) -> GroupBatch:
     batch = GroupBatch()
+    for _ in range(n_near_miss):
+        it = prompts[int(rng.integers(len(prompts)))]
+        batch.add(near_miss_group(it.spec, 4, rng), it.text, it.spec)
     for _ in range(n_render):
         it = prompts[int(rng.integers(len(prompts)))]
         imgs = render_group(it.spec, 4, rng)
@@ -186,7 +247,7 @@ def pairwise_accuracy(model: PreferenceModel, encoder, batch: GroupBatch) -> flo
     x, win, lose = batch.tensors()
     if not len(win):
         return float("nan")
-    s = model(x, encoder.encode(batch.prompts)["pooled_prompt_embeds"])
+    s = model(x, encoder.encode(batch.prompts))
     return float((s[win] > s[lose]).float().mean())
 
 
@@ -203,6 +264,11 @@ class PreferenceTrainOptions:
     matched_groups: int = field(default=0, metadata={
         "help": "groups per step of one scene varied in one property (and, in generated groups, two unsharp-masked "
                 "samples)"})
+    near_miss_groups: int = field(default=0, metadata={
+        "help": "groups per step of one styled scene and copies that each break the prompt in one attribute"})
+    token_queries: int = field(default=4, metadata={
+        "help": "learned queries reading the prompt's token states, 0..16 (0: pooled embedding only); with --init, "
+                "a pooled-only checkpoint grows them zero-initialised"})
     lr: float = field(default=1e-3, metadata={"help": "AdamW peak learning rate, 1e-6..0.1"})
     seed: int = field(default=0, metadata={"help": "data and init seed"})
     threads: int = field(default=0, metadata={"help": "torch threads (0: torch default)"})
@@ -211,9 +277,12 @@ class PreferenceTrainOptions:
     def __post_init__(self) -> None:
         for name, lo, hi in (("minutes", 0.01, 600.0), ("lr", 1e-6, 1e-1)):
             check_range(name, getattr(self, name), lo, hi)
-        for name, least in (("render_groups", 1), ("pool_groups", 0), ("matched_groups", 0), ("max_steps", 1)):
+        for name, least in (("render_groups", 1), ("pool_groups", 0), ("matched_groups", 0), ("near_miss_groups", 0),
+                            ("max_steps", 1)):
             if getattr(self, name) < least:
                 raise ConfigError(name, getattr(self, name), f"an integer >= {least}")
+        if not 0 <= self.token_queries <= 16:
+            raise ConfigError("token_queries", self.token_queries, "an integer in 0..16")
 
 
 def train_preference(a: PreferenceTrainOptions, command: str) -> dict[str, float]:
@@ -234,16 +303,17 @@ def train_preference(a: PreferenceTrainOptions, command: str) -> dict[str, float
     heldout = prompt_pool("heldout", 600, seed=a.seed + 2)
     val_render = build_batch(val_rng, torch.Generator().manual_seed(10_000), heldout, 128, [], 0)
     val_matched = build_batch(val_rng, torch.Generator().manual_seed(10_001), heldout, 0, [], 0, n_matched=96)
+    val_near_miss = build_batch(val_rng, torch.Generator().manual_seed(10_002), heldout, 0, [], 0, n_near_miss=96)
     val_pool = GroupBatch()
     for text, imgs in pool_val:
         val_pool.add(imgs, text, parse(text))
     if a.init is not None:
         from flowbp_core.world.preference import load_preference
 
-        model, _ = load_preference(a.init)
+        model, _ = load_preference(a.init, token_queries=a.token_queries)
         cfg = model.cfg
     else:
-        cfg = PreferenceConfig()
+        cfg = PreferenceConfig(token_queries=a.token_queries)
         model = PreferenceModel(cfg)
         model.init_from_recogniser(load_recogniser()[0])
     model.requires_grad_(True).train()
@@ -254,16 +324,18 @@ def train_preference(a: PreferenceTrainOptions, command: str) -> dict[str, float
     def evaluate() -> dict:
         model.eval()
         acc = {"val_render_pair_acc": round(pairwise_accuracy(model, encoder, val_render), 4),
-               "val_matched_pair_acc": round(pairwise_accuracy(model, encoder, val_matched), 4)}
+               "val_matched_pair_acc": round(pairwise_accuracy(model, encoder, val_matched), 4),
+               "val_near_miss_pair_acc": round(pairwise_accuracy(model, encoder, val_near_miss), 4)}
         if val_pool.pairs:
             acc["val_generated_pair_acc"] = round(pairwise_accuracy(model, encoder, val_pool), 4)
         model.train()
         return acc
 
     while step < a.max_steps and time.time() - start < budget:
-        batch = build_batch(rng, g, train_items, a.render_groups, pool_train, a.pool_groups, a.matched_groups)
+        batch = build_batch(rng, g, train_items, a.render_groups, pool_train, a.pool_groups, a.matched_groups,
+                            a.near_miss_groups)
         x, win, lose = batch.tensors()
-        s = model(x, encoder.encode(batch.prompts)["pooled_prompt_embeds"])
+        s = model(x, encoder.encode(batch.prompts))
         loss = bradley_terry_loss(s[win], s[lose])
         for pg in opt.param_groups:
             pg["lr"] = clock_cosine_lr(a.lr, (time.time() - start) / budget, step, warmup=50)

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from flowbp_core.errors import ConfigError
+from flowbp_core.world.assets import save_checkpoint
 from flowbp_core.world.data import heldout_prompts
 from flowbp_core.world.rater import paired_interval, placement_diversity, rate, rate_one
 from flowbp_core.world.scenes import render, sample_scene
@@ -131,6 +133,25 @@ def test_matched_groups_vary_one_property_and_sharpening_crisps_generated_edges(
     assert rate_one(crisp[0], ITEMS[0].spec).soft < 0.7 * rate_one(soft[0], ITEMS[0].spec).soft
 
 
+def test_near_miss_groups_keep_the_style_and_break_the_prompt():
+    from flowbp_core.world.rater import background_luminance
+    from flowbp_core.world.train_preference import near_miss_group
+
+    rng = np.random.default_rng(6)
+    broken = shown = 0
+    for it in ITEMS:
+        group = near_miss_group(it.spec, 4, rng)
+        ratings = [rate_one(img, it.spec) for img in group]
+        assert group.shape == (4, 3, 32, 32) and ratings[0].follows, it.text
+        # one style per group: the same background tone in every copy
+        tones = [background_luminance(img.astype(np.float64)) for img in group]
+        assert max(tones) - min(tones) < 0.02, tones
+        broken += sum(not r.follows for r in ratings[1:])
+        shown += len(ratings) - 1
+    # a recoloured object whose colour the prompt leaves open still keeps it; most changes break it
+    assert broken >= 0.5 * shown, (broken, shown)
+
+
 def test_preference_reward_is_differentiable_and_panels_with_the_attributes(preference):
     from flowbp_core.rewards import build_panel
 
@@ -167,3 +188,28 @@ def test_damaged_preference_checkpoint_names_file_and_command(tmp_path):
     with pytest.raises(CheckpointError) as e:
         WorldPreferenceReward(checkpoint=bad)
     assert str(bad) in str(e.value) and PREFERENCE_REGENERATE in str(e.value)
+
+
+def test_token_queries_grow_a_pooled_checkpoint_without_changing_its_scores(tmp_path):
+    from flowbp_core.world.preference import PreferenceConfig, PreferenceModel, load_preference
+    from flowbp_core.world.text import shared_encoder
+    from flowbp_core.world.train_preference import PreferenceTrainOptions, train_preference
+
+    pooled = PreferenceModel(PreferenceConfig(width=8, feature=32, hidden=16))
+
+    path = tmp_path / "pooled.safetensors"
+    save_checkpoint(dict(pooled.state_dict()), path, config={"model": pooled.cfg.as_dict()}, data_seed=0,
+                    command="test")
+    grown, _ = load_preference(path, token_queries=2)
+    x = torch.rand(3, 3, 32, 32)
+    text = shared_encoder().encode([it.text for it in ITEMS[:3]])
+    assert grown.cfg.token_queries == 2 and torch.allclose(grown(x, text), pooled.eval()(x, text))
+    out = tmp_path / "grown"
+    train_preference(PreferenceTrainOptions(out=out, max_steps=2, render_groups=1, pool_groups=0,
+                                            near_miss_groups=1, token_queries=2, init=path), "test")
+    trained, meta = load_preference(out / "preference.safetensors")
+    assert int(meta["steps"]) == 2 and trained.cfg.token_queries == 2
+    with pytest.raises(ValueError, match="already reads its prompt through 2 token queries"):
+        load_preference(out / "preference.safetensors", token_queries=3)
+    with pytest.raises(ConfigError, match="token_queries"):
+        PreferenceTrainOptions(out=out, token_queries=17)
