@@ -8,7 +8,7 @@ least `MIN_MARGIN` points, as "a is preferred to b"; it never sees a rating itse
   little blur and noise), a quarter of them of another prompt of the same task and a fifth with objects grown
   until they merge or leave the frame (prompt-breaking images, which the rater rates 0);
 - near misses (`near_miss_groups`): one scene in one style and copies that each break the prompt in one
-  attribute (colours swapped, an object recoloured or reshaped, a copy added or dropped);
+  attribute (colours swapped, an object recoloured or reshaped, a copy added or dropped, two objects touching);
 - the generator's own samples (`pool`, files of `sample_pool --per-prompt K`): the K samples of one prompt
   plus two renders of it, so that the model ranks what alignment will actually show it; pools of a policy
   aligned to an earlier preference model (`sample_pool --policy`) teach it where that policy gamed it.
@@ -103,11 +103,20 @@ def matched_group(spec: PromptSpec, m: int, rng: np.random.Generator, factor: st
 
 def _mutated(scene: Scene, rng: np.random.Generator) -> Scene | None:
     """`scene` with one attribute changed (colours swapped between two objects, one object recoloured or
-    reshaped, a copy added or an object dropped); None when the drawn change does not apply to this scene."""
+    reshaped, a copy added or an object dropped, two objects moved until they touch); None when the drawn change
+    does not apply to this scene."""
     objs = list(scene.objects)
-    kind = ("swap", "recolour", "reshape", "add", "drop")[int(rng.integers(5))]
+    kind = ("swap", "recolour", "reshape", "add", "drop", "touch")[int(rng.integers(6))]
     i = int(rng.integers(len(objs)))
-    if kind == "swap":
+    if kind == "touch":
+        if len(objs) < 2:
+            return None
+        j = (i + 1 + int(rng.integers(len(objs) - 1))) % len(objs)
+        # j moves along the line between the centres until the shapes overlap by up to a pixel (one component)
+        d = np.array([objs[j].x - objs[i].x, objs[j].y - objs[i].y])
+        d = d / max(float(np.linalg.norm(d)), 1e-6) * (objs[i].size + objs[j].size - float(rng.uniform(0.0, 1.0)))
+        objs[j] = replace(objs[j], x=objs[i].x + float(d[0]), y=objs[i].y + float(d[1]))
+    elif kind == "swap":
         pair = [j for j in range(len(objs)) if objs[j].colour != objs[i].colour]
         if not pair:
             return None
@@ -266,7 +275,7 @@ class PreferenceTrainOptions:
                 "samples)"})
     near_miss_groups: int = field(default=0, metadata={
         "help": "groups per step of one styled scene and copies that each break the prompt in one attribute"})
-    token_queries: int = field(default=4, metadata={
+    token_queries: int = field(default=0, metadata={
         "help": "learned queries reading the prompt's token states, 0..16 (0: pooled embedding only); with --init, "
                 "a pooled-only checkpoint grows them zero-initialised"})
     lr: float = field(default=1e-3, metadata={"help": "AdamW peak learning rate, 1e-6..0.1"})

@@ -9,7 +9,8 @@ they do for `services.entrypoints.train`, and are checked by the same schema. `-
 are named sets of such overrides (QUICK, REWARDS), applied before the command line's own.
 
 1. Loads the committed base model (a small SD3 transformer in pixel space + MiniLM) and the reward: the learned
-   preference model (`world_preference`, default) or the attribute recogniser (`--reward attributes`).
+   preference model (`world_preference`) plus the attribute recogniser's term that defends prompt following
+   (default), or the recogniser alone (`--reward attributes`).
 2. Samples the base model on held-out prompts (attribute combinations it never saw in training) with fixed
    noise, and scores the samples with the analytic rater (taste: global and local parts) and judge (prompt
    following); neither is the reward.
@@ -254,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     from flowbp_core.world.evaluate import judge_backbone
 
     n_steps = cfg.sampling.n_steps
-    print(f"FlowBP demo: embedded model, FlowBP-Sparse, {cfg.reward.terms[0].name} reward, runtime={runtime}, "
+    reward = demo_report.reward_label(cfg.reward.terms)
+    print(f"FlowBP demo: embedded model, FlowBP-Sparse, reward {reward}, runtime={runtime}, "
           f"{cfg.train.steps} steps x {cfg.train.batch_size} prompts, {n_steps} sampling steps", flush=True)
     try:
         comp = build_components(cfg)  # the committed base model + LoRA (zero-initialised: still the base model)
@@ -279,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     aligned = judge_backbone(comp.backbone, items, seeds=ev.seeds, n_steps=n_steps)
 
     comparison, rated = demo_report.compare(base, aligned, items, ev.seeds)
-    demo_report.write_figures(rows, base, aligned, rated, len(items), run_dir, cfg.reward.terms[0].name)
+    demo_report.write_figures(rows, base, aligned, rated, len(items), run_dir, reward)
     ckpt = latest_complete(run_dir)
     summary = {
         "run_id": run_id, "runtime": runtime, "reward": cfg.reward.terms[0].name, "config": cfg.to_dict(),

@@ -49,6 +49,12 @@ def write_figures(rows: list[dict], base, aligned, rated: dict, n_prompts: int, 
                              [r.score for r in rated["aligned"].ratings[:n_grid]]))
 
 
+def reward_label(terms) -> str:
+    """The reward as a user reads it: "world_preference" or "world_preference + 1.0 x world_attributes"."""
+    return " + ".join(t.name if i == 0 and t.weight == 1.0 else f"{t.weight:g} x {t.name}"
+                      for i, t in enumerate(terms))
+
+
 def reward_curve_png(rows: list[dict], path: Path, reward_name: str = "world_preference") -> None:
     import matplotlib
 
@@ -64,7 +70,7 @@ def reward_curve_png(rows: list[dict], path: Path, reward_name: str = "world_pre
         smooth = [sum(vals[max(0, i - w + 1) : i + 1]) / len(vals[max(0, i - w + 1) : i + 1]) for i in range(len(vals))]
         ax.plot(steps, smooth, color="#036", lw=2, label=f"moving mean ({w})")
     ax.set_xlabel("step")
-    ax.set_ylabel(f"{reward_name} reward (batch mean)")
+    ax.set_ylabel(f"reward: {reward_name} (batch mean)")
     ax.set_title("FlowBP-Sparse on the embedded model")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")

@@ -51,13 +51,18 @@ def test_demo_config_is_the_run_file_with_the_named_overrides(tmp_path):
     from services.entrypoints import demo
 
     default = demo.demo_config([], out_root=tmp_path, run_id="r")
-    assert [t.name for t in default.reward.terms] == ["world_preference"] and default.reward.loss == "neg_mean"
+    assert [(t.name, t.weight) for t in default.reward.terms] == [("world_preference", 1.0), ("world_attributes", 1.0)]
+    assert default.reward.loss == "neg_mean"
     assert (default.train.steps, default.train.batch_size, default.train.lr, default.train.velocity_penalty,
-            default.sampling.n_steps, default.backbone.lora.rank, default.method.preset) == (40, 8, 1.5e-3, 0.3, 10, 8,
+            default.sampling.n_steps, default.backbone.lora.rank, default.method.preset) == (40, 8, 1.5e-3, 0.0, 10, 8,
                                                                                             "sd35")
     assert (default.checkpoint.every, default.checkpoint.dir, default.run_id) == (40, str(tmp_path), "r")
     quick = demo.demo_config(demo.QUICK, out_root=tmp_path, run_id="r")
     assert (quick.train.steps, quick.train.batch_size, quick.backbone.lora.rank, quick.checkpoint.every) == (3, 4, 4, 3)
+    from services.entrypoints.demo_report import reward_label
+
+    assert reward_label(default.reward.terms) == "world_preference + 1 x world_attributes"
+    assert reward_label(quick.reward.terms[:1]) == "world_preference"
     two = demo.demo_config([], out_root=tmp_path, run_id="r", threads=2)  # sync roles take turns: each gets both
     assert (two.runtime.rollout_num_cpus, two.runtime.learner_num_cpus, two.runtime.mode) == (2.0, 2.0, "sync")
     assert demo.local_ray_cpus(two) == 2.0 + 2.0 + two.reward.served.num_cpus
