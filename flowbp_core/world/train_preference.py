@@ -276,8 +276,8 @@ class PreferenceTrainOptions:
     near_miss_groups: int = field(default=0, metadata={
         "help": "groups per step of one styled scene and copies that each break the prompt in one attribute"})
     token_queries: int = field(default=0, metadata={
-        "help": "learned queries reading the prompt's token states, 0..16 (0: pooled embedding only); with --init, "
-                "a pooled-only checkpoint grows them zero-initialised"})
+        "help": "learned queries reading the prompt's token states, 0..16 (0: pooled embedding only, or the --init "
+                "checkpoint's own); with --init, a pooled-only checkpoint grows them zero-initialised"})
     lr: float = field(default=1e-3, metadata={"help": "AdamW peak learning rate, 1e-6..0.1"})
     seed: int = field(default=0, metadata={"help": "data and init seed"})
     threads: int = field(default=0, metadata={"help": "torch threads (0: torch default)"})
@@ -319,7 +319,7 @@ def train_preference(a: PreferenceTrainOptions, command: str) -> dict[str, float
     if a.init is not None:
         from flowbp_core.world.preference import load_preference
 
-        model, _ = load_preference(a.init, token_queries=a.token_queries)
+        model, _ = load_preference(a.init, token_queries=a.token_queries or None)
         cfg = model.cfg
     else:
         cfg = PreferenceConfig(token_queries=a.token_queries)
