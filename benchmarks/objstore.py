@@ -25,6 +25,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from statistics import median
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -42,12 +43,6 @@ def sd35m_cfg(k: int, n_steps: int):
     d["method"]["k"] = k
     d["sampling"]["n_steps"] = n_steps
     return config_from_dict(d)
-
-
-def median(xs: list[float]) -> float:
-    xs = sorted(xs)
-    n = len(xs)
-    return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
 
 
 def _actors():

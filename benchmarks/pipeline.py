@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -51,12 +52,6 @@ def make_cfg(tmp: str, workers: int, a: argparse.Namespace, run_id: str):
         "checkpoint": {"dir": tmp, "every": 10_000, "keep": 1},
         "eval": {"every": 0, "limit": 1, "prompts": {"prompts": ["x"]}},
     })
-
-
-def median(xs: list[float]) -> float:
-    xs = sorted(xs)
-    n = len(xs)
-    return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
 
 
 def steady_rate(events: list[dict], batch: int) -> tuple[float, float]:
