@@ -53,17 +53,23 @@ def _crowded(spec: PromptSpec, rng: np.random.Generator, lo: float) -> Scene:
     return replace(base, objects=objs)
 
 
+def _sized_scene(spec: PromptSpec, rng: np.random.Generator, half_extent: float) -> Scene:
+    """A scene of `spec` whose objects' half extent is about `half_extent` px for one object (0.5 px less for each
+    further one), or the base data's sizes where objects that large cannot be placed apart."""
+    lo = half_extent - 0.5 * (_objects_in(spec) - 1)
+    try:
+        return sample_scene(spec, rng, size_range=(lo, lo + 0.6))
+    except RuntimeError:
+        return sample_scene(spec, rng)
+
+
 def render_styled(spec: PromptSpec, rng: np.random.Generator, asked_background: str | None) -> np.ndarray:
     """One render of `spec` in a random style: object size, edge width and background tone vary; one in five
     has objects grown too large to keep the prompt."""
     if rng.random() < 0.2:
         scene = _crowded(spec, rng, float(rng.uniform(7.0, 11.0)))
     else:
-        lo = float(rng.uniform(3.5, 7.0)) - 0.5 * (_objects_in(spec) - 1)
-        try:
-            scene = sample_scene(spec, rng, size_range=(lo, lo + 0.6))
-        except RuntimeError:  # large objects that cannot be placed apart: the base data's sizes
-            scene = sample_scene(spec, rng)
+        scene = _sized_scene(spec, rng, float(rng.uniform(3.5, 7.0)))
     edge = float(np.exp(rng.uniform(np.log(0.15), np.log(2.5))))
     if asked_background is not None and rng.random() < 0.9:
         bg = BACKGROUNDS[asked_background]
@@ -148,11 +154,7 @@ def near_miss_group(spec: PromptSpec, m: int, rng: np.random.Generator) -> np.nd
     """One scene of `spec` in one style (size, edge width, background tone) and `m - 1` copies that each break
     the prompt in one attribute: the only difference in the group is whether the prompt holds, so the model
     cannot let a liked style outweigh a broken binding or count (what aligned policies break first)."""
-    lo = float(rng.uniform(4.0, 7.0)) - 0.5 * (_objects_in(spec) - 1)
-    try:
-        scene = sample_scene(spec, rng, size_range=(lo, lo + 0.6))
-    except RuntimeError:
-        scene = sample_scene(spec, rng)
+    scene = _sized_scene(spec, rng, float(rng.uniform(4.0, 7.0)))
     edge = float(np.exp(rng.uniform(np.log(0.15), np.log(1.5))))
     light = float(rng.uniform(0.45, 0.95))
     bg = BACKGROUNDS[spec.background] if spec.background is not None else (light, light, light)
