@@ -13,6 +13,7 @@ Registered as the reward "world_preference" (differentiable in the pixels; froze
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -85,6 +86,15 @@ def bradley_terry_loss(scores_a: Tensor, scores_b: Tensor) -> Tensor:
     return nn.functional.softplus(scores_b - scores_a).mean()
 
 
+def tie_loss(scores_a: Tensor, scores_b: Tensor) -> Tensor:
+    """Mean Bradley-Terry loss of a tie, -log sqrt(P(a over b) P(b over a)): least when s_a = s_b.
+
+    The rater's size and light scores saturate and every broken prompt rates 0, so ties say where taste stops:
+    without them the model extrapolates "bigger is better" past the rater's targets and among broken images."""
+    d = scores_a - scores_b
+    return 0.5 * (nn.functional.softplus(d) + nn.functional.softplus(-d)).mean() - math.log(2.0)
+
+
 def load_preference(path: Path | None = None, token_queries: int | None = None) -> tuple[PreferenceModel, dict]:
     """The checkpoint's model (frozen, eval mode) and metadata; `token_queries` grows a pooled-only checkpoint by
     that many zero-initialised token queries (the scores stay the checkpoint's until it trains further)."""
@@ -137,4 +147,4 @@ class WorldPreferenceReward(nn.Module):
 
 
 __all__ = ["PreferenceConfig", "PreferenceModel", "WorldPreferenceReward", "bradley_terry_loss", "load_preference",
-           "PREFERENCE_CHECKPOINT"]
+           "tie_loss", "PREFERENCE_CHECKPOINT"]

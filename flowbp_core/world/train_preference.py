@@ -30,13 +30,13 @@ from flowbp_core.errors import ConfigError, check_range
 from flowbp_core.world.assets import save_checkpoint
 from flowbp_core.world.captions import parse
 from flowbp_core.world.data import prompt_pool
-from flowbp_core.world.preference import PreferenceConfig, PreferenceModel, bradley_terry_loss
+from flowbp_core.world.preference import PreferenceConfig, PreferenceModel, bradley_terry_loss, tie_loss
 from flowbp_core.world.rater import rate_one
 from flowbp_core.world.scenes import Scene, render, sample_scene, separated
 from flowbp_core.world.spec import BACKGROUNDS, COLOURS, SHAPES, PromptSpec, all_specs
 from flowbp_core.world.train_reward import _blur, augment, clock_cosine_lr
 
-MIN_MARGIN = 1.0  # rating points below which a pair is a tie and not shown
+MIN_MARGIN = 1.0  # rating points below which a pair is a tie (shown as a choice only with --tie-weight)
 _BG_NAMES = tuple(BACKGROUNDS)
 
 
@@ -186,23 +186,36 @@ def pairs_of(ratings: list[float], offset: int) -> list[tuple[int, int]]:
     return out
 
 
+def ties_of(ratings: list[float], offset: int) -> list[tuple[int, int]]:
+    """Index pairs among one group's images rated within MIN_MARGIN of each other (indices shifted by `offset`)."""
+    return [(offset + i, offset + j) for i in range(len(ratings)) for j in range(i + 1, len(ratings))
+            if abs(ratings[i] - ratings[j]) < MIN_MARGIN]
+
+
 class GroupBatch:
-    """Images [N, 3, 32, 32] in [0, 1], their prompts (one per image) and the (winner, loser) pairs among them."""
+    """Images [N, 3, 32, 32] in [0, 1], their prompts (one per image), the (winner, loser) pairs among them and the
+    pairs the rater ties."""
 
     def __init__(self) -> None:
         self.images: list[np.ndarray] = []
         self.prompts: list[str] = []
         self.pairs: list[tuple[int, int]] = []
+        self.ties: list[tuple[int, int]] = []
 
     def add(self, images: np.ndarray, prompt: str, spec: PromptSpec) -> None:
         ratings = [rate_one(img, spec).score for img in images]
         self.pairs += pairs_of(ratings, len(self.images))
+        self.ties += ties_of(ratings, len(self.images))
         self.images += list(images)
         self.prompts += [prompt] * len(images)
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         pairs = torch.tensor(self.pairs, dtype=torch.long).reshape(-1, 2)
         return torch.from_numpy(np.stack(self.images)).float(), pairs[:, 0], pairs[:, 1]
+
+    def tie_index(self) -> tuple[torch.Tensor, torch.Tensor]:
+        ties = torch.tensor(self.ties, dtype=torch.long).reshape(-1, 2)
+        return ties[:, 0], ties[:, 1]
 
 
 def load_pool(paths: list[Path], seed: int) -> tuple[list[tuple[str, np.ndarray]], list[tuple[str, np.ndarray]]]:
@@ -280,13 +293,16 @@ class PreferenceTrainOptions:
     token_queries: int = field(default=0, metadata={
         "help": "learned queries reading the prompt's token states, 0..16 (0: pooled embedding only, or the --init "
                 "checkpoint's own); with --init, a pooled-only checkpoint grows them zero-initialised"})
+    tie_weight: float = field(default=0.0, metadata={
+        "help": "weight of the tie loss on pairs the rater rates within 1 point (saturated taste, two broken "
+                "prompts), 0..10; 0: ties left out"})
     lr: float = field(default=1e-3, metadata={"help": "AdamW peak learning rate, 1e-6..0.1"})
     seed: int = field(default=0, metadata={"help": "data and init seed"})
     threads: int = field(default=0, metadata={"help": "torch threads (0: torch default)"})
     init: Path | None = field(default=None, metadata={"help": "continue from this preference checkpoint"})
 
     def __post_init__(self) -> None:
-        for name, lo, hi in (("minutes", 0.01, 600.0), ("lr", 1e-6, 1e-1)):
+        for name, lo, hi in (("minutes", 0.01, 600.0), ("lr", 1e-6, 1e-1), ("tie_weight", 0.0, 10.0)):
             check_range(name, getattr(self, name), lo, hi)
         for name, least in (("render_groups", 1), ("pool_groups", 0), ("matched_groups", 0), ("near_miss_groups", 0),
                             ("max_steps", 1)):
@@ -348,6 +364,9 @@ def train_preference(a: PreferenceTrainOptions, command: str) -> dict[str, float
         x, win, lose = batch.tensors()
         s = model(x, encoder.encode(batch.prompts))
         loss = bradley_terry_loss(s[win], s[lose])
+        if a.tie_weight and batch.ties:
+            tie_a, tie_b = batch.tie_index()
+            loss = loss + a.tie_weight * tie_loss(s[tie_a], s[tie_b])
         for pg in opt.param_groups:
             pg["lr"] = clock_cosine_lr(a.lr, (time.time() - start) / budget, step, warmup=50)
         opt.zero_grad(set_to_none=True)
