@@ -39,8 +39,10 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -m "not integration and not slow" $(PYTEST_ARGS)
 
+# OpenMP threads sleep at barriers instead of spinning: beside any other busy process, spinning threads of the
+# demo's two roles slowed its steps from 3 s to 30-60 s on 2 cores (flowbp_core/world/README.md, Gotchas).
 demo: setup
-	$(BIN)/python -m services.entrypoints.demo $(if $(QUICK),--quick,) $(if $(REWARD),--reward $(REWARD),)
+	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(BIN)/python -m services.entrypoints.demo $(if $(QUICK),--quick,) $(if $(REWARD),--reward $(REWARD),)
 
 serve: setup
 	$(BIN)/python -m services.controller.serve_local
