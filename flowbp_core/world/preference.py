@@ -6,8 +6,9 @@
 from CLIP, then trained), `e` is the frozen MiniLM sentence embedding and a_q = softmax(S k_q) S reads the prompt's
 token states S [16, 384] through Q learned queries: the mean-pooled embedding barely tells "a red circle and a blue
 square" from "a blue circle and a red square" (cosine 0.996), the token states do. Training (train_preference.py)
-sees only comparisons "image a is preferred to image b for this prompt", labelled by the rater, through the
-Bradley-Terry loss -log sigmoid(s_a - s_b): the score's scale is logits of a choice, its offset is arbitrary.
+sees only comparisons "image a is preferred to image b for this prompt" (or neither: a tie), labelled by the
+rater, through the Bradley-Terry loss -log sigmoid(s_a - s_b) (a tie's: half of it each way round): the score's
+scale is logits of a choice, its offset is arbitrary.
 Registered as the reward "world_preference" (differentiable in the pixels; frozen weights).
 """
 

@@ -231,9 +231,11 @@ def test_token_queries_grow_a_pooled_checkpoint_without_changing_its_scores(tmp_
     assert int(meta["steps"]) == 2 and trained.cfg.token_queries == 2
     with pytest.raises(ValueError, match="already reads its prompt through 2 token queries"):
         load_preference(out / "preference.safetensors", token_queries=3)
-    # continuing it with the default (0) keeps its queries
-    train_preference(PreferenceTrainOptions(out=tmp_path / "again", max_steps=1, render_groups=1, pool_groups=0,
-                                            init=out / "preference.safetensors"), "test")
+    # continuing it with the default (0) keeps its queries; ties train beside the choices
+    train_preference(PreferenceTrainOptions(out=tmp_path / "again", max_steps=1, render_groups=2, pool_groups=0,
+                                            tie_weight=1.0, init=out / "preference.safetensors"), "test")
     assert load_preference(tmp_path / "again" / "preference.safetensors")[0].cfg.token_queries == 2
     with pytest.raises(ConfigError, match="token_queries"):
         PreferenceTrainOptions(out=out, token_queries=17)
+    with pytest.raises(ConfigError, match="tie_weight"):
+        PreferenceTrainOptions(out=out, tie_weight=-1.0)
