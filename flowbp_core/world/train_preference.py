@@ -36,7 +36,7 @@ from flowbp_core.world.scenes import Scene, render, sample_scene, separated
 from flowbp_core.world.spec import BACKGROUNDS, COLOURS, SHAPES, PromptSpec, all_specs
 from flowbp_core.world.train_reward import _blur, augment, clock_cosine_lr
 
-MIN_MARGIN = 1.0  # rating points below which a pair is a tie (shown as a choice only with --tie-weight)
+MIN_MARGIN = 1.0  # rating points below which a pair is a tie (trained toward equal scores with --tie-weight)
 _BG_NAMES = tuple(BACKGROUNDS)
 
 
@@ -176,20 +176,22 @@ def sharpened(images: np.ndarray, amount: float) -> np.ndarray:
     return (x + amount * (x - soft)).clamp(0.0, 1.0).numpy()
 
 
-def pairs_of(ratings: list[float], offset: int) -> list[tuple[int, int]]:
-    """(winner, loser) index pairs among one group's images (indices shifted by `offset`); ties left out."""
-    out = []
+def judged_pairs(ratings: list[float], offset: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """((winner, loser) pairs, tied pairs) among one group's images, indices shifted by `offset`: a pair rated within
+    MIN_MARGIN of each other is a tie, every other pair a choice."""
+    choices, ties = [], []
     for i in range(len(ratings)):
         for j in range(i + 1, len(ratings)):
-            if abs(ratings[i] - ratings[j]) >= MIN_MARGIN:
-                out.append((offset + i, offset + j) if ratings[i] > ratings[j] else (offset + j, offset + i))
-    return out
+            if abs(ratings[i] - ratings[j]) < MIN_MARGIN:
+                ties.append((offset + i, offset + j))
+            else:
+                choices.append((offset + i, offset + j) if ratings[i] > ratings[j] else (offset + j, offset + i))
+    return choices, ties
 
 
-def ties_of(ratings: list[float], offset: int) -> list[tuple[int, int]]:
-    """Index pairs among one group's images rated within MIN_MARGIN of each other (indices shifted by `offset`)."""
-    return [(offset + i, offset + j) for i in range(len(ratings)) for j in range(i + 1, len(ratings))
-            if abs(ratings[i] - ratings[j]) < MIN_MARGIN]
+def _columns(pairs: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    index = torch.tensor(pairs, dtype=torch.long).reshape(-1, 2)
+    return index[:, 0], index[:, 1]
 
 
 class GroupBatch:
@@ -204,18 +206,17 @@ class GroupBatch:
 
     def add(self, images: np.ndarray, prompt: str, spec: PromptSpec) -> None:
         ratings = [rate_one(img, spec).score for img in images]
-        self.pairs += pairs_of(ratings, len(self.images))
-        self.ties += ties_of(ratings, len(self.images))
+        choices, ties = judged_pairs(ratings, len(self.images))
+        self.pairs += choices
+        self.ties += ties
         self.images += list(images)
         self.prompts += [prompt] * len(images)
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        pairs = torch.tensor(self.pairs, dtype=torch.long).reshape(-1, 2)
-        return torch.from_numpy(np.stack(self.images)).float(), pairs[:, 0], pairs[:, 1]
+        return torch.from_numpy(np.stack(self.images)).float(), *_columns(self.pairs)
 
     def tie_index(self) -> tuple[torch.Tensor, torch.Tensor]:
-        ties = torch.tensor(self.ties, dtype=torch.long).reshape(-1, 2)
-        return ties[:, 0], ties[:, 1]
+        return _columns(self.ties)
 
 
 def load_pool(paths: list[Path], seed: int) -> tuple[list[tuple[str, np.ndarray]], list[tuple[str, np.ndarray]]]:

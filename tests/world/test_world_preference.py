@@ -154,13 +154,15 @@ def test_near_miss_groups_keep_the_style_and_break_the_prompt():
 
 def test_ties_are_the_pairs_within_the_margin_and_their_loss_is_least_at_equal_scores():
     from flowbp_core.world.preference import bradley_terry_loss, tie_loss
-    from flowbp_core.world.train_preference import pairs_of, ties_of
+    from flowbp_core.world.train_preference import judged_pairs
 
     ratings = [0.0, 0.0, 96.0, 95.5, 40.0]
-    assert ties_of(ratings, 10) == [(10, 11), (12, 13)]
-    # every pair is a choice or a tie, never both
-    assert len(pairs_of(ratings, 10)) + len(ties_of(ratings, 10)) == 10
-    assert not set(pairs_of(ratings, 10)) & {tuple(sorted(p)) for p in ties_of(ratings, 10)}
+    choices, ties = judged_pairs(ratings, 10)
+    assert ties == [(10, 11), (12, 13)]
+    # every pair is a choice or a tie, never both; the higher rating wins
+    assert len(choices) + len(ties) == 10
+    assert not {tuple(sorted(p)) for p in choices} & set(ties)
+    assert (12, 10) in choices and (14, 11) in choices
     a = torch.tensor([0.3, -1.0], requires_grad=True)
     b = torch.tensor([0.3, -1.0])
     loss = tie_loss(a, b)
