@@ -8,7 +8,8 @@ inside 9 minutes on one H200; what does not fit is recorded as skipped, with the
   rollout      ms per sample-step of the cached no-grad rollout (`flowbp_core.sampling.rollout`, the step's
                prompts in one micro-batch of `micro_batched`, CFG's two branches in one transformer batch) at
                batch 1 / 4 / 16, for the plain model, LoRA merged into it (`backbone.merged_lora`, i.e.
-               `MergedLoRA`) and LoRA unmerged (peft adapter), eager and `torch.compile`d (static shapes);
+               `MergedLoRA`) and LoRA unmerged (peft adapter), eager and compiled as `runtime.compile_rollout`
+               compiles (`compile_for_sampling`: static shapes, CUDA graphs);
   merge        the time of one `MergedLoRA.load` (what each weight sync costs a rollout worker);
   learner      one flowbp_sparse step (K = 4, N = 25, batch 1, LoRA, gradient checkpointing; rollout + endpoint
                + VAE decode + ViT-H reward + backward, no optimizer update), as gpu_step.py measures it;
@@ -146,7 +147,7 @@ def rollout_ms(run: Run, bb, batch: int, tag: str, compiled: bool) -> None:
         return
     prompts = [f"benchmark prompt {i}" for i in range(batch)]
     cond = bb.encode_prompts(prompts)
-    velocity = micro_batched(bb.bind, cond, batch, batch)
+    velocity = micro_batched(bb.bind, cond, batch, batch, static=compiled)  # the rollout worker's call
     noise = torch.randn(bb.latent_shape(batch), generator=torch.Generator().manual_seed(batch))
     noise = noise.to(run.dev, bb.dtype)
     sigmas = bb.schedule(run.args.steps).sigmas
@@ -300,6 +301,7 @@ def measure_flops(run: Run, bb, cfg: dict) -> None:
 def measure(run: Run, args) -> None:
     from flowbp_core.backbones import LoRAConfig
     from flowbp_core.backbones import sd3 as fam
+    from flowbp_core.sampling import compile_for_sampling
 
     dtype = torch.bfloat16 if run.dev.type == "cuda" else torch.float32
     cfg = fam.TINY_TRANSFORMER if args.smoke else fam.REAL_TRANSFORMER
@@ -322,7 +324,7 @@ def measure(run: Run, args) -> None:
         rollout_ms(run, ad, b, "unmerged", False)
 
     backend = "eager" if args.smoke else "inductor"  # smoke: trace only, no kernel generation
-    bb.transformer.compile(backend=backend, dynamic=False)
+    compile_for_sampling(bb.transformer, cuda_graphs=True, backend=backend)  # as compile_rollout does
     run.report["compile_backend"] = backend
     order = [(max(BATCHES), "merged"), (max(BATCHES), "plain"), ("learner", None), ("unmerged", None)]
     order += [(b, v) for b in sorted(BATCHES, reverse=True)[1:] for v in ("merged", "plain")]
@@ -331,7 +333,7 @@ def measure(run: Run, args) -> None:
             measure_learner(run, ad, args)
         elif b == "unmerged":
             ad.disable_gradient_checkpointing()  # the rollout runs no-grad; compile the plain forward
-            ad.transformer.compile(backend=backend, dynamic=False)
+            compile_for_sampling(ad.transformer, cuda_graphs=True, backend=backend)
             rollout_ms(run, ad, max(BATCHES), "unmerged", True)
         else:
             merged.load(delta if variant == "merged" else zero)  # zero delta: W0 back exactly, no recompile

@@ -30,8 +30,12 @@ class RuntimeSpec(Strict):
         "or collective (torch.distributed broadcasts from learner rank 0: gloo on CPU, nccl with use_gpu)")
     weight_sync_bucket_mb: float = Field(64.0, gt=0.0, le=16_384.0, description="full_state and collective: MiB "
                                          "a bucket")
-    compile_rollout: bool = Field(False, description="rollout workers sample through torch.compile'd "
-                                  "transformer (the learner re-forwards eagerly)")
+    compile_rollout: bool = Field(False, description="rollout workers sample through a transformer compiled with "
+                                  "static shapes (each micro-batch padded to rollout_batch rows; the learner "
+                                  "re-forwards eagerly)")
+    rollout_cuda_graphs: bool = Field(True, description="with compile_rollout on a GPU: the compiled transformer "
+                                      "replays as CUDA graphs (torch.compile mode reduce-overhead); no effect on "
+                                      "the CPU")
     rollout_batch: int | None = Field(None, ge=1, le=4096, description="samples a rollout worker puts through "
                                       "the transformer at once (true CFG runs twice as many rows: both branches "
                                       "in one batch); None: its whole shard of the step")

@@ -30,23 +30,55 @@ def euler_add(z: torch.Tensor, h: float, v: torch.Tensor) -> torch.Tensor:
 
 
 def micro_batched(bind: Callable[[dict[str, torch.Tensor]], VelocityFn], cond: dict[str, torch.Tensor], batch: int,
-                  size: int | None) -> VelocityFn:
+                  size: int | None, *, static: bool = False) -> VelocityFn:
     """The velocity of a batch of `batch` evaluated `size` rows at a time, each chunk bound (`bind(cond)`) to its
     rows of `cond` (`cache.cond_rows`); None or `size >= batch`: one call. Rows are independent in the model, so
-    the chunks join into the batch's velocity up to the dtype's rounding."""
-    if size is None or size >= batch:
-        return bind(cond)
-    if size < 1:
+    the chunks join into the batch's velocity up to the dtype's rounding.
+
+    `static` (a transformer compiled with static shapes, `compile_for_sampling`): every call has the same rows,
+    min(size, batch) (a short last chunk is padded by repeating its last row, whose outputs are dropped), so one
+    graph serves the whole batch; each call starts a new CUDA-graph step and its output is copied out, because
+    a CUDA graph's next replay overwrites its output buffer."""
+    if size is not None and size < 1:
         raise ValueError(f"micro-batch size {size}: expected an integer >= 1 (or None for the whole batch)")
+    size = batch if size is None else min(size, batch)
+    if size == batch and not static:
+        return bind(cond)
     parts = [(a, min(a + size, batch)) for a in range(0, batch, size)]
-    bound = [bind(cond_rows(cond, a, b, batch)) for a, b in parts]
+    bound = [bind(_pad_rows(cond_rows(cond, a, b, batch), b - a, size) if static else cond_rows(cond, a, b, batch))
+             for a, b in parts]
+
+    def chunk(v: VelocityFn, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        if not static:
+            return v(x, sigma)
+        torch.compiler.cudagraph_mark_step_begin()
+        return v(_pad_rows({"x": x}, x.shape[0], size)["x"], sigma)[: x.shape[0]].clone()
 
     def velocity(x: torch.Tensor, sigma: float) -> torch.Tensor:
         if x.shape[0] != batch:
             raise ValueError(f"micro-batched velocity bound to a batch of {batch} got a state batch of {x.shape[0]}")
-        return torch.cat([v(x[a:b], sigma) for (a, b), v in zip(parts, bound)])
+        outs = [chunk(v, x[a:b], sigma) for (a, b), v in zip(parts, bound)]
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     return velocity
+
+
+def _pad_rows(tensors: dict[str, torch.Tensor], rows: int, size: int) -> dict[str, torch.Tensor]:
+    """`tensors` with `size` rows: those of `rows` rows get their last row repeated (the others are shared)."""
+    if rows == size:
+        return tensors
+    return {k: (torch.cat([t, t[-1:].expand(size - rows, *t.shape[1:])]) if t.dim() > 0 and t.shape[0] == rows
+                else t) for k, t in tensors.items()}
+
+
+def compile_for_sampling(module: torch.nn.Module, *, cuda_graphs: bool, backend: str = "inductor") -> None:
+    """Compile `module` in place (its parameter names and objects unchanged, so weight syncs copy into the same
+    tensors the graph reads) with static shapes; `cuda_graphs` on a CUDA module: replayed as CUDA graphs
+    (inductor's reduce-overhead mode), which removes the per-kernel launch cost that dominates small batches.
+    Call it through `micro_batched(..., static=True)`: fixed rows and outputs copied out of the graph's buffers."""
+    on_cuda = next(module.parameters()).is_cuda
+    mode = "reduce-overhead" if cuda_graphs and on_cuda and backend == "inductor" else None
+    module.compile(backend=backend, dynamic=False, mode=mode)
 
 
 @torch.no_grad()

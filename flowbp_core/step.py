@@ -55,15 +55,16 @@ def step_noise(backbone: Any, seed: int, step: int, total: int, offset: int = 0,
 def rollout_step(*, backbone: Any, guidance: Any, plan: Plan, prompts: list[str], seed: int, step: int,
                  policy_version: int, state_dtype: torch.dtype, device: torch.device, offset: int = 0,
                  total: int | None = None, meta: dict[str, str] | None = None,
-                 micro_batch: int | None = None) -> TrajectoryCache:
+                 micro_batch: int | None = None, static: bool = False) -> TrajectoryCache:
     """Prompts -> conditioning -> step `step`'s no-grad trajectory, kept for `plan` and carrying it.
 
     `prompts` are rows [offset, offset + len(prompts)) of the step's batch of `total` (default: the whole batch).
     States and velocities are cached in `state_dtype` (the model dtype: bf16 on GPU). The transformer sees
-    `micro_batch` samples at a time (None: all of them); the Euler loop runs over the whole batch."""
+    `micro_batch` samples at a time (None: all of them; `static`: always as many, see `micro_batched`); the Euler
+    loop runs over the whole batch."""
     cond = backbone.encode_prompts(prompts)
     noise = step_noise(backbone, seed, step, total or len(prompts), offset, len(prompts)).to(device)
-    velocity = micro_batched(lambda c: backbone.bind(c, guidance), cond, len(prompts), micro_batch)
+    velocity = micro_batched(lambda c: backbone.bind(c, guidance), cond, len(prompts), micro_batch, static=static)
     return rollout(velocity, noise, backbone.schedule(plan.n_steps).sigmas,
                    seed=derive_seed(seed, step, "noise"), policy_version=policy_version, cond=cond,
                    prompts=list(prompts), plan=plan, state_dtype=state_dtype, meta=meta)

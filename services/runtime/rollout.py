@@ -7,7 +7,9 @@ reader's `ray.get` maps it from the object store without a copy (`TrajectoryCach
 
 With LoRA the worker holds no adapter: each sync folds the synced adapter into the base weights
 (`backbones.lora.MergedLoRA`: W0 + delta from a kept copy of W0, so a sync replaces the previous delta), and
-sampling runs the plain model. A shard goes through the transformer `runtime.rollout_batch` samples at a time.
+sampling runs the plain model. A shard goes through the transformer `runtime.rollout_batch` samples at a time;
+with `runtime.compile_rollout` the transformer is compiled in place with static shapes (CUDA graphs on a GPU),
+so a sync copies into the tensors the graph reads and the padded micro-batches reuse one graph.
 
 Why the request names its weights: a worker that was killed and restarted by Ray comes back with the base
 weights; because every request carries the `WeightsHandle` it must be sampled with, the restarted worker
@@ -26,7 +28,7 @@ import torch
 
 from flowbp_core.config import RunConfig
 from flowbp_core.dtypes import resolve_dtype
-from flowbp_core.sampling import micro_batched
+from flowbp_core.sampling import compile_for_sampling, micro_batched
 from flowbp_core.sampling import rollout as cached_rollout
 from flowbp_core.stages import ROLLOUT, timed
 from flowbp_core.step import rollout_step, step_noise
@@ -57,10 +59,11 @@ class RolloutCore:
         self.load = self.merged.load if lora else self.backbone.load_trainable_state_dict
         self.state_dtype = resolve_dtype(cfg.backbone.dtype)
         self.receiver = WeightReceiver()
-        if cfg.runtime.compile_rollout:
+        self.static = cfg.runtime.compile_rollout
+        if self.static:
             # The straight-through pin keeps the reward's input exact whatever the rollout's numerics, so the
             # rollout may run a compiled transformer; the learner re-forwards eagerly.
-            self.backbone.transformer = torch.compile(self.backbone.transformer)
+            compile_for_sampling(self.backbone.transformer, cuda_graphs=cfg.runtime.rollout_cuda_graphs)
 
     def run(self, req: RolloutRequest, offset: int = 0,
             cuts: tuple[tuple[int, int], ...] | None = None) -> tuple[list[np.ndarray], RolloutStats]:
@@ -82,7 +85,7 @@ class RolloutCore:
                                  policy_version=max(self.receiver.version, 0), state_dtype=self.state_dtype,
                                  device=self.comp.device, offset=offset, total=req.total_batch,
                                  meta={"step": str(req.step), "worker": str(self.worker), "offset": str(offset)},
-                                 micro_batch=self.cfg.runtime.rollout_batch)
+                                 micro_batch=self.cfg.runtime.rollout_batch, static=self.static)
             whole = len(cuts) == 1
             pieces = [np.frombuffer((cache if whole else cache.rows(a - offset, b - offset)).to_bytes(), np.uint8)
                       for a, b in cuts]
@@ -109,7 +112,7 @@ class RolloutCore:
         n = self.cfg.sampling.eval_n_steps or self.comp.n_steps
         noise = step_noise(self.backbone, req.seed, req.step, req.total_batch, offset, len(prompts))
         velocity = micro_batched(lambda c: self.backbone.bind(c, self.comp.guidance), cond, len(prompts),
-                                 self.cfg.runtime.rollout_batch)
+                                 self.cfg.runtime.rollout_batch, static=self.static)
         cache = cached_rollout(velocity, noise.to(self.comp.device),
                                eval_schedule(self.backbone, n).sigmas, cond=cond, prompts=prompts,
                                needs=CacheNeeds(frozenset(), frozenset()))
