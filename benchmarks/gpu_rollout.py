@@ -14,8 +14,10 @@ inside 9 minutes on one H200; what does not fit is recorded as skipped, with the
   learner      one flowbp_sparse step (K = 4, N = 25, batch 1, LoRA, gradient checkpointing; rollout + endpoint
                + VAE decode + ViT-H reward + backward, no optimizer update), as gpu_step.py measures it;
   handoff      the full trainable state of a full fine-tune (every transformer weight, 4.5 GB in bf16) handed
-               to a second process by torch.multiprocessing (CUDA IPC handles on a GPU; shared memory on the
-               CPU), which copies it into its own buffers: first handoff and the median of the next ones.
+               to a second process as `collective` hands it to a rollout worker on the learner's GPU: packed
+               into 64 MiB buckets and shared (`services.runtime.buckets`: CUDA IPC handles on a GPU; shared
+               memory on the CPU), mapped and copied into the reader's own weights: first handoff and the
+               median of the next ones, and of those the publish (pack + share) alone.
 
 The arithmetic limit. One transformer forward over n_i image tokens (n_i = (res / 16)^2 = 1024 at 512 px) and
 n_t text tokens (333: 77 CLIP + 256 T5), width D = heads x head_dim = 1536, L = 24 blocks of which L2 = 13 have
@@ -172,7 +174,10 @@ def zero_lora_state(merged) -> dict[str, torch.Tensor]:
 
 
 def _handoff_child(q_in, q_out) -> None:
-    """The receiving process: copy each handed-over state into its own buffers, then acknowledge."""
+    """The receiving process, as a rollout worker on the learner's device reads a `collective` publish: map each
+    shared bucket, copy its tensors out (`buckets.mapped`) and load them into its own weights, then acknowledge."""
+    from services.runtime.buckets import mapped
+
     dst = None
     while True:
         msg = q_in.get()
@@ -181,18 +186,23 @@ def _handoff_child(q_in, q_out) -> None:
         if msg == "ping":
             q_out.put("pong")
             continue
+        state = mapped(*msg)
         if dst is None:
-            dst = {k: torch.empty_like(v) for k, v in msg.items()}
-        for k, v in msg.items():
+            dst = {k: torch.empty_like(v) for k, v in state.items()}
+        for k, v in state.items():
             dst[k].copy_(v)
         if next(iter(dst.values())).is_cuda:
             torch.cuda.synchronize()
-        del msg
+        del msg, state
         q_out.put(sum(v.numel() * v.element_size() for v in dst.values()))
 
 
 def measure_handoff(run: Run, state: dict[str, torch.Tensor]) -> None:
-    """Hand `state` to a second process `reps + 1` times (torch.multiprocessing queue), timed to its ack."""
+    """Hand `state` to a second process `reps + 1` times by the runtime's same-device path (`collective` with
+    `runtime.weight_sync_same_device`): pack into 64 MiB buckets on the device and share them (`buckets.pack`,
+    `buckets.share`: CUDA IPC handles on a GPU, shared memory on the CPU), timed to the reader's ack."""
+    from services.runtime.buckets import pack, share
+
     if not run.fits("handoff", 60.0):
         return
     ctx = mp.get_context("spawn")
@@ -202,22 +212,29 @@ def measure_handoff(run: Run, state: dict[str, torch.Tensor]) -> None:
     try:
         q_in.put("ping")
         q_out.get(timeout=120)
-        if run.dev.type == "cpu":
-            for v in state.values():
-                v.share_memory_()  # the CPU's stand-in for an IPC handle: one shared segment per tensor
-        times, nbytes = [], 0
+        times, publish, nbytes = [], [], 0
         for _ in range(run.args.handoff_reps + 1):
             run.meter.sync()
             t = time.perf_counter()
-            q_in.put(state)
+            layout, buffers = pack(state, 64 << 20, run.dev)
+            blobs = share(buffers)
+            if blobs is None:
+                raise RuntimeError("buckets.share could not share the packed buffers (see the warning above)")
+            run.meter.sync()
+            publish.append(time.perf_counter() - t)
+            q_in.put((blobs, layout))
             nbytes = q_out.get(timeout=120)
             times.append(time.perf_counter() - t)
+            del buffers, blobs  # the reader is done with them, as the learner drops a publish no request names
         warm = sorted(times[1:])[len(times[1:]) // 2]
         run.report["handoff"] = {"transport": "cuda_ipc" if run.dev.type == "cuda" else "cpu_shared_memory",
-                                 "tensors": len(state), "gbytes": nbytes / 1e9, "first_s": times[0],
-                                 "warm_s": warm, "warm_gbytes_per_s": nbytes / 1e9 / warm}
-        print(f"  handoff {nbytes / 1e9:.2f} GB in {len(state)} tensors: first {times[0]:.3f} s, "
-              f"then {warm:.3f} s", flush=True)
+                                 "tensors": len(state), "buckets": len(layout), "gbytes": nbytes / 1e9,
+                                 "first_s": times[0], "warm_s": warm,
+                                 "warm_publish_s": sorted(publish[1:])[len(publish[1:]) // 2],
+                                 "warm_gbytes_per_s": nbytes / 1e9 / warm}
+        print(f"  handoff {nbytes / 1e9:.2f} GB in {len(state)} tensors, {len(layout)} buckets: first "
+              f"{times[0]:.3f} s, then {warm:.3f} s (publish {run.report['handoff']['warm_publish_s']:.3f} s)",
+              flush=True)
     finally:
         q_in.put(None)
         child.join(timeout=30)

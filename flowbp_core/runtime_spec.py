@@ -30,6 +30,9 @@ class RuntimeSpec(Strict):
         "or collective (torch.distributed broadcasts from learner rank 0: gloo on CPU, nccl with use_gpu)")
     weight_sync_bucket_mb: float = Field(64.0, gt=0.0, le=16_384.0, description="full_state and collective: MiB "
                                          "a bucket")
+    weight_sync_same_device: bool = Field(True, description="collective: a rollout worker on learner rank 0's "
+                                          "device (its GPU, or the CPU of its node) maps the published buckets "
+                                          "by CUDA IPC / shared memory instead of joining a broadcast")
     compile_rollout: bool = Field(False, description="rollout workers sample through a transformer compiled with "
                                   "static shapes (each micro-batch padded to rollout_batch rows; the learner "
                                   "re-forwards eagerly)")

@@ -10,6 +10,14 @@ plus those readers, a fresh store prefix each), and broadcasts the buckets to it
 together (a step's shards) are served by one broadcast; a worker that comes later (a restarted one catching up,
 a retried request) gets its own.
 
+A reader on rank 0's own device (rollout and learner sharing a GPU through fractional `num_gpus`, or both on
+one node's CPU) joins no group: each publish also carries its buckets pickled by torch.multiprocessing (CUDA IPC
+handles on a GPU, shared-memory file names on the CPU), and that reader maps them and copies the tensors out,
+with no host copy and no broadcast (`runtime.weight_sync_same_device`, on by default). Rank 0's store says which
+publishes are held; a reader checks it before mapping and again after copying, so a publish dropped meanwhile is
+never loaded half-overwritten. Where torch cannot map a handle (another node, another GPU, a full /dev/shm) the
+reader broadcasts as any other.
+
 Why groups are formed per read, not once: a fixed group of rank 0 and every worker breaks when one dies (each
 collective needs every member) and cannot take in a restarted worker without all members re-forming it. Here a
 dead reader fails only its own group: the others of that group retry with a new ticket, the restarted worker
@@ -22,6 +30,7 @@ from __future__ import annotations
 import atexit
 import datetime
 import logging
+import socket
 import threading
 import time
 import weakref
@@ -31,50 +40,14 @@ import torch
 import torch.distributed as dist
 
 from services.runtime.payloads import CollectiveStream, WeightsHandle
-from services.runtime.weight_sync import WeightsLost, bucket_groups, complete, register
+from services.runtime.buckets import bucket_nbytes, mapped, pack, share, unpack
+from services.runtime.weight_sync import WeightsLost, complete, register
 
 log = logging.getLogger(__name__)
 
 READ_ATTEMPTS = 3  # a reader whose group failed (another reader died in it) asks again this often
 CONNECT_S = 10.0  # a publisher's store that does not answer this fast died with its learner generation
 WAIT_SLICE_S = 1.0  # the sender's thread waits for a ticket this long at a time, so that close() is heard
-
-
-def _dtype(name: str) -> torch.dtype:
-    return getattr(torch, name.removeprefix("torch."))
-
-
-def pack(state: dict[str, torch.Tensor], bucket_bytes: int, device: torch.device
-         ) -> tuple[tuple[tuple[tuple[str, str, tuple[int, ...]], ...], ...], list[torch.Tensor]]:
-    """(layout, buffers): each bucket's tensors as one contiguous uint8 buffer on `device`, and per bucket the
-    (name, dtype, shape) of its tensors in order."""
-    layout, buffers = [], []
-    for group in bucket_groups(state, bucket_bytes):
-        layout.append(tuple((k, str(t.dtype), tuple(t.shape)) for k, t in group.items()))
-        buffers.append(torch.cat([t.detach().to(device).contiguous().reshape(-1).view(torch.uint8)
-                                  for t in group.values()]))
-    return tuple(layout), buffers
-
-
-def bucket_nbytes(bucket: tuple[tuple[str, str, tuple[int, ...]], ...]) -> int:
-    return sum(_dtype(d).itemsize * _numel(s) for _, d, s in bucket)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
-def unpack(buffer: torch.Tensor, bucket: tuple[tuple[str, str, tuple[int, ...]], ...]) -> dict[str, torch.Tensor]:
-    out, at = {}, 0
-    for name, d, shape in bucket:
-        n = _dtype(d).itemsize * _numel(shape)
-        # a clone gives each tensor its own aligned storage before the dtype view
-        out[name] = buffer[at:at + n].clone().view(_dtype(d)).reshape(shape)
-        at += n
-    return out
 
 
 def make_group(store, rank: int, world: int, backend: str, timeout_s: float):
@@ -91,6 +64,47 @@ def broadcast(group, buffer: torch.Tensor) -> None:
     opts = dist.BroadcastOptions()
     opts.rootRank = 0
     group.broadcast([buffer], opts).wait()
+
+
+def device_tag(device: torch.device) -> str:
+    """"<node id>/<GPU uuid or cpu>": two processes with the same tag can map each other's buffers."""
+    import ray
+
+    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else socket.gethostname()
+    if device.type != "cuda":
+        return f"{node}/cpu"
+    return f"{node}/{torch.cuda.get_device_properties(device.index or torch.cuda.current_device()).uuid}"
+
+
+def _connect(s: CollectiveStream):
+    try:
+        store = dist.TCPStore(s.host, s.port, is_master=False, timeout=datetime.timedelta(seconds=CONNECT_S))
+    except RuntimeError as e:  # nobody serves it: the publisher's learner generation is gone
+        raise WeightsLost(f"publish {s.key}: learner rank 0's store {s.host}:{s.port} is gone ({e})") from e
+    store.set_timeout(datetime.timedelta(seconds=s.timeout_s))
+    return store
+
+
+def _not_held(s: CollectiveStream) -> WeightsLost:
+    return WeightsLost(f"publish {s.key} is no longer held by learner rank 0 (it keeps the newest few)")
+
+
+def read_shared(s: CollectiveStream, device: torch.device) -> dict[str, torch.Tensor] | None:
+    """The publish mapped from rank 0's buffers and copied out, when this process is on their device; None when
+    it is not or torch cannot map them (the caller broadcasts instead)."""
+    if s.shared is None or s.shared_on != device_tag(device):
+        return None
+    store = _connect(s)
+    if not store.check([f"held/{s.key}"]):
+        raise _not_held(s)
+    try:
+        out = mapped(s.shared, s.buckets)
+    except (RuntimeError, OSError) as e:
+        log.warning("collective weight sync: publish %d not mappable here, broadcasting: %s", s.key, e)
+        return None
+    if not store.check([f"held/{s.key}"]):  # dropped while copied: the buffers may have been reused
+        raise _not_held(s)
+    return out
 
 
 def _node_ip() -> str:
@@ -125,10 +139,15 @@ class Sender:
             self.thread.join(timeout_s)
 
     def hold(self, key: int, buffers: list[torch.Tensor]) -> None:
+        """Keep publish `key`'s buffers (the newest `keep`); the store says which are held, and a dropped one is
+        unlisted before its buffers are released, for readers that map them."""
         with self.lock:
             self.held[key] = buffers
+            self.store.set(f"held/{key}", "1")
             while len(self.held) > self.keep:
-                self.held.popitem(last=False)
+                old = next(iter(self.held))
+                self.store.delete_key(f"held/{old}")
+                del self.held[old]
 
     def _serve(self) -> None:
         # its own client: the master store object is the publishing thread's
@@ -193,16 +212,12 @@ def _close_all() -> None:
 
 def read(s: CollectiveStream, device: torch.device) -> dict[str, torch.Tensor]:
     """One reader's copy of the publish `s` names: a ticket, then its group's broadcasts."""
-    try:
-        store = dist.TCPStore(s.host, s.port, is_master=False, timeout=datetime.timedelta(seconds=CONNECT_S))
-    except RuntimeError as e:  # nobody serves it: the publisher's learner generation is gone
-        raise WeightsLost(f"publish {s.key}: learner rank 0's store {s.host}:{s.port} is gone ({e})") from e
-    store.set_timeout(datetime.timedelta(seconds=s.timeout_s))
+    store = _connect(s)
     ticket = store.add("tickets", 1) - 1
     store.set(f"ticket/{ticket}", str(s.key))
     prefix, rank, world, held = store.get(f"assign/{ticket}").decode().split()
     if held != "1":
-        raise WeightsLost(f"publish {s.key} is no longer held by learner rank 0 (it keeps the newest few)")
+        raise _not_held(s)
     group = make_group(dist.PrefixStore(prefix, store), int(rank), int(world), s.backend, s.timeout_s)
     out: dict[str, torch.Tensor] = {}
     for bucket in s.buckets:
@@ -218,9 +233,11 @@ class CollectiveSync:
 
     name = "collective"
 
-    def __init__(self, bucket_mb: float = 64.0, keep: int = 1, backend: str = "gloo", timeout_s: float = 600.0):
+    def __init__(self, bucket_mb: float = 64.0, keep: int = 1, backend: str = "gloo", timeout_s: float = 600.0,
+                 same_device: bool = True):
         self.bucket_bytes = int(bucket_mb * 1024 * 1024)
         self.keep, self.backend, self.timeout_s = int(keep), backend, float(timeout_s)
+        self.same_device = bool(same_device)
         self.device = torch.device("cuda" if backend == "nccl" else "cpu")
         self.sender: Sender | None = None  # started on the first publish, in the publishing process
         self.next_key = 0
@@ -231,9 +248,11 @@ class CollectiveSync:
             self.sender = Sender(self.keep, self.backend, self.timeout_s)
         key, self.next_key = self.next_key, self.next_key + 1
         layout, buffers = pack(state, self.bucket_bytes, self.device)
+        shared = share(buffers) if self.same_device else None
         self.sender.hold(key, buffers)
         stream = CollectiveStream(host=self.sender.host, port=self.sender.port, key=key, backend=self.backend,
-                                  buckets=layout, timeout_s=self.timeout_s)
+                                  buckets=layout, timeout_s=self.timeout_s, shared=shared,
+                                  shared_on=device_tag(self.device) if shared else "")
         return WeightsHandle(backend=self.name, policy_version=int(policy_version), generation=int(generation),
                              refs=(), nbytes=sum(b.numel() for b in buffers), n_tensors=len(state),
                              publish_seconds=time.perf_counter() - t0, stream=stream)
@@ -243,14 +262,20 @@ class CollectiveSync:
         if not isinstance(s, CollectiveStream):
             raise ValueError(f"weights v{handle.policy_version}: a collective handle names no CollectiveStream")
         device = torch.device("cuda" if s.backend == "nccl" else "cpu")
-        for attempt in range(1, READ_ATTEMPTS + 1):
-            try:
-                out = read(s, device)
-                break
-            except WeightsLost:
-                raise
-            except RuntimeError as e:  # DistError and gloo's errors: a peer died or the publisher is gone
-                if attempt == READ_ATTEMPTS:
-                    raise WeightsLost(f"weights v{handle.policy_version} (generation {handle.generation}) from "
-                                      f"{s.host}:{s.port}: {type(e).__name__}: {e}") from e
-        return complete(out, handle)
+        out = read_shared(s, device)
+        return complete(out if out is not None else _read_retrying(handle, device), handle)
+
+
+def _read_retrying(handle: WeightsHandle, device: torch.device) -> dict[str, torch.Tensor]:
+    """`read` again when its group failed (another reader died in it), at most READ_ATTEMPTS times."""
+    s = handle.stream
+    for attempt in range(1, READ_ATTEMPTS + 1):
+        try:
+            return read(s, device)
+        except WeightsLost:
+            raise
+        except RuntimeError as e:  # DistError and gloo's errors: a peer died or the publisher is gone
+            if attempt == READ_ATTEMPTS:
+                raise WeightsLost(f"weights v{handle.policy_version} (generation {handle.generation}) from "
+                                  f"{s.host}:{s.port}: {type(e).__name__}: {e}") from e
+    raise AssertionError("unreachable")

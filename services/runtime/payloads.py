@@ -47,6 +47,11 @@ class CollectiveStream:
         buckets (tuple): per bucket, the (name, dtype, shape) of each tensor in it, in order: a reader
             allocates each bucket's bytes and cuts them into tensors with it.
         timeout_s (float): how long a group's rendezvous and each broadcast may take.
+        shared (tuple[bytes, ...] | None): per bucket, its buffer pickled by torch.multiprocessing (a CUDA IPC
+            handle on a GPU, a shared-memory file's name on the CPU): a reader on the same device maps it instead
+            of joining a broadcast; None: `runtime.weight_sync_same_device` is off or the buffers could not be
+            shared.
+        shared_on (str): the device those handles live on, "<node id>/<GPU uuid or cpu>" ("" without them).
     """
 
     host: str
@@ -55,6 +60,8 @@ class CollectiveStream:
     backend: str
     buckets: tuple[tuple[tuple[str, str, tuple[int, ...]], ...], ...]
     timeout_s: float
+    shared: tuple[bytes, ...] | None = None
+    shared_on: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -14,7 +14,8 @@
   `IN_FLIGHT` for each reading worker, whatever the model size.
   The server keeps the publishes a request can still name (`versions_kept`) and frees older ones.
 - `collective` (`collective_sync.py`, either fine-tuning mode): learner rank 0 broadcasts the state in buckets over
-  torch.distributed (gloo on CPU, NCCL on GPUs) to the workers that ask for it together; no object store.
+  torch.distributed (gloo on CPU, NCCL on GPUs) to the workers that ask for it together; no object store. A
+  worker on rank 0's own device maps the buckets instead (CUDA IPC on a shared GPU, shared memory on the CPU).
 
 Every publish carries a `policy_version` (the learner step count), and a worker applies a handle only when its
 version is newer than what it holds: a restarted worker therefore catches up from the next request, which always
@@ -37,6 +38,7 @@ from safetensors.torch import save as st_save
 
 from flowbp_core.errors import ConfigError
 from flowbp_core.wire import read_views
+from services.runtime.buckets import bucket_groups
 from services.runtime.payloads import BucketStream, WeightsHandle
 from services.runtime.placement import on_this_node
 
@@ -94,7 +96,8 @@ def for_run(cfg) -> WeightSync:
     name = backend_name(rt.weight_sync, cfg.backbone.finetune)
     kw = {"bucket_mb": rt.weight_sync_bucket_mb, "keep": versions_kept(cfg)}
     if name == "collective":
-        return build(name, **kw, backend="nccl" if rt.use_gpu else "gloo", timeout_s=rt.hello_timeout_s)
+        return build(name, **kw, backend="nccl" if rt.use_gpu else "gloo", timeout_s=rt.hello_timeout_s,
+                     same_device=rt.weight_sync_same_device)
     return build(name, **kw) if name == "full_state" else build(name)
 
 
@@ -139,24 +142,6 @@ class LoRASync:
 
     def fetch(self, handle: WeightsHandle) -> dict[str, torch.Tensor]:
         return _fetch_blobs(handle)
-
-
-def bucket_groups(state: dict[str, torch.Tensor], bucket_bytes: int) -> list[dict[str, torch.Tensor]]:
-    """`state` in name order, cut into buckets of at most `bucket_bytes` (a larger tensor gets its own)."""
-    out: list[dict[str, torch.Tensor]] = []
-    cur: dict[str, torch.Tensor] = {}
-    size = 0
-    for k in sorted(state):
-        t = state[k]
-        n = t.numel() * t.element_size()
-        if cur and size + n > bucket_bytes:
-            out.append(cur)
-            cur, size = {}, 0
-        cur[k] = t
-        size += n
-    if cur:
-        out.append(cur)
-    return out
 
 
 IN_FLIGHT = 2  # buckets the publisher, the server and each rollout worker may hold in the object store at once

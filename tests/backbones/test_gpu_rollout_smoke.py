@@ -1,5 +1,5 @@
-"""benchmarks/gpu_rollout.py keeps working: its --smoke run (tiny SD3 on the CPU, in its own process, as the
-device runs it) writes every stage's numbers, finite and positive, and the targets computed from them; its FLOP
+"""benchmarks/gpu_rollout.py keeps working: its --smoke run (tiny SD3 on the CPU, in its own process without Ray,
+as the device runs it) writes every stage's numbers, finite and positive, and the targets computed from them; its FLOP
 formula equals a forward-hook count of every matmul, on the tiny and (meta device) the real config."""
 
 from __future__ import annotations
@@ -43,7 +43,10 @@ def _numbers(obj, path="report"):
 
 @pytest.mark.slow  # ~40 s of CPU: every stage once on the tiny config, plus a spawned handoff process
 def test_smoke_run_writes_every_stage_finite_and_positive(tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    # the device has no Ray: a `ray` that cannot be imported comes first on the path
+    (tmp_path / "no_ray" / "ray").mkdir(parents=True)
+    (tmp_path / "no_ray" / "ray" / "__init__.py").write_text("raise ImportError('no Ray on the GPU machine')\n")
+    env = dict(os.environ, PYTHONPATH=f"{tmp_path / 'no_ray'}{os.pathsep}{ROOT}", OMP_NUM_THREADS="1")
     done = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(tmp_path)], env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -59,6 +62,7 @@ def test_smoke_run_writes_every_stage_finite_and_positive(tmp_path):
         assert ("merged", True, b) in rows and ("plain", True, b) in rows, b
     assert ("unmerged", True, 16) in rows
     assert rep["handoff"]["transport"] == ("cuda_ipc" if rep["cuda"] else "cpu_shared_memory")
+    assert 0 < rep["handoff"]["warm_publish_s"] < rep["handoff"]["warm_s"] and rep["handoff"]["buckets"] >= 1
     params = rep["params_b"] * 1e9
     assert rep["handoff"]["gbytes"] * 1e9 == pytest.approx(params * 4)  # every weight, float32 on the CPU
     assert rep["learner"]["method"] == "flowbp_sparse" and rep["learner"]["k"] == 4

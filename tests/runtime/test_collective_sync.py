@@ -1,7 +1,8 @@
 """`runtime.weight_sync: collective` (issue 16, item 2): learner rank 0 holds each publish as byte buckets and
-broadcasts them over gloo to the readers that ask together; a run on the real Ray runtime syncs through it, and a
-rollout worker killed between two syncs comes back, reads the weights its retried request names, and the run
-equals the uninterrupted one."""
+broadcasts them over gloo to the readers that ask together, while a reader on its own device maps them (shared
+memory here, CUDA IPC on a GPU); a run on the real Ray runtime syncs through either, and a rollout worker killed
+between two syncs comes back, reads the weights its retried request names, and the run equals the uninterrupted
+one."""
 
 from __future__ import annotations
 
@@ -86,6 +87,67 @@ def test_readers_that_ask_together_share_one_broadcast_and_a_late_one_gets_its_o
     assert not sender.thread.is_alive()
 
 
+_READER = ("import pickle, sys, torch\n"
+           "from services.runtime.collective_sync import CollectiveSync\n"
+           "handle = pickle.loads(sys.stdin.buffer.read())\n"
+           "torch.save(CollectiveSync().fetch(handle), sys.argv[1])\n")
+
+
+def _read_in_process(handle, out: Path) -> subprocess.CompletedProcess:
+    import pickle
+
+    return subprocess.run([sys.executable, "-c", _READER, str(out)], input=pickle.dumps(handle), capture_output=True,
+                          timeout=120, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def test_a_reader_on_the_publishers_device_maps_the_buckets_without_a_broadcast(tmp_path):
+    """A reader process on the publisher's device (here: the CPU of one node, by shared memory; on a GPU, CUDA IPC)
+    takes no ticket and joins no broadcast; one on another device broadcasts; a dropped publish is refused and its
+    shared memory is gone (nothing leaks)."""
+    import dataclasses
+
+    from services.runtime.collective_sync import CollectiveSync
+
+    state = _state()
+    sync = CollectiveSync(bucket_mb=64 / 2**20, keep=1, backend="gloo", timeout_s=60)
+    handle = sync.publish(state, 1)
+    assert handle.stream.shared is not None and len(handle.stream.shared) == len(handle.stream.buckets) > 1
+    got = _read_in_process(handle, tmp_path / "mapped.pt")
+    assert got.returncode == 0, got.stderr.decode()[-2000:]
+    assert _same(torch.load(tmp_path / "mapped.pt"), state)
+    assert sync.sender.store.add("tickets", 0) == 0 and sync.sender.group_sizes == []
+
+    elsewhere = dataclasses.replace(handle, stream=dataclasses.replace(handle.stream, shared_on="another-node/cpu"))
+    got = _read_in_process(elsewhere, tmp_path / "broadcast.pt")
+    assert got.returncode == 0, got.stderr.decode()[-2000:]
+    assert _same(torch.load(tmp_path / "broadcast.pt"), state) and sync.sender.group_sizes == [1]
+
+    sync.publish(state, 2)  # keep=1: publish 0 is dropped
+    got = _read_in_process(handle, tmp_path / "old.pt")
+    assert got.returncode != 0 and b"WeightsLost: publish 0 is no longer held" in got.stderr
+    gone = subprocess.run([sys.executable, "-c", "import pickle, sys, torch; pickle.loads(sys.stdin.buffer.read())"],
+                          input=handle.stream.shared[0], capture_output=True, timeout=120)
+    assert gone.returncode != 0 and b"unable to open shared memory" in gone.stderr, gone.stderr[-2000:]
+    sync.sender.close()
+
+
+def test_buckets_are_not_shared_into_a_dev_shm_too_small_for_them(monkeypatch):
+    # a write past a full /dev/shm kills the writer (SIGBUS): such a publish carries no handles, readers broadcast
+    from services.runtime import buckets
+    from services.runtime.collective_sync import CollectiveSync
+
+    _, buffers = buckets.pack(_state(), 64, torch.device("cpu"))
+    need = sum(b.numel() for b in buffers)
+    monkeypatch.setattr(buckets, "_shm_free", lambda: 2 * need - 1)
+    assert buckets.share(buffers) is None
+    sync = CollectiveSync(bucket_mb=64 / 2**20, keep=1, backend="gloo", timeout_s=60)
+    handle = sync.publish(_state(), 1)
+    assert handle.stream.shared is None and handle.stream.shared_on == ""
+    sync.sender.close()
+    monkeypatch.setattr(buckets, "_shm_free", lambda: 2 * need)
+    assert buckets.share(buffers) is not None
+
+
 def test_a_process_with_a_serving_sender_exits_cleanly():
     # a daemon thread whose c10d wait returns while the interpreter finalizes aborts it (exit 134): a module
     # global that sleeps in __del__ holds finalization open past the 1 s wait; exit must close the sender first
@@ -119,8 +181,10 @@ def test_a_publisher_that_is_gone_raises_weights_lost(monkeypatch):
 
 
 @pytest.mark.integration
-def test_ray_run_syncs_by_broadcast_and_a_restarted_worker_catches_up(ray_client, tmp_path):
-    """Two rollout workers and one learner rank on Ray, weights by gloo broadcast. Rollout worker 0 is killed
+@pytest.mark.parametrize("same_device", [False, True], ids=["broadcast", "same_device"])
+def test_ray_run_syncs_by_broadcast_and_a_restarted_worker_catches_up(ray_client, tmp_path, same_device):
+    """Two rollout workers and one learner rank on Ray, weights by gloo broadcast (or, on one node's CPU, mapped
+    from learner rank 0's shared memory). Rollout worker 0 is killed
     (Ray restarts it) once step 0 is done, between the syncs of v1 and v2: the run finishes, the restarted
     worker (a new process) sampled with the weights its requests named, and the losses equal the single-process
     loop's."""
@@ -132,7 +196,8 @@ def test_ray_run_syncs_by_broadcast_and_a_restarted_worker_catches_up(ray_client
     torch.set_num_threads(1)
     cfg = tiny_cfg(tmp_path, "coll", train={"steps": 4},
                    reward={"terms": [{"name": "saturation"}], "loss": "neg_mean", "placement": "colocated"},
-                   runtime={"weight_sync": "collective", "weight_sync_bucket_mb": 0.001},
+                   runtime={"weight_sync": "collective", "weight_sync_bucket_mb": 0.001,
+                            "weight_sync_same_device": same_device},
                    eval={"every": 0, "limit": 0})
     drv = Driver(cfg)
     box: dict = {}
@@ -148,6 +213,7 @@ def test_ray_run_syncs_by_broadcast_and_a_restarted_worker_catches_up(ray_client
     assert s.policy_version == 4 and sorted(s.losses) == [0, 1, 2, 3]
     h = drv.hello.weights  # the learner generation's first publish; the outcomes' handles are dropped once read
     assert h.backend == "collective" and len(h.stream.buckets) > 1
+    assert (h.stream.shared is not None) == same_device
     pids = drv.record.counters.rollout_pids  # the processes that sampled each worker's shards
     assert pid in pids[0] and len(pids[0]) == 2 and len(pids[1]) == 1, pids
     ref = train_loop(cfg.model_copy(update={"run_id": "ref"}), run_dir=tmp_path / "ref")
@@ -161,6 +227,6 @@ def test_the_run_config_builds_the_collective_backend_with_its_bucket_size_and_k
     cfg = tiny_cfg(tmp_path, "c", runtime={"weight_sync": "collective", "weight_sync_bucket_mb": 0.5,
                                            "mode": "async", "max_staleness": 1, "queue_depth": 3})
     sync = weight_sync.for_run(cfg)
-    assert isinstance(sync, CollectiveSync) and sync.backend == "gloo" and sync.sender is None
+    assert isinstance(sync, CollectiveSync) and sync.backend == "gloo" and sync.sender is None and sync.same_device
     assert (sync.bucket_bytes, sync.keep, sync.timeout_s) == (512 * 1024, 5, cfg.runtime.hello_timeout_s)
     assert "collective" in weight_sync.names()
