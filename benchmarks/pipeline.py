@@ -15,8 +15,9 @@ Prints a table and writes benchmarks/results/pipeline.json.
 `--model sd35m` computes (`model_efficiency`, formula in the README) the step time and efficiency of 1 GPU
 (colocated) and of R rollout GPUs + 1 learner GPU (async) from the per-sample rollout and learner times of a GPU
 JSON (`--stages`, default the newest benchmarks/results/gpu_step_*.json; or `--rollout-s/--learn-s` with
-`--stages-source`) and the transfers of `benchmarks/objstore.py` (`--objstore`); it writes
-benchmarks/results/pipeline_sd35m.json, every input with its source.
+`--stages-source`) and the transfers of `benchmarks/objstore.py` (`--objstore`); with a real-size
+`benchmarks/gpu_rollout.py` JSON (`--handoff`, default the newest) it adds rows whose weights go by
+`collective` (`collective_inputs`); it writes benchmarks/results/pipeline_sd35m.json, every input with its source.
 """
 
 from __future__ import annotations
@@ -214,24 +215,62 @@ def transfer_inputs(path: Path, px: int) -> dict:
             "weights_fetch_s": {"value": w["fetch_s"], "kind": "measured", "source": wsrc}}
 
 
+def collective_inputs(path: Path, interconnect_gbps: float) -> dict:
+    """Per-step weight publish/fetch seconds of `runtime.weight_sync: collective` from a gpu_rollout JSON's
+    same-GPU handoff (the runtime's own pack, share and map): on one GPU the reader maps rank 0's buckets
+    (publish = pack + share, fetch = the rest of the handoff: map, copy out, load); across GPUs the same pack,
+    then a broadcast of the state's bytes at `interconnect_gbps` GB/s (stated, not measured: NCCL needs a GPU a
+    rank) plus the same copy out and load."""
+    d = json.loads(path.read_text())
+    h = d.get("handoff")
+    if not h or d.get("smoke"):
+        raise SystemExit(f"{path}: no real-size handoff (a --smoke run, or the handoff was skipped)")
+    src = f"{path.relative_to(REPO) if path.is_relative_to(REPO) else path}: {d.get('device', '?')}, {h['transport']}"
+    publish, load = h["warm_publish_s"], h["warm_s"] - h["warm_publish_s"]
+    wire = h["gbytes"] / interconnect_gbps
+    return {"colocated": {"weights_publish_s": {"value": publish, "kind": "measured", "source": f"{src}: publish"},
+                          "weights_fetch_s": {"value": load, "kind": "measured", "source": f"{src}: map + load"}},
+            "separate": {"weights_publish_s": {"value": publish, "kind": "measured", "source": f"{src}: publish"},
+                         "weights_fetch_s": {"value": wire + load, "kind": "computed",
+                                             "source": f"{h['gbytes']:.2f} GB / {interconnect_gbps:g} GB/s "
+                                                       f"(stated) + {src}: map + load"}}}
+
+
+def newest_handoff() -> Path | None:
+    """The newest real-size gpu_rollout JSON under benchmarks/results, if any."""
+    paths = sorted((REPO / "benchmarks/results").glob("gpu_rollout_*.json"), key=lambda p: p.stat().st_mtime)
+    return next((p for p in reversed(paths) if not json.loads(p.read_text()).get("smoke")), None)
+
+
 def model_main(a: argparse.Namespace) -> None:
     import yaml
 
     inputs = {**stage_inputs(a), **transfer_inputs(Path(a.objstore), a.px)}
     vals = {k: v["value"] for k, v in inputs.items()}
     batch = a.model_batch or yaml.safe_load((REPO / "deploy/configs/sd35.yaml").read_text())["train"]["batch_size"]
-    rows = [model_efficiency(**vals, batch=batch, rollout_gpus=r) for r in [None, *a.rollout_gpus]]
+    gpus = [None, *a.rollout_gpus]
+    rows = [{"weights": "object_store", **model_efficiency(**vals, batch=batch, rollout_gpus=r)} for r in gpus]
+    handoff = Path(a.handoff) if a.handoff else newest_handoff()
+    coll = collective_inputs(handoff, a.interconnect_gbps) if handoff else None
+    if coll:
+        for r in gpus:
+            w = coll["colocated" if r is None else "separate"]
+            rows.append({"weights": "collective", **model_efficiency(
+                **{**vals, **{k: v["value"] for k, v in w.items()}}, batch=batch, rollout_gpus=r)})
     out = Path(a.out if a.out != str(REPO / "benchmarks/results/pipeline.json")
                else REPO / "benchmarks/results/pipeline_sd35m.json")
-    out.write_text(json.dumps({"model": a.model, "px": a.px, "batch": batch, "inputs": inputs, "rows": rows},
-                              indent=2))
-    for k, v in inputs.items():
+    out.write_text(json.dumps({"model": a.model, "px": a.px, "batch": batch, "inputs": inputs,
+                               "collective_inputs": coll, "rows": rows}, indent=2))
+    for k, v in [*inputs.items(), *(((f"collective {g} {k}", v) for g, w in coll.items() for k, v in w.items())
+                                   if coll else ())]:
         print(f"{k} = {v['value']:.4g} s ({v['kind']}: {v['source']})")
-    print("| GPUs | mode | step s | transfer s | transfer % | not overlapped s | efficiency |")
-    print("|---|---|---|---|---|---|---|")
+    if not coll:
+        print("collective rows: none (no real-size benchmarks/results/gpu_rollout_*.json; pass --handoff)")
+    print("| GPUs | mode | weights | step s | transfer s | transfer % | not overlapped s | efficiency |")
+    print("|---|---|---|---|---|---|---|---|")
     for x in rows:
         g = "1 (shared)" if x["rollout_gpus"] is None else f"{x['rollout_gpus']} + 1"
-        print(f"| {g} | {x['mode']} | {x['step_s']:.2f} | {x['transfer_s']:.2f} | "
+        print(f"| {g} | {x['mode']} | {x['weights']} | {x['step_s']:.2f} | {x['transfer_s']:.2f} | "
               f"{100 * x['transfer_share_of_step']:.1f} | {x['transfer_not_overlapped_s']:.2f} | "
               f"{x['efficiency']:.3f} |")
     print(f"wrote {out}")
@@ -256,6 +295,10 @@ def main() -> None:
     p.add_argument("--learn-s", type=float, help="--model: learner seconds per sample, instead of --stages")
     p.add_argument("--stages-source", help="--model: where --rollout-s/--learn-s come from")
     p.add_argument("--objstore", default=str(REPO / "benchmarks/results/objstore.json"), help="--model: transfers")
+    p.add_argument("--handoff", help="--model: a real-size gpu_rollout JSON whose same-GPU handoff gives the "
+                   "collective rows (default: the newest under benchmarks/results, if any)")
+    p.add_argument("--interconnect-gbps", type=float, default=50.0, help="--model: GB/s a collective broadcast "
+                   "reaches between GPUs (default 50: one 400 Gb/s NIC between nodes)")
     a = p.parse_args()
     if a.model:
         return model_main(a)

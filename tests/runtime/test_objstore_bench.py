@@ -85,3 +85,18 @@ def test_objstore_smoke_on_real_ray(ray_client):
     assert 0 < w["params_sent"] <= w["params_full"] and w["scaled_linearly"]
     assert w["publish_s"] == pytest.approx(w["publish_s_measured"] * w["params_full"] / w["params_sent"])
     _finite_positive(w, ["bytes_sent", "publish_s", "fetch_s", "total_s", "mb_per_s"])
+
+
+def test_collective_rows_come_from_the_same_gpu_handoff(tmp_path):
+    # made-up handoff: 4.5 GB, publish (pack + share) 0.2 s of a 0.5 s handoff; 50 GB/s between GPUs
+    path = tmp_path / "gpu_rollout_x.json"
+    path.write_text('{"smoke": false, "device": "H200", "handoff": {"transport": "cuda_ipc", "gbytes": 4.5, '
+                    '"warm_s": 0.5, "warm_publish_s": 0.2}}')
+    c = pipeline.collective_inputs(path, 50.0)
+    assert c["colocated"]["weights_publish_s"]["value"] == pytest.approx(0.2)
+    assert c["colocated"]["weights_fetch_s"]["value"] == pytest.approx(0.3)
+    assert c["separate"]["weights_fetch_s"]["value"] == pytest.approx(4.5 / 50 + 0.3)
+    assert c["separate"]["weights_fetch_s"]["kind"] == "computed"
+    path.write_text('{"smoke": true, "handoff": {}}')
+    with pytest.raises(SystemExit, match="no real-size handoff"):
+        pipeline.collective_inputs(path, 50.0)
