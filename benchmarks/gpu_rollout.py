@@ -217,7 +217,7 @@ def measure_handoff(run: Run, state: dict[str, torch.Tensor]) -> None:
             run.meter.sync()
             t = time.perf_counter()
             layout, buffers = pack(state, 64 << 20, run.dev)
-            blobs = share(buffers)
+            buffers, blobs = share(buffers)
             if blobs is None:
                 raise RuntimeError("buckets.share could not share the packed buffers (see the warning above)")
             run.meter.sync()

@@ -1,7 +1,7 @@
 """Weights as byte buckets, the unit both `full_state` and `collective` move: a state cut into buckets
 (`bucket_groups`), each bucket packed into one contiguous uint8 buffer and cut back into tensors (`pack`,
 `unpack`), and buffers shared with another process of the same device (`share`: CUDA IPC handles on a GPU,
-shared-memory file names on the CPU; `pickle.loads` of a handle maps the buffer).
+files under /dev/shm on the CPU; `pickle.loads` of a handle maps the buffer, `mapped` copies the tensors out).
 
 No Ray here: `benchmarks/gpu_rollout.py` times the same-GPU handoff with these functions on a machine without Ray.
 """
@@ -9,13 +9,17 @@ No Ray here: `benchmarks/gpu_rollout.py` times the same-GPU handoff with these f
 from __future__ import annotations
 
 import contextlib
+import glob
 import logging
+import mmap
+import os
 import pickle
 import shutil
+import uuid
+import weakref
 from multiprocessing.reduction import ForkingPickler
 
 import torch
-import torch.multiprocessing as torch_mp
 
 log = logging.getLogger(__name__)
 
@@ -75,45 +79,83 @@ def unpack(buffer: torch.Tensor, bucket: tuple[tuple[str, str, tuple[int, ...]],
     return out
 
 
-@contextlib.contextmanager
-def _file_system_sharing():
-    # CPU tensors pickle as a shared-memory file's name (not a file descriptor, which only a multiprocessing
-    # child can receive), so any process on the node can map them.
-    before = torch_mp.get_sharing_strategy()
-    torch_mp.set_sharing_strategy("file_system")
-    try:
-        yield
-    finally:
-        torch_mp.set_sharing_strategy(before)
+SHM_DIR = "/dev/shm"
+SHM_PREFIX = "flowbp-wsync"  # files are <prefix>-<publisher pid>-<random>: a dead publisher's are swept
 
 
 def _shm_free() -> int:
     try:
-        return shutil.disk_usage("/dev/shm").free
+        return shutil.disk_usage(SHM_DIR).free
     except OSError:
         return 0
 
 
-def share(buffers: list[torch.Tensor]) -> tuple[bytes, ...] | None:
-    """Each buffer pickled by torch.multiprocessing (CUDA IPC handles; CPU: moved into shared memory), valid while
-    the caller holds the buffers; None where torch cannot share them (e.g. a /dev/shm too small)."""
-    host = sum(b.numel() for b in buffers if not b.is_cuda)
-    if host and _shm_free() < 2 * host:
-        # a write past a full /dev/shm is a SIGBUS, not an exception (a pod's default /dev/shm is 64 MiB)
-        log.warning("weight sync: %.0f MiB of buckets, /dev/shm has %.0f MiB free: not shared", host / 2**20,
-                    _shm_free() / 2**20)
-        return None
+def _map_file(path: str, nbytes: int) -> torch.Tensor:
+    """A reader's view of a shared bucket file (copy-on-write mapping: reads share the publisher's pages)."""
+    with open(path, "rb") as f:  # FileNotFoundError once the publisher dropped it
+        m = mmap.mmap(f.fileno(), nbytes, access=mmap.ACCESS_COPY)
+    return torch.frombuffer(m, dtype=torch.uint8)
+
+
+class _FileHandle:
+    """Pickles as a call to `_map_file`, so `pickle.loads` of a CPU handle maps the file as CUDA's maps the IPC
+    handle."""
+
+    def __init__(self, path: str, nbytes: int):
+        self.path, self.nbytes = path, nbytes
+
+    def __reduce__(self):
+        return _map_file, (self.path, self.nbytes)
+
+
+def _unlink(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def _sweep_dead_publishers() -> None:
+    for path in glob.glob(os.path.join(SHM_DIR, f"{SHM_PREFIX}-*-*")):
+        pid = os.path.basename(path).split("-")[2]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            _unlink(path)
+        except PermissionError:  # alive, another user's
+            pass
+
+
+def _file_backed(buffer: torch.Tensor) -> tuple[torch.Tensor, bytes]:
+    """`buffer`'s bytes in a file under /dev/shm, as a tensor mapping that file (the file is removed when the
+    tensor is freed, or at exit), and the handle a reader maps it by."""
+    path = os.path.join(SHM_DIR, f"{SHM_PREFIX}-{os.getpid()}-{uuid.uuid4().hex}")
+    buffer.numpy().tofile(path)
+    backed = torch.from_file(path, shared=True, size=buffer.numel(), dtype=torch.uint8)
+    weakref.finalize(backed, _unlink, path)
+    return backed, pickle.dumps(_FileHandle(path, buffer.numel()))
+
+
+def share(buffers: list[torch.Tensor]) -> tuple[list[torch.Tensor], tuple[bytes, ...] | None]:
+    """(the buffers to hold, a handle for each): on a GPU the same buffers and their CUDA IPC handles
+    (torch.multiprocessing's pickling); on the CPU the buffers moved into files under /dev/shm, which live as
+    long as the returned tensors. The handles are valid while the caller holds those buffers. None for the
+    handles where they cannot be shared (no CUDA IPC, or a /dev/shm too small), with the buffers unchanged."""
     try:
-        with _file_system_sharing():
-            out = tuple(bytes(ForkingPickler.dumps(b)) for b in buffers)
+        if all(b.is_cuda for b in buffers):
+            return buffers, tuple(bytes(ForkingPickler.dumps(b)) for b in buffers)
+        need = sum(b.numel() for b in buffers)
+        if _shm_free() < 2 * need:
+            # a write past a full /dev/shm is a SIGBUS, not an exception (a pod's default /dev/shm is 64 MiB)
+            log.warning("weight sync: %.0f MiB of buckets, %s has %.0f MiB free: not shared", need / 2**20,
+                        SHM_DIR, _shm_free() / 2**20)
+            return buffers, None
+        _sweep_dead_publishers()
+        backed = [_file_backed(b.cpu()) for b in buffers]
     except (RuntimeError, OSError) as e:
         log.warning("weight sync: buffers not shareable: %s", e)
-        return None
-    for b in buffers:
-        if not b.is_cuda:
-            # pickling adds a reference for the handle in transit; drop it, so the file lives as long as the buffer
-            b.untyped_storage()._shared_decref()
-    return out
+        return buffers, None
+    return [t for t, _ in backed], tuple(h for _, h in backed)
 
 
 def mapped(blobs: tuple[bytes, ...], layout: tuple[tuple[tuple[str, str, tuple[int, ...]], ...], ...]

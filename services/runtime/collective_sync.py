@@ -11,12 +11,12 @@ together (a step's shards) are served by one broadcast; a worker that comes late
 a retried request) gets its own.
 
 A reader on rank 0's own device (rollout and learner sharing a GPU through fractional `num_gpus`, or both on
-one node's CPU) joins no group: each publish also carries its buckets pickled by torch.multiprocessing (CUDA IPC
-handles on a GPU, shared-memory file names on the CPU), and that reader maps them and copies the tensors out,
-with no host copy and no broadcast (`runtime.weight_sync_same_device`, on by default). Rank 0's store says which
-publishes are held; a reader checks it before mapping and again after copying, so a publish dropped meanwhile is
-never loaded half-overwritten. Where torch cannot map a handle (another node, another GPU, a full /dev/shm) the
-reader broadcasts as any other.
+one host's CPU) joins no group: each publish also carries a handle for each bucket (`buckets.share`: a CUDA IPC
+handle on a GPU; on the CPU, the name of a file under /dev/shm holding it), and that reader maps them and copies
+the tensors out, with no host copy and no broadcast (`runtime.weight_sync_same_device`, on by default). Rank 0's
+store says which publishes are held; a reader checks it before mapping and again after copying, so a publish
+dropped meanwhile is never loaded half-overwritten. Where a handle cannot be mapped (another host or GPU, a
+/dev/shm too small to share into) the reader broadcasts as any other.
 
 Why groups are formed per read, not once: a fixed group of rank 0 and every worker breaks when one dies (each
 collective needs every member) and cannot take in a restarted worker without all members re-forming it. Here a
@@ -28,6 +28,7 @@ asks for the weights its next request names, and versions and generations behave
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime
 import logging
 import socket
@@ -67,13 +68,16 @@ def broadcast(group, buffer: torch.Tensor) -> None:
 
 
 def device_tag(device: torch.device) -> str:
-    """"<node id>/<GPU uuid or cpu>": two processes with the same tag can map each other's buffers."""
-    import ray
-
-    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else socket.gethostname()
+    """"<host>:<boot id>/<GPU uuid or cpu>": processes with the same tag see the same /dev/shm and GPU, so they
+    can map each other's buffers (the host, not Ray's node id: two pods on one Ray node have their own /dev/shm)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            host = f"{socket.gethostname()}:{f.read().strip()}"
+    except OSError:
+        host = socket.gethostname()
     if device.type != "cuda":
-        return f"{node}/cpu"
-    return f"{node}/{torch.cuda.get_device_properties(device.index or torch.cuda.current_device()).uuid}"
+        return f"{host}/cpu"
+    return f"{host}/{torch.cuda.get_device_properties(device.index or torch.cuda.current_device()).uuid}"
 
 
 def _connect(s: CollectiveStream):
@@ -99,7 +103,7 @@ def read_shared(s: CollectiveStream, device: torch.device) -> dict[str, torch.Te
         raise _not_held(s)
     try:
         out = mapped(s.shared, s.buckets)
-    except (RuntimeError, OSError) as e:
+    except (RuntimeError, OSError, ValueError) as e:
         log.warning("collective weight sync: publish %d not mappable here, broadcasting: %s", s.key, e)
         return None
     if not store.check([f"held/{s.key}"]):  # dropped while copied: the buffers may have been reused
@@ -137,6 +141,11 @@ class Sender:
         self.stopping.set()
         if self.thread.is_alive():
             self.thread.join(timeout_s)
+        with self.lock:  # nothing is served any more: release the buffers (and a CPU publish's shared files)
+            for key in self.held:
+                with contextlib.suppress(RuntimeError):  # unlisting is best effort once serving stopped
+                    self.store.delete_key(f"held/{key}")
+            self.held.clear()
 
     def hold(self, key: int, buffers: list[torch.Tensor]) -> None:
         """Keep publish `key`'s buffers (the newest `keep`); the store says which are held, and a dropped one is
@@ -248,7 +257,7 @@ class CollectiveSync:
             self.sender = Sender(self.keep, self.backend, self.timeout_s)
         key, self.next_key = self.next_key, self.next_key + 1
         layout, buffers = pack(state, self.bucket_bytes, self.device)
-        shared = share(buffers) if self.same_device else None
+        buffers, shared = share(buffers) if self.same_device else (buffers, None)
         self.sender.hold(key, buffers)
         stream = CollectiveStream(host=self.sender.host, port=self.sender.port, key=key, backend=self.backend,
                                   buckets=layout, timeout_s=self.timeout_s, shared=shared,

@@ -47,11 +47,12 @@ class CollectiveStream:
         buckets (tuple): per bucket, the (name, dtype, shape) of each tensor in it, in order: a reader
             allocates each bucket's bytes and cuts them into tensors with it.
         timeout_s (float): how long a group's rendezvous and each broadcast may take.
-        shared (tuple[bytes, ...] | None): per bucket, its buffer pickled by torch.multiprocessing (a CUDA IPC
-            handle on a GPU, a shared-memory file's name on the CPU): a reader on the same device maps it instead
-            of joining a broadcast; None: `runtime.weight_sync_same_device` is off or the buffers could not be
-            shared.
-        shared_on (str): the device those handles live on, "<node id>/<GPU uuid or cpu>" ("" without them).
+        shared (tuple[bytes, ...] | None): per bucket, a pickled handle to its buffer (`buckets.share`: a CUDA
+            IPC handle on a GPU, a file under /dev/shm on the CPU) that `pickle.loads` maps: a reader on the same
+            device maps it instead of joining a broadcast; None: `runtime.weight_sync_same_device` is off or the
+            buffers could not be shared.
+        shared_on (str): the device those handles live on, "<host>:<boot id>/<GPU uuid or cpu>" ("" without
+            them).
     """
 
     host: str
