@@ -151,6 +151,23 @@ def test_buckets_are_not_shared_into_a_dev_shm_too_small_for_them(monkeypatch):
     assert len(handles) == len(held) == len(buffers) and all(torch.equal(a, b) for a, b in zip(held, buffers))
 
 
+def test_a_killed_publishers_shared_files_are_swept_by_the_next_share():
+    from services.runtime import buckets
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          timeout=60)
+    theirs = Path(buckets.SHM_DIR) / f"{buckets.SHM_PREFIX}-{int(dead.stdout)}-left"
+    ours = Path(buckets.SHM_DIR) / f"{buckets.SHM_PREFIX}-{os.getpid()}-kept"
+    for f in (theirs, ours):
+        f.write_bytes(b"x")
+    try:
+        held, handles = buckets.share([torch.arange(4, dtype=torch.uint8)])
+        assert handles is not None and not theirs.exists() and ours.exists()
+    finally:
+        for f in (theirs, ours):
+            f.unlink(missing_ok=True)
+
+
 def test_a_process_with_a_serving_sender_exits_cleanly():
     # a daemon thread whose c10d wait returns while the interpreter finalizes aborts it (exit 134): a module
     # global that sleeps in __del__ holds finalization open past the 1 s wait; exit must close the sender first
