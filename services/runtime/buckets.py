@@ -1,20 +1,17 @@
 """Weights as byte buckets, the unit both `full_state` and `collective` move: a state cut into buckets
 (`bucket_groups`), each bucket packed into one contiguous uint8 buffer and cut back into tensors (`pack`,
 `unpack`), and buffers shared with another process of the same device (`share`: CUDA IPC handles on a GPU,
-files under /dev/shm on the CPU; `pickle.loads` of a handle maps the buffer, `mapped` copies the tensors out).
+memfds opened through /proc on the CPU; `pickle.loads` of a handle maps the buffer, `mapped` copies the tensors out).
 
 No Ray here: `benchmarks/gpu_rollout.py` times the same-GPU handoff with these functions on a machine without Ray.
 """
 
 from __future__ import annotations
 
-import contextlib
-import glob
 import logging
 import mmap
 import os
 import pickle
-import shutil
 import uuid
 import weakref
 from multiprocessing.reduction import ForkingPickler
@@ -79,80 +76,57 @@ def unpack(buffer: torch.Tensor, bucket: tuple[tuple[str, str, tuple[int, ...]],
     return out
 
 
-SHM_DIR = "/dev/shm"
-SHM_PREFIX = "flowbp-wsync"  # files are <prefix>-<publisher pid>-<random>: a dead publisher's are swept
+SHM_PREFIX = "flowbp-wsync"  # the name of each shared bucket's memfd: flowbp-wsync-<random>
 
 
-def _shm_free() -> int:
-    try:
-        return shutil.disk_usage(SHM_DIR).free
-    except OSError:
-        return 0
-
-
-def _map_file(path: str, nbytes: int) -> torch.Tensor:
-    """A reader's view of a shared bucket file (copy-on-write mapping: reads share the publisher's pages)."""
-    with open(path, "rb") as f:  # FileNotFoundError once the publisher dropped it
+def _map_fd(pid: int, fd: int, name: str, nbytes: int) -> torch.Tensor:
+    """A reader's view of a bucket that process `pid` shared as memfd `fd` (a copy-on-write mapping: reads share
+    the publisher's pages). FileNotFoundError once the publisher closed it or died."""
+    path = f"/proc/{pid}/fd/{fd}"
+    if os.readlink(path) != f"/memfd:{name} (deleted)":  # the fd number now names another file
+        raise FileNotFoundError(f"{path} no longer holds {name}: the publish was dropped")
+    with open(path, "rb") as f:
         m = mmap.mmap(f.fileno(), nbytes, access=mmap.ACCESS_COPY)
     return torch.frombuffer(m, dtype=torch.uint8)
 
 
-class _FileHandle:
-    """Pickles as a call to `_map_file`, so `pickle.loads` of a CPU handle maps the file as CUDA's maps the IPC
-    handle."""
+class _FdHandle:
+    """Pickles as a call to `_map_fd`, so `pickle.loads` of a CPU handle maps the bucket as that of a CUDA IPC
+    handle does."""
 
-    def __init__(self, path: str, nbytes: int):
-        self.path, self.nbytes = path, nbytes
+    def __init__(self, pid: int, fd: int, name: str, nbytes: int):
+        self.args = (pid, fd, name, nbytes)
 
     def __reduce__(self):
-        return _map_file, (self.path, self.nbytes)
+        return _map_fd, self.args
 
 
-def _unlink(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-
-
-def _sweep_dead_publishers() -> None:
-    for path in glob.glob(os.path.join(SHM_DIR, f"{SHM_PREFIX}-*-*")):
-        pid = os.path.basename(path).split("-")[2]
-        if not pid.isdigit():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            _unlink(path)
-        except PermissionError:  # alive, another user's
-            pass
-
-
-def _file_backed(buffer: torch.Tensor) -> tuple[torch.Tensor, bytes]:
-    """`buffer`'s bytes in a file under /dev/shm, as a tensor mapping that file (the file is removed when the
-    tensor is freed, or at exit), and the handle a reader maps it by."""
-    path = os.path.join(SHM_DIR, f"{SHM_PREFIX}-{os.getpid()}-{uuid.uuid4().hex}")
-    buffer.numpy().tofile(path)
-    backed = torch.from_file(path, shared=True, size=buffer.numel(), dtype=torch.uint8)
-    weakref.finalize(backed, _unlink, path)
-    return backed, pickle.dumps(_FileHandle(path, buffer.numel()))
+def _memfd_backed(buffer: torch.Tensor) -> tuple[torch.Tensor, bytes]:
+    """`buffer`'s bytes in an anonymous shared-memory file (memfd: freed by the kernel when this process closes it
+    or dies, and not bounded by /dev/shm's size), as a tensor mapping it, and the handle a reader maps it by."""
+    name = f"{SHM_PREFIX}-{uuid.uuid4().hex}"
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, buffer.numel())
+        backed = torch.frombuffer(mmap.mmap(fd, buffer.numel()), dtype=torch.uint8)
+    except (OSError, ValueError):
+        os.close(fd)
+        raise
+    backed.copy_(buffer)
+    weakref.finalize(backed, os.close, fd)  # the held buffer's lifetime is the bucket's
+    return backed, pickle.dumps(_FdHandle(os.getpid(), fd, name, buffer.numel()))
 
 
 def share(buffers: list[torch.Tensor]) -> tuple[list[torch.Tensor], tuple[bytes, ...] | None]:
     """(the buffers to hold, a handle for each): on a GPU the same buffers and their CUDA IPC handles
-    (torch.multiprocessing's pickling); on the CPU the buffers moved into files under /dev/shm, which live as
-    long as the returned tensors. The handles are valid while the caller holds those buffers. None for the
-    handles where they cannot be shared (no CUDA IPC, or a /dev/shm too small), with the buffers unchanged."""
+    (torch.multiprocessing's pickling); on the CPU the buffers moved into memfds that live as long as the returned
+    tensors (a reader on the host opens them through /proc). The handles are valid while the caller holds those
+    buffers. None for the handles where they cannot be made, with the buffers unchanged."""
     try:
         if all(b.is_cuda for b in buffers):
             return buffers, tuple(bytes(ForkingPickler.dumps(b)) for b in buffers)
-        need = sum(b.numel() for b in buffers)
-        if _shm_free() < 2 * need:
-            # a write past a full /dev/shm is a SIGBUS, not an exception (a pod's default /dev/shm is 64 MiB)
-            log.warning("weight sync: %.0f MiB of buckets, %s has %.0f MiB free: not shared", need / 2**20,
-                        SHM_DIR, _shm_free() / 2**20)
-            return buffers, None
-        _sweep_dead_publishers()
-        backed = [_file_backed(b.cpu()) for b in buffers]
-    except (RuntimeError, OSError) as e:
+        backed = [_memfd_backed(b.cpu()) for b in buffers]
+    except (RuntimeError, OSError, ValueError) as e:
         log.warning("weight sync: buffers not shareable: %s", e)
         return buffers, None
     return [t for t, _ in backed], tuple(h for _, h in backed)

@@ -12,11 +12,11 @@ a retried request) gets its own.
 
 A reader on rank 0's own device (rollout and learner sharing a GPU through fractional `num_gpus`, or both on
 one host's CPU) joins no group: each publish also carries a handle for each bucket (`buckets.share`: a CUDA IPC
-handle on a GPU; on the CPU, the name of a file under /dev/shm holding it), and that reader maps them and copies
+handle on a GPU; on the CPU, a memfd the reader opens through /proc), and that reader maps them and copies
 the tensors out, with no host copy and no broadcast (`runtime.weight_sync_same_device`, on by default). Rank 0's
 store says which publishes are held; a reader checks it before mapping and again after copying, so a publish
-dropped meanwhile is never loaded half-overwritten. Where a handle cannot be mapped (another host or GPU, a
-/dev/shm too small to share into) the reader broadcasts as any other.
+dropped meanwhile is never loaded half-overwritten. Where a handle cannot be mapped (another host, GPU or pid
+namespace) the reader broadcasts as any other.
 
 Why groups are formed per read, not once: a fixed group of rank 0 and every worker breaks when one dies (each
 collective needs every member) and cannot take in a restarted worker without all members re-forming it. Here a
@@ -68,8 +68,8 @@ def broadcast(group, buffer: torch.Tensor) -> None:
 
 
 def device_tag(device: torch.device) -> str:
-    """"<host>:<boot id>/<GPU uuid or cpu>": processes with the same tag see the same /dev/shm and GPU, so they
-    can map each other's buffers (the host, not Ray's node id: two pods on one Ray node have their own /dev/shm)."""
+    """"<host>:<boot id>/<GPU uuid or cpu>": processes with the same tag share a kernel and a GPU, so they can map
+    each other's buffers (the host, not Ray's node id: two pods on one Ray node cannot see each other's)."""
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
             host = f"{socket.gethostname()}:{f.read().strip()}"

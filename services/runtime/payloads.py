@@ -48,7 +48,7 @@ class CollectiveStream:
             allocates each bucket's bytes and cuts them into tensors with it.
         timeout_s (float): how long a group's rendezvous and each broadcast may take.
         shared (tuple[bytes, ...] | None): per bucket, a pickled handle to its buffer (`buckets.share`: a CUDA
-            IPC handle on a GPU, a file under /dev/shm on the CPU) that `pickle.loads` maps: a reader on the same
+            IPC handle on a GPU, a memfd opened through /proc on the CPU) that `pickle.loads` maps: a reader on the same
             device maps it instead of joining a broadcast; None: `runtime.weight_sync_same_device` is off or the
             buffers could not be shared.
         shared_on (str): the device those handles live on, "<host>:<boot id>/<GPU uuid or cpu>" ("" without
