@@ -45,14 +45,14 @@ def micro_batched(bind: Callable[[dict[str, torch.Tensor]], VelocityFn], cond: d
     if size == batch and not static:
         return bind(cond)
     parts = [(a, min(a + size, batch)) for a in range(0, batch, size)]
-    bound = [bind(_pad_rows(cond_rows(cond, a, b, batch), b - a, size) if static else cond_rows(cond, a, b, batch))
-             for a, b in parts]
+    bound = [bind({k: _pad(t, b - a, size) for k, t in cond_rows(cond, a, b, batch).items()} if static
+                  else cond_rows(cond, a, b, batch)) for a, b in parts]
 
     def chunk(v: VelocityFn, x: torch.Tensor, sigma: float) -> torch.Tensor:
         if not static:
             return v(x, sigma)
         torch.compiler.cudagraph_mark_step_begin()
-        return v(_pad_rows({"x": x}, x.shape[0], size)["x"], sigma)[: x.shape[0]].clone()
+        return v(_pad(x, x.shape[0], size), sigma)[: x.shape[0]].clone()
 
     def velocity(x: torch.Tensor, sigma: float) -> torch.Tensor:
         if x.shape[0] != batch:
@@ -63,12 +63,11 @@ def micro_batched(bind: Callable[[dict[str, torch.Tensor]], VelocityFn], cond: d
     return velocity
 
 
-def _pad_rows(tensors: dict[str, torch.Tensor], rows: int, size: int) -> dict[str, torch.Tensor]:
-    """`tensors` with `size` rows: those of `rows` rows get their last row repeated (the others are shared)."""
-    if rows == size:
-        return tensors
-    return {k: (torch.cat([t, t[-1:].expand(size - rows, *t.shape[1:])]) if t.dim() > 0 and t.shape[0] == rows
-                else t) for k, t in tensors.items()}
+def _pad(t: torch.Tensor, rows: int, size: int) -> torch.Tensor:
+    """`t` with `size` rows when it has `rows` (its last row repeated); any other tensor is shared, kept whole."""
+    if rows == size or t.dim() == 0 or t.shape[0] != rows:
+        return t
+    return torch.cat([t, t[-1:].expand(size - rows, *t.shape[1:])])
 
 
 def compile_for_sampling(module: torch.nn.Module, *, cuda_graphs: bool, backend: str = "inductor") -> None:

@@ -141,7 +141,7 @@ class Sender:
         self.stopping.set()
         if self.thread.is_alive():
             self.thread.join(timeout_s)
-        with self.lock:  # nothing is served any more: release the buffers (and a CPU publish's shared files)
+        with self.lock:  # nothing is served any more: release the buffers (a CPU publish's memfds with them)
             for key in self.held:
                 with contextlib.suppress(RuntimeError):  # unlisting is best effort once serving stopped
                     self.store.delete_key(f"held/{key}")
